@@ -1,0 +1,128 @@
+"""python -m sslkit.shard {build,verify,info,merge}: see `--help` of each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .build import BuildError, BuildOptions, build
+from .check import VerifyError, collect_info, format_info, verify
+from .images import ImageOptions
+from .manifest import ManifestError
+from .merge import merge
+from .sources import SourceError, SourceOptions
+
+
+def _size(text: str) -> int:
+    """Parse 1000000, 1e9, 500M, 1G, 1.5GB."""
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 500M, 1e9)") from None
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    return i, n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sslkit.shard",
+                                description="Build, check and inspect WebDataset shards for sslkit.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="turn image folders, file lists, idx files or the sample corpus into shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Decode and validate every image once, convert it to an RGB JPEG and write "
+                                   "tar shards with DALI index files and a manifest. Re-running the same command "
+                                   "after a kill finishes the build; complete shards are kept.")
+    b.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder (recursive), a .tsv/.csv/.txt file list, an *-images-idx3-ubyte[.gz] file "
+                        "(labels found beside it), or sample[:N] (the embedded corpus, N=2000 by default)")
+    b.add_argument("--out", required=True, help="output folder (e.g. shards/mydata)")
+    b.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
+    b.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
+    b.add_argument("--max-size", type=_size, default=1_000_000_000, help="bytes per shard at most (e.g. 1G)")
+    b.add_argument("--shuffle", action="store_true",
+                   help="globally shuffle before writing (recommended: DALI only shuffles within a buffer)")
+    b.add_argument("--seed", type=int, default=0, help="shuffle seed; also seeds the sample corpus")
+    b.add_argument("--resize-max", type=int, default=None, metavar="PIXELS",
+                   help="downscale images whose longer side exceeds this (aspect kept); e.g. 500 for ImageNet-like")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality when an image must be re-encoded")
+    b.add_argument("--min-size", type=int, default=16, help="reject images whose shorter side is below this")
+    b.add_argument("--max-pixels", type=_size, default=100_000_000,
+                   help="reject images above this many pixels (decompression bombs), checked before decoding")
+    b.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
+                   help="dirs: first-level subfolders are classes; auto: label columns, idx labels and the "
+                        "sample corpus' photo names are used when present; none: unlabelled")
+    b.add_argument("--path-column", default="path",
+                   help="file lists: column with image paths, a header name or a 0-based number (no header)")
+    b.add_argument("--label-column", default=None, help="file lists: column with class names")
+    b.add_argument("--root", default=None, help="file lists: base of relative paths (default: the list's folder)")
+    b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
+                   help="build only the I-th (0-based) of N disjoint slices; combine with `merge`")
+    b.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: one per core)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check counts, checksums and index files against the manifest")
+    v.add_argument("dir")
+    v.add_argument("--full", action="store_true", help="also decode every image and parse every label/metadata")
+    v.add_argument("--workers", type=int, default=1, help="shards checked in parallel")
+
+    i = sub.add_parser("info", help="counts, classes and the image-size distribution of a shard folder")
+    i.add_argument("dir")
+    i.add_argument("--limit", type=int, default=10_000, help="samples read for the size statistics")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    m = sub.add_parser("merge", help="write one dataset (global, dense sample indices) from parts/builds")
+    m.add_argument("dirs", nargs="+", help="shard folders, e.g. the outputs of --part 0/4 ... 3/4")
+    m.add_argument("--out", required=True, help="output folder (must not hold a manifest)")
+    m.add_argument("--prefix", default=None, help="shard name prefix (default: the parts' prefix)")
+    m.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "build":
+            opts = BuildOptions(
+                sources=tuple(args.sources), out=args.out, prefix=args.prefix, max_count=args.max_count,
+                max_size=args.max_size, shuffle=args.shuffle, seed=args.seed, part=args.part,
+                source=SourceOptions(labels=args.labels, path_column=args.path_column,
+                                     label_column=args.label_column, root=args.root, seed=args.seed),
+                image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,
+                                   max_pixels=args.max_pixels),
+                workers=args.workers, progress=not args.no_progress)
+            build(opts)
+        elif args.cmd == "verify":
+            s = verify(args.dir, full=args.full, workers=args.workers)
+            extra = f", {s['decoded']} images decoded" if args.full else ""
+            print(f"{args.dir}: OK ({s['total']} samples in {s['shards']} shards{extra})")
+        elif args.cmd == "info":
+            info = collect_info(args.dir, limit=args.limit)
+            if args.json:
+                info = {k: v for k, v in info.items() if k != "manifest"} | {
+                    "total": info["manifest"]["total"], "classes": info["manifest"]["classes"]}
+                print(json.dumps(info, indent=1))
+            else:
+                print(format_info(args.dir, info))
+        elif args.cmd == "merge":
+            merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress)
+    except (BuildError, SourceError, ManifestError, VerifyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""`sslkit.shard build`: plan -> (shuffle) -> parallel decode/validate/encode -> shards, resumably.
+
+Stages, each restartable:
+1. plan: sources are enumerated once into `.build/plan.jsonl` (+ byte offsets), streaming, so a
+   100M-line list or a 14M-file tree costs ~16 bytes of RAM per item, never decoded pixels;
+2. order: identity, or a permutation drawn from `--seed` (a global shuffle: DALI only shuffles
+   inside a buffer, so the stored order is what decorrelates batches);
+3. part: `--part I/N` keeps the I-th contiguous slice of that order, for multi-machine builds;
+4. shards: workers decode/validate/encode items in order; the writer fills a shard, renames it into
+   place when full, then appends one line to `.build/shards.jsonl`. A re-run replays that journal,
+   checks the files, and continues from the first unfinished shard. Because shard boundaries depend
+   only on the item sequence, the result is byte-identical to an uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from . import manifest as mf
+from .images import Accepted, ImageOptions, ItemReader, Rejected
+from .sources import Item, SourceOptions, parse_source
+from .tarwriter import ShardWriter
+
+STATE_DIR = ".build"
+
+
+class BuildError(RuntimeError):
+    """A build cannot proceed (one-line reason)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    sources: tuple[str, ...]
+    out: str
+    prefix: str = "shard"
+    max_count: int = 10_000
+    max_size: int = 1_000_000_000
+    shuffle: bool = False
+    seed: int = 0
+    part: tuple[int, int] = (0, 1)
+    source: SourceOptions = field(default_factory=SourceOptions)
+    image: ImageOptions = field(default_factory=ImageOptions)
+    workers: int = 0          # 0: one per CPU core; does not change the output
+    progress: bool = True     # does not change the output
+
+    def content(self) -> dict:
+        """Everything that determines the bytes written (not workers/progress/out)."""
+        d = asdict(self)
+        for k in ("out", "workers", "progress"):
+            d.pop(k)
+        d["sources"] = [os.path.abspath(s) if os.path.exists(s) else s for s in self.sources]
+        d["part"] = list(self.part)
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"format_version": mf.FORMAT_VERSION, **self.content()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self):
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise BuildError(f"--part {i}/{n}: expected I/N with 0 <= I < N")
+        if self.max_count < 1 or self.max_size < 1:
+            raise BuildError("--max-count and --max-size must be positive")
+        if not 1 <= self.image.quality <= 100:
+            raise BuildError(f"--quality {self.image.quality}: expected 1..100")
+        if self.image.resize_max is not None and self.image.resize_max < max(self.image.min_size, 1):
+            raise BuildError("--resize-max must be at least --min-size")
+        if "." in self.prefix or "/" in self.prefix or not self.prefix:
+            raise BuildError(f"--prefix {self.prefix!r}: use a plain name without dots or slashes")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: plan
+# ------------------------------------------------------------------------------------------------
+
+def _class_order(names) -> list[str]:
+    names = list(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def make_plan(opts: BuildOptions, state: str) -> dict:
+    """Enumerate every source into state/plan.jsonl; return the plan summary (cached by fingerprint)."""
+    summary_path = os.path.join(state, "plan.json")
+    key = BuildOptions(opts.sources, "", source=opts.source, seed=opts.seed).fingerprint()
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("key") == key:
+            return summary
+    sources = [parse_source(s, opts.source) for s in opts.sources]  # raises SourceError up front
+    labelled = {s.labelled for s in sources}
+    if len(labelled) > 1:
+        raise BuildError("some sources are labelled and some are not; build them separately or use --labels none")
+    offsets = array.array("q")
+    labels: set[str] = set()
+    count = 0
+    tmp = os.path.join(state, "plan.jsonl.tmp")
+    with open(tmp, "w") as f, tqdm(desc="planning", unit=" items", disable=not opts.progress,
+                                     mininterval=1.0, file=sys.stderr) as bar:
+        pos = 0
+        for source in sources:
+            for item in source.items():
+                line = json.dumps([item.kind, item.ref, item.label]) + "\n"
+                offsets.append(pos)
+                pos += len(line.encode())
+                f.write(line)
+                if item.label:
+                    labels.add(item.label)
+                count += 1
+                if count % 10_000 == 0:
+                    bar.update(10_000)
+        bar.update(count % 10_000)
+    if count == 0:
+        raise BuildError(f"no images found in {', '.join(opts.sources)}")
+    os.replace(tmp, os.path.join(state, "plan.jsonl"))
+    np.save(os.path.join(state, "plan.offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
+    summary = {
+        "key": key,
+        "count": count,
+        "labelled": labelled.pop(),
+        "classes": _class_order(labels),
+        "ignored": sum(s.ignored for s in sources),
+    }
+    mf.atomic_write(summary_path, json.dumps(summary))
+    return summary
+
+
+class Plan:
+    """Random access to planned items by position in the (shuffled) order."""
+
+    def __init__(self, state: str, count: int, shuffle: bool, seed: int):
+        self._f = open(os.path.join(state, "plan.jsonl"), "rb")
+        self._offsets = np.load(os.path.join(state, "plan.offsets.npy"), mmap_mode="r")
+        assert len(self._offsets) == count
+        self.order = np.random.default_rng(seed).permutation(count) if shuffle else None
+
+    def __getitem__(self, pos: int) -> Item:
+        i = int(self.order[pos]) if self.order is not None else pos
+        self._f.seek(int(self._offsets[i]))
+        kind, ref, label = json.loads(self._f.readline())
+        return Item(kind, ref, label)
+
+    def close(self):
+        self._f.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 4 helpers: an ordered, memory-bounded parallel map over items
+# ------------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(image_opts: ImageOptions):
+    _WORKER["reader"] = ItemReader()
+    _WORKER["opts"] = image_opts
+
+
+def _process_chunk(items: list[Item]) -> list:
+    reader, opts = _WORKER["reader"], _WORKER["opts"]
+    return [reader.process(item, opts) for item in items]
+
+
+def ordered_map(items: Iterator[Item], image_opts: ImageOptions, workers: int,
+                chunk: int = 8) -> Iterator[tuple[Item, Accepted | Rejected]]:
+    """Yield (item, result) in input order, with at most ~4 chunks per worker in flight."""
+    if workers <= 1:
+        _init_worker(image_opts)
+        for item in items:
+            yield item, _process_chunk([item])[0]
+        return
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(image_opts,)) as pool:
+        pending: deque = deque()
+
+        def chunks():
+            buf = []
+            for item in items:
+                buf.append(item)
+                if len(buf) == chunk:
+                    yield buf
+                    buf = []
+            if buf:
+                yield buf
+
+        for batch in chunks():
+            pending.append((batch, pool.apply_async(_process_chunk, (batch,))))
+            while len(pending) > 4 * workers:
+                b, r = pending.popleft()
+                yield from zip(b, r.get())
+        while pending:
+            b, r = pending.popleft()
+            yield from zip(b, r.get())
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 4: the resumable shard loop
+# ------------------------------------------------------------------------------------------------
+
+def _read_journal(path: str, out: str) -> list[dict]:
+    """Completed-shard records whose files are intact; the journal is cut at the first bad one."""
+    if not os.path.exists(path):
+        return []
+    good = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill mid-write
+            tar = os.path.join(out, rec["path"])
+            if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
+                    and os.path.exists(os.path.join(out, rec["index"]))):
+                break
+            good.append(rec)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in good))
+    return good
+
+
+def _sample_components(index: int, res: Accepted, label_id: int | None, label: str | None):
+    meta = dict(res.meta)
+    if label is not None:
+        meta["label"] = label
+    comps = [("jpg", res.jpg), ("index", mf.key_for(index).encode())]
+    if label_id is not None:
+        comps.append(("cls", f"{label_id:0{mf.CLS_DIGITS}d}".encode()))
+    comps.append(("json", json.dumps(meta, sort_keys=True).encode()))
+    return comps
+
+
+def build(opts: BuildOptions) -> dict:
+    """Build (or finish building) the shard folder `opts.out`; return its manifest."""
+    opts.validate()
+    out = opts.out
+    os.makedirs(out, exist_ok=True)
+    fp = opts.fingerprint()
+    manifest_path = os.path.join(out, mf.MANIFEST)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            existing = json.load(f)
+        if existing.get("build", {}).get("fingerprint") == fp:
+            print(f"{out}: already complete ({existing['total']} samples); nothing to do", file=sys.stderr)
+            return existing
+        raise BuildError(f"{out} already holds a different build (manifest.json with other options); "
+                         "use another --out or delete it")
+    state = os.path.join(out, STATE_DIR)
+    os.makedirs(state, exist_ok=True)
+    options_path = os.path.join(state, "options.json")
+    if os.path.exists(options_path):
+        with open(options_path) as f:
+            previous = json.load(f)
+        if previous.get("fingerprint") != fp:
+            raise BuildError(f"{out} holds an unfinished build with other options; re-run that command, "
+                             f"or delete {state} to start over")
+    mf.atomic_write(options_path, json.dumps({"fingerprint": fp, **opts.content()}))
+    for name in os.listdir(out):  # leftovers of a shard that was being written when killed
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+
+    plan_summary = make_plan(opts, state)
+    classes = {name: i for i, name in enumerate(plan_summary["classes"])} if plan_summary["labelled"] else None
+    n_items = plan_summary["count"]
+    part_i, part_n = opts.part
+    lo, hi = n_items * part_i // part_n, n_items * (part_i + 1) // part_n
+
+    journal_path = os.path.join(state, "shards.jsonl")
+    done = _read_journal(journal_path, out)
+    pos = done[-1]["end"] if done else lo
+    next_index = done[-1]["first_index"] + done[-1]["count"] if done else 0
+    shard_no = len(done)
+    workers = opts.workers or os.cpu_count() or 1
+    if done:
+        print(f"{out}: resuming after {len(done)} complete shard(s), at item {pos - lo} of {hi - lo}",
+              file=sys.stderr)
+
+    plan = Plan(state, n_items, opts.shuffle, opts.seed)
+    writer: ShardWriter | None = None
+    rejects: list[list[str]] = []
+    class_counts: Counter = Counter()
+    first_index = next_index
+    t0, n_new = time.time(), 0
+    bar = tqdm(total=hi - lo, initial=pos - lo, unit="img", desc="build", disable=not opts.progress,
+               mininterval=0.5, file=sys.stderr, smoothing=0.05)
+
+    def open_writer():
+        name = f"{opts.prefix}-{shard_no:06d}"
+        return ShardWriter(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
+
+    def close_shard(end: int):
+        nonlocal writer, rejects, class_counts, shard_no, first_index
+        info = writer.commit()
+        name = f"{opts.prefix}-{shard_no:06d}"
+        rec = {"path": name + ".tar", "index": name + ".idx", "count": info["count"], "bytes": info["bytes"],
+               "sha256": info["sha256"], "first_index": first_index, "end": end, "rejected": rejects,
+               "class_counts": dict(class_counts)}
+        with open(journal_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        done.append(rec)
+        shard_no += 1
+        first_index = next_index
+        writer, rejects, class_counts = None, [], Counter()
+        bar.set_postfix(shards=shard_no, rejected=sum(len(r["rejected"]) for r in done), refresh=False)
+
+    try:
+        for p, (item, res) in enumerate(ordered_map((plan[q] for q in range(pos, hi)), opts.image, workers),
+                                        start=pos):
+            bar.update(1)
+            n_new += 1
+            if isinstance(res, Rejected):
+                rejects.append([item.ref, res.reason])
+                continue
+            label_id = classes[item.label] if classes is not None else None
+            comps = _sample_components(next_index, res, label_id, item.label)
+            size = sum(512 + -(-len(d) // 512) * 512 for _, d in comps)
+            if writer is not None and writer.count and writer.bytes_written + size > opts.max_size:
+                close_shard(end=p)
+            if writer is None:
+                writer = open_writer()
+            writer.add(mf.key_for(next_index), comps)
+            next_index += 1
+            if item.label is not None:
+                class_counts[item.label] += 1
+            if writer.count >= opts.max_count:
+                close_shard(end=p + 1)
+        if writer is not None:
+            close_shard(end=hi)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+        plan.close()
+
+    all_rejects = [r for rec in done for r in rec["rejected"]] + rejects
+    if not done:
+        raise BuildError(f"no valid images: all {hi - lo} inputs were rejected (first: {all_rejects[0][1]})")
+    totals: Counter = Counter()
+    for rec in done:
+        totals.update(rec["class_counts"])
+    manifest = {
+        "format_version": mf.FORMAT_VERSION,
+        "created_by": f"sslkit {__version__}",
+        "total": next_index,
+        "rejected": len(all_rejects),
+        "ignored": plan_summary["ignored"],
+        "inputs": hi - lo,
+        "classes": classes,
+        "class_counts": {c: totals.get(c, 0) for c in classes} if classes else None,
+        "components": ["jpg", "index"] + (["cls"] if classes else []) + ["json"],
+        "part": [part_i, part_n],
+        "shards": [{k: rec[k] for k in ("path", "index", "count", "bytes", "sha256", "first_index")}
+                   for rec in done],
+        "build": {"fingerprint": fp, **opts.content()},
+    }
+    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(all_rejects))
+    mf.write(out, manifest)
+    shutil.rmtree(state, ignore_errors=True)
+    dt = time.time() - t0
+    size_gb = sum(s["bytes"] for s in manifest["shards"]) / 1e9
+    print(f"{out}: {manifest['total']} samples in {len(done)} shard(s), {size_gb:.2f} GB; "
+          f"{len(all_rejects)} rejected (see {os.path.join(out, mf.REJECTED)}), "
+          f"{plan_summary['ignored']} non-image files ignored; "
+          f"{n_new / max(dt, 1e-9):.0f} img/s this run", file=sys.stderr)
+    return manifest
+
+
+def format_rejects(rows) -> str:
+    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    return "source\treason\n" + "".join(f"{clean(a)}\t{clean(b)}\n" for a, b in rows)

@@ -1,0 +1,177 @@
+"""`sslkit.shard verify` and `sslkit.shard info`: is a shard folder exactly what its manifest says?"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from . import manifest as mf
+from .tarwriter import index_of_tar, read_index
+
+
+class VerifyError(ValueError):
+    """A shard folder does not match its manifest (one-line reason naming the file)."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shard(directory: str, shard: dict, components: list[str], n_classes: int | None,
+                 full: bool) -> int:
+    """Check one shard against its manifest entry; return how many images were decoded."""
+    tar = os.path.join(directory, shard["path"])
+    idx = os.path.join(directory, shard["index"])
+    digest = _sha256(tar)
+    if digest != shard["sha256"]:
+        raise VerifyError(f"{tar}: sha256 {digest[:12]}... does not match the manifest ({shard['sha256'][:12]}...)")
+    try:
+        index = read_index(idx)
+    except ValueError as e:
+        raise VerifyError(str(e)) from None
+    actual = index_of_tar(tar)
+    if index != actual:
+        at = next((i for i, (a, b) in enumerate(zip(index, actual)) if a != b), min(len(index), len(actual)))
+        raise VerifyError(f"{idx}: does not match {os.path.basename(tar)} (first difference at sample {at}); "
+                          "regenerate it")
+    if len(index) != shard["count"]:
+        raise VerifyError(f"{tar}: {len(index)} samples, manifest says {shard['count']}")
+    decoded = 0
+    with open(tar, "rb") as f:
+        for j, sample in enumerate(index):
+            expected_key = mf.key_for(shard["first_index"] + j)
+            missing = [c for c in components if c not in sample]
+            if missing:
+                raise VerifyError(f"{tar}: sample {expected_key} lacks component(s) {missing}")
+            off, size, name = sample["index"]
+            if not name.startswith(expected_key + "."):
+                raise VerifyError(f"{tar}: sample {j} is named {name}, expected key {expected_key}")
+            f.seek(off)
+            if f.read(size) != expected_key.encode():
+                raise VerifyError(f"{tar}: {name} does not hold its sample index {int(expected_key)}")
+            if not full:
+                continue
+            off, size, name = sample["jpg"]
+            f.seek(off)
+            data = f.read(size)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.format != "JPEG" or im.mode != "RGB":
+                        raise VerifyError(f"{tar}: {name} is {im.format}/{im.mode}, expected an RGB JPEG")
+                    im.load()
+            except VerifyError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise VerifyError(f"{tar}: {name} does not decode: {type(e).__name__}: {e}") from None
+            decoded += 1
+            if n_classes is not None:
+                off, size, name = sample["cls"]
+                f.seek(off)
+                label = int(f.read(size))
+                if not 0 <= label < n_classes:
+                    raise VerifyError(f"{tar}: {name} holds class {label}, outside 0..{n_classes - 1}")
+            off, size, name = sample["json"]
+            f.seek(off)
+            try:
+                json.loads(f.read(size))
+            except json.JSONDecodeError:
+                raise VerifyError(f"{tar}: {name} is not valid JSON") from None
+    return decoded
+
+
+def _verify_star(args):
+    return verify_shard(*args)
+
+
+def verify(directory: str, full: bool = False, workers: int = 1) -> dict:
+    """Raise VerifyError/ManifestError on the first mismatch; return a summary when all is well."""
+    m = mf.load(directory)
+    n_classes = len(m["classes"]) if m["classes"] else None
+    jobs = [(directory, s, m["components"], n_classes, full) for s in m["shards"]]
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            decoded = sum(pool.imap(_verify_star, jobs))
+    else:
+        decoded = sum(_verify_star(j) for j in jobs)
+    return {"shards": len(m["shards"]), "total": m["total"], "decoded": decoded}
+
+
+def collect_info(directory: str, limit: int = 10_000) -> dict:
+    """Counts from the manifest, plus image statistics from up to `limit` samples spread evenly."""
+    m = mf.load(directory)
+    tars, idxs = mf.shard_paths(directory, m)
+    jpg_bytes = []
+    picks = []
+    for shard_no, idx in enumerate(idxs):
+        for j, sample in enumerate(read_index(idx)):
+            jpg_bytes.append(sample["jpg"][1])
+            picks.append((shard_no, sample["json"]))
+    step = max(1, len(picks) // max(limit, 1))
+    sides, mpix, formats, reencoded = [], [], Counter(), 0
+    handles = {}
+    try:
+        for shard_no, (off, size, _) in picks[::step]:
+            f = handles.get(shard_no) or handles.setdefault(shard_no, open(tars[shard_no], "rb"))
+            f.seek(off)
+            meta = json.loads(f.read(size))
+            w, h = meta["size"]
+            sides.append((min(w, h), max(w, h)))
+            mpix.append(w * h / 1e6)
+            formats[meta.get("format", "?")] += 1
+            reencoded += bool(meta.get("reencoded"))
+    finally:
+        for f in handles.values():
+            f.close()
+    sides_a = np.array(sides) if sides else np.zeros((0, 2))
+    pct = lambda a: {p: float(np.percentile(a, p)) for p in (0, 5, 50, 95, 100)} if len(a) else {}  # noqa: E731
+    return {
+        "manifest": m,
+        "sampled": len(sides),
+        "bytes_per_image": float(np.mean(jpg_bytes)) if jpg_bytes else 0.0,
+        "shorter_side": pct(sides_a[:, 0]),
+        "longer_side": pct(sides_a[:, 1]),
+        "megapixels": pct(np.array(mpix)),
+        "source_formats": dict(formats),
+        "reencoded_fraction": reencoded / max(len(sides), 1),
+    }
+
+
+def format_info(directory: str, info: dict) -> str:
+    m = info["manifest"]
+    size = sum(s["bytes"] for s in m["shards"])
+    lines = [
+        f"{directory}",
+        f"  samples   {m['total']} in {len(m['shards'])} shard(s), {size / 1e6:.1f} MB "
+        f"({info['bytes_per_image'] / 1e3:.1f} KB/image)",
+        f"  rejected  {m['rejected']} (see {mf.REJECTED})   ignored non-image files {m.get('ignored', 0)}",
+    ]
+    if m.get("part") and m["part"][1] > 1:
+        lines.append(f"  part      {m['part'][0]} of {m['part'][1]} (merge the parts before training)")
+    if m["classes"]:
+        counts = m.get("class_counts") or {}
+        shown = ", ".join(f"{c}={counts.get(c, '?')}" for c in list(m["classes"])[:20])
+        more = f", ... ({len(m['classes'])} classes)" if len(m["classes"]) > 20 else ""
+        lines.append(f"  classes   {len(m['classes'])}: {shown}{more}")
+    else:
+        lines.append("  classes   none (unlabelled)")
+    fmt = lambda d: " / ".join(f"{d[p]:.0f}" for p in (0, 5, 50, 95, 100)) if d else "-"  # noqa: E731
+    lines += [
+        f"  image size (stored, {info['sampled']} sampled; min / p5 / median / p95 / max)",
+        f"    shorter side  {fmt(info['shorter_side'])} px",
+        f"    longer side   {fmt(info['longer_side'])} px",
+        "    megapixels    " + (" / ".join(f"{info['megapixels'][p]:.2f}" for p in (0, 5, 50, 95, 100))
+                                if info["megapixels"] else "-"),
+        f"  source formats {info['source_formats']}, re-encoded {100 * info['reencoded_fraction']:.0f}%",
+    ]
+    return "\n".join(lines)
