@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_OUT    ?= shards/sample
+DATA        ?= .cache/data
 
 .PHONY: install demo test bench clean-venv
 
@@ -24,7 +25,11 @@ demo: install
 	$(PY) -m sslkit.shard verify $(DEMO_OUT)
 	$(PY) -m sslkit.shard info $(DEMO_OUT)
 
-test: install
+# Real labelled data for the tests (Fashion-MNIST from Debian; ../shared/reference/DATA.md).
+$(DATA)/root/.dataset-fashion-mnist:
+	bench/fetch_debian_data.sh $(DATA) dataset-fashion-mnist
+
+test: install $(DATA)/root/.dataset-fashion-mnist
 	$(PY) -m pytest -q
 
 clean-venv:

@@ -267,9 +267,13 @@ def build(opts: BuildOptions) -> dict:
     if os.path.exists(options_path):
         with open(options_path) as f:
             previous = json.load(f)
+        journal = os.path.join(state, "shards.jsonl")
         if previous.get("fingerprint") != fp:
-            raise BuildError(f"{out} holds an unfinished build with other options; re-run that command, "
-                             f"or delete {state} to start over")
+            if os.path.exists(journal) and os.path.getsize(journal) > 0:
+                raise BuildError(f"{out} holds an unfinished build with other options; re-run that command, "
+                                 f"or delete {state} to start over")
+            shutil.rmtree(state)  # nothing was finished under the old options: start over
+            os.makedirs(state)
     mf.atomic_write(options_path, json.dumps({"fingerprint": fp, **opts.content()}))
     for name in os.listdir(out):  # leftovers of a shard that was being written when killed
         if name.endswith(".tmp"):

@@ -73,7 +73,7 @@ def convert(data: bytes, source: str, opts: ImageOptions) -> Accepted | Rejected
     except UnidentifiedImageError:
         return Rejected(f"not an image: unrecognised format ({len(data)} bytes, starts {data[:8]!r})")
     except Exception as e:  # noqa: BLE001 - any header parsing failure is a property of the file
-        return Rejected(f"unreadable image header: {type(e).__name__}: {e}")
+        return Rejected(f"corrupt or truncated image header: {type(e).__name__}: {e}")
     w0, h0 = im.size
     if w0 * h0 > opts.max_pixels:
         return Rejected(f"decompression bomb: {w0}x{h0} = {w0 * h0 / 1e6:.0f} MP exceeds --max-pixels "
