@@ -255,8 +255,8 @@ def save(path: str | os.PathLike, perms: np.ndarray, method: str | None = None,
     """Write perms (0-based int64) to `path` (.npy) and its metadata to the same name with .json.
 
     The JSON holds n, n_tiles, method, seed (null when not given) and the min/mean pairwise
-    Hamming distance. Files are written under a temporary name and renamed, so a reader never
-    sees half a file. Returns the .npy path.
+    Hamming distance. Missing folders are created; files are written under a temporary name and
+    renamed, so a reader never sees half a file. Returns the .npy path.
     """
     path = Path(path)
     if path.suffix != ".npy":
@@ -266,12 +266,16 @@ def save(path: str | os.PathLike, perms: np.ndarray, method: str | None = None,
     meta = {"n": int(arr.shape[0]), "n_tiles": int(arr.shape[1]), "method": method,
             "seed": None if seed is None else int(seed), "indexing": "0-based",
             "hamming_min": stats["min"], "hamming_mean": stats["mean"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
     for target, write in ((path, lambda f: np.save(f, arr)),
                           (_sidecar(path), lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))):
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -295,9 +299,16 @@ def load(path: str | os.PathLike) -> np.ndarray:
     return _validate(arr, str(path))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the meaningless "(default: None)" of required or derived options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sslkit.permutations", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m sslkit.permutations", formatter_class=_HelpFormatter,
         description="Generate a Jigsaw permutation set with Noroozi's greedy maximal-Hamming-distance "
                     "algorithm (as VISSL's generate_jigsaw_permutations.py) and save it as a 0-based "
                     ".npy plus a .json sidecar with its settings and Hamming distances.")

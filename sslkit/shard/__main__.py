@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--resize-max", type=int, default=None, metavar="PIXELS",
                    help="downscale images whose longer side exceeds this (aspect kept); e.g. 500 for ImageNet-like")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality when an image must be re-encoded")
+    b.add_argument("--force-reencode", action="store_true",
+                   help="re-encode every image at --quality (default: RGB JPEGs that need no change pass through)")
     b.add_argument("--min-size", type=int, default=16, help="reject images whose shorter side is below this")
     b.add_argument("--max-pixels", type=_size, default=100_000_000,
                    help="reject images above this many pixels (decompression bombs), checked before decoding")
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
                 source=SourceOptions(labels=args.labels, path_column=args.path_column,
                                      label_column=args.label_column, root=args.root, seed=args.seed),
                 image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,
-                                   max_pixels=args.max_pixels),
+                                   max_pixels=args.max_pixels, force_reencode=args.force_reencode),
                 workers=args.workers, progress=not args.no_progress)
             build(opts)
         elif args.cmd == "verify":

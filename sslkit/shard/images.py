@@ -31,6 +31,7 @@ class ImageOptions:
     quality: int = 90
     min_size: int = 16              # shorter side below this is rejected
     max_pixels: int = 100_000_000   # decompression-bomb guard, checked from the header
+    force_reencode: bool = False    # re-encode even JPEGs that could pass through (uniform quality)
 
 
 @dataclass
@@ -97,7 +98,8 @@ def convert(data: bytes, source: str, opts: ImageOptions) -> Accepted | Rejected
         im.load()
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
         return Rejected(f"corrupt or truncated image data: {type(e).__name__}: {e}")
-    passthrough = fmt == "JPEG" and mode0 == "RGB" and orientation in (1, None) and not needs_resize
+    passthrough = (fmt == "JPEG" and mode0 == "RGB" and orientation in (1, None) and not needs_resize
+                   and not opts.force_reencode)
     if passthrough:
         return Accepted(data, {"source": source, "format": fmt, "mode": mode0, "orig_size": [w0, h0],
                                "size": [w0, h0], "reencoded": False})

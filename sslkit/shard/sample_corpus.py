@@ -73,21 +73,26 @@ class SampleRenderer:
 
     def render(self, seed: int, i: int) -> bytes:
         photo = PHOTOS[i % len(PHOTOS)]
-        img = self._photo(photo)
-        rng = np.random.default_rng([seed, i])
-        h, w = img.shape[:2]
-        area = h * w * math.exp(rng.uniform(math.log(SCALE[0]), math.log(SCALE[1])))
-        aspect = math.exp(rng.uniform(math.log(ASPECT[0]), math.log(ASPECT[1])))
-        cw = min(w, max(16, int(round(math.sqrt(area * aspect)))))
-        ch = min(h, max(16, int(round(math.sqrt(area / aspect)))))
-        x = int(rng.integers(0, w - cw + 1))
-        y = int(rng.integers(0, h - ch + 1))
-        crop = Image.fromarray(img[y:y + ch, x:x + cw])
-        scale = LONG_SIDE / max(cw, ch)
-        size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
-        crop = crop.resize(size, Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=QUALITY)
-        return buf.getvalue()
+        return imagenet_like_crop(self._photo(photo), np.random.default_rng([seed, i]))
+
+
+def imagenet_like_crop(img: np.ndarray, rng: np.random.Generator, long_side: int = LONG_SIDE,
+                       quality: int = QUALITY) -> bytes:
+    """A random crop of `img` (log-uniform area in SCALE, aspect in ASPECT), resized to `long_side`,
+    randomly mirrored, as baseline JPEG bytes. Also builds the benchmark corpus from large photos."""
+    h, w = img.shape[:2]
+    area = h * w * math.exp(rng.uniform(math.log(SCALE[0]), math.log(SCALE[1])))
+    aspect = math.exp(rng.uniform(math.log(ASPECT[0]), math.log(ASPECT[1])))
+    cw = min(w, max(16, int(round(math.sqrt(area * aspect)))))
+    ch = min(h, max(16, int(round(math.sqrt(area / aspect)))))
+    x = int(rng.integers(0, w - cw + 1))
+    y = int(rng.integers(0, h - ch + 1))
+    crop = Image.fromarray(img[y:y + ch, x:x + cw])
+    scale = long_side / max(cw, ch)
+    size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+    crop = crop.resize(size, Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
