@@ -79,7 +79,7 @@ class _AlexNetTrunk(nn.Module):
         return run_stages(list(zip(ALEXNET_FEATURE_NAMES, self._feature_blocks)), x, layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened pool5 map, [N, num_features]; the input must be input_size x input_size."""
+        """Flattened pool5 map, [N, num_features]; inputs must give the pool5 size of input_size."""
         for block in self._feature_blocks:
             x = block(x)
         if x.shape[1] != self.num_features:

@@ -1,8 +1,8 @@
 """ResNet / ResNeXt backbones whose module names and state_dict keys equal torchvision's.
 
 Keys are `conv1, bn1, layer{1..4}.{i}.{conv1,bn1,conv2,bn2[,conv3,bn3],downsample.0,downsample.1}, fc`,
-so a torchvision (or timm `resnet*`/`resnext*`, or SSL/SWSL) checkpoint loads with `strict=True`, and
-our checkpoints load into torchvision. The bottleneck is torchvision's "v1.5" one: the stride sits
+so a checkpoint saved from torchvision's ResNet class loads here with `strict=True`, and ours load
+into torchvision. The bottleneck is torchvision's "v1.5" one: the stride sits
 on the 3x3 conv, and ResNeXt is the same block with `groups` and `width_per_group`.
 
 Extras over torchvision, none of which changes a key:
@@ -20,7 +20,7 @@ Extras over torchvision, none of which changes a key:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence, Type, Union
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -107,7 +107,7 @@ class Bottleneck(nn.Module):
         return self.bn3
 
 
-Block = Type[Union[BasicBlock, Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
@@ -136,11 +136,13 @@ class ResNet(nn.Module):
         self.bn1 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        # Stage k has `width * 2**k` planes and outputs `expansion` times that many channels.
         kw = dict(groups=groups, base_width=width_per_group, norm_layer=norm_layer)
+        e = block.expansion
         self.layer1 = _make_stage(block, width, width, layers[0], stride=1, **kw)
-        self.layer2 = _make_stage(block, width * block.expansion, width * 2, layers[1], stride=2, **kw)
-        self.layer3 = _make_stage(block, width * 2 * block.expansion, width * 4, layers[2], stride=2, **kw)
-        self.layer4 = _make_stage(block, width * 4 * block.expansion, width * 8, layers[3], stride=last_stride, **kw)
+        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], stride=2, **kw)
+        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], stride=2, **kw)
+        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], stride=last_stride, **kw)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = width * 8 * block.expansion
         # No `fc` module at all when num_classes == 0 (instead of nn.Identity), so that the keys stay a
@@ -153,6 +155,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            # Other custom norm layers keep their own init.
             elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
