@@ -1,0 +1,93 @@
+"""The augmentation vocabulary: each operation written once, for both devices.
+
+Every function takes DALI nodes and a `device` ("cpu" or "gpu") and returns nodes; random
+parameters are drawn per sample on the CPU side (argument inputs), so the same graph runs in
+CPU-only CI and on a GPU. Functions that take probabilities use DALI conditionals, so work is only
+done for the samples that need it (pipelines are built with `enable_conditionals=True`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from nvidia.dali import fn, types
+
+from .spec import ColorRecipe
+
+# RGB -> YIQ luma row: grayscale views are the colour twist with saturation 0, i.e. this luma.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def decode(jpg, device: str, hw_decoder_load: float = 0.65):
+    """JPEG bytes -> HWC uint8 RGB; nvJPEG (`mixed`, with the hardware decoder share) on GPU."""
+    if device == "gpu":
+        # Padding sized so nvJPEG buffers do not reallocate for ImageNet-sized images.
+        return fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                 device_memory_padding=211025920, host_memory_padding=140544512)
+    return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+
+
+def image_shape(jpg):
+    """(H, W, C) of each encoded image from its header: a CPU node usable as an argument input."""
+    return fn.peek_image_shape(jpg)
+
+
+def crop_window(shape, scale, ratio):
+    """torchvision's RandomResizedCrop window: (anchor [y, x], extent [h, w]) as float CPU nodes."""
+    anchor, extent = fn.random_crop_generator(shape, random_area=list(scale), random_aspect_ratio=list(ratio))
+    return fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
+
+
+def coin(p: float):
+    """Per-sample 0/1 float with P(1) = p."""
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def resized_crop(img, anchor, extent, size: int, flip, device: str):
+    """Crop the window and resize it to size x size in ONE antialiased resize; a horizontal flip is
+    folded in by swapping the window's x ends (DALI flips a region whose start > end)."""
+    y0, x0 = anchor[0], anchor[1]
+    y1, x1 = y0 + extent[0], x0 + extent[1]
+    xs = x0 + flip * (x1 - x0)
+    xe = x1 - flip * (x1 - x0)
+    return fn.resize(img, size=[size, size], roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
+                     antialias=True, interp_type=types.INTERP_LINEAR, device=device)
+
+
+def color_params(recipe: ColorRecipe):
+    """Per-sample (brightness, contrast, saturation, hue_degrees, jitter_applied, gray) for one view."""
+    applied = coin(recipe.p)
+    gray = coin(recipe.gray_p)
+
+    def factor(x):
+        return 1.0 + applied * fn.random.uniform(range=[-x, x]) if x > 0 else applied * 0.0 + 1.0
+
+    b, c, s = factor(recipe.brightness), factor(recipe.contrast), factor(recipe.saturation)
+    hue = applied * fn.random.uniform(range=[-recipe.hue * 360.0, recipe.hue * 360.0]) if recipe.hue > 0 \
+        else applied * 0.0
+    return b, c, s * (1.0 - gray), hue, applied, gray
+
+
+def color_twist(img, b, c, s, hue, device: str):
+    """Brightness, contrast, saturation, hue and grayscale in one linear pass (see spec.py)."""
+    return fn.color_twist(img, brightness=b, contrast=c, saturation=s, hue=hue, device=device)
+
+
+def gaussian_blur(img, sigma, device: str):
+    """Blur with the kernel sized to sigma (radius ceil(3 sigma)), DALI's default when only sigma is given."""
+    return fn.gaussian_blur(img, sigma=sigma, device=device)
+
+
+def blur_sigma(recipe: ColorRecipe):
+    return fn.random.uniform(range=list(recipe.blur_sigma))
+
+
+def normalize(img, mean, std, dtype, device: str, crop=None):
+    """uint8 HWC -> (x/255 - mean)/std in CHW, optionally centre-cropped, fused in one op."""
+    kw = {"crop": crop} if crop is not None else {}
+    return fn.crop_mirror_normalize(img, dtype=dtype, output_layout="CHW", mean=[255.0 * m for m in mean],
+                                    std=[255.0 * s for s in std], device=device, **kw)
+
+
+def log_uniform(lo: float, hi: float):
+    return fn.math.exp(fn.random.uniform(range=[math.log(lo), math.log(hi)]))
