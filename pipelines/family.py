@@ -33,5 +33,8 @@ class ViewFamily(Protocol):
         """Plain-dict description of the options (stored in loader state, shown by the visualizer)."""
         ...
 
+    # Optional: `postprocess(batch) -> batch`, batch-level torch work on the loader's device, and
+    # `exhaustive = True` for evaluation families that must see every sample exactly once.
+
 
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}

@@ -284,7 +284,10 @@ class DaliLoader:
         if "label" in batch:
             batch["label"] = batch["label"].long().view(-1)
         batch["intact"] = batch["intact"].bool().view(-1)
-        return batch
+        post = getattr(self.family, "postprocess", None)
+        # Batch-level work a family does in torch on the loader's device (e.g. 313-bin soft targets):
+        # vectorised over the batch, never per sample.
+        return post(batch) if post is not None else batch
 
     # -- state ------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
