@@ -127,6 +127,8 @@ MULTICROP_PRESETS: dict[str, MultiCropSpec] = {
     "2x160+4x96": MultiCropSpec((CropGroup(2, 160, (0.08, 1.0)), CropGroup(4, 96, (0.05, 0.14)))),
     # DeepClusterV2 400 ep 2x224: two global crops (0.08, 1)
     "2x224": MultiCropSpec((CropGroup(2, 224, (0.08, 1.0)),)),
+    # small data on CPU: low resolution, same scales as 2x224+6x96
+    "small": MultiCropSpec((CropGroup(2, 96, (0.14, 1.0)), CropGroup(4, 48, (0.05, 0.14)))),
     # CPU smoke runs and tests: the same recipe at toy resolution
     "tiny": MultiCropSpec((CropGroup(2, 64, (0.14, 1.0)), CropGroup(2, 32, (0.05, 0.14)))),
 }
