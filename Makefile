@@ -20,10 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+DEMO_RUN    ?= runs/demo
+DEMO_EPOCHS ?= 2
+
 demo: install
 	$(PY) -m sslkit.shard build sample --out $(DEMO_OUT) --shuffle --seed 0 --max-count 500
 	$(PY) -m sslkit.shard verify $(DEMO_OUT)
 	$(PY) -m sslkit.shard info $(DEMO_OUT)
+	$(PY) -m sslkit.viz --pipeline multicrop --preset tiny --data $(DEMO_OUT) --out $(DEMO_RUN)-views.png
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 train.py --method deepclusterv2 --preset tiny \
+		--data $(DEMO_OUT) --out $(DEMO_RUN) --epochs $(DEMO_EPOCHS)
 
 # Real labelled data for the tests (Fashion-MNIST from Debian; ../shared/reference/DATA.md).
 $(DATA)/root/.dataset-fashion-mnist:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from typing import Callable
 
@@ -92,8 +93,99 @@ def _eval_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
+def _tile_grid(tiles: list[np.ndarray], gap: int = 4) -> Image.Image:
+    """Nine HWC uint8 tiles on a 3x3 board, tile k in column k // 3, row k % 3 (the jigsaw's
+    column-major cell order), so un-permuted tiles show the crop's layout."""
+    t = tiles[0].shape[0]
+    board = np.full((3 * t + 2 * gap, 3 * t + 2 * gap, 3), 32, np.uint8)
+    for k, tile in enumerate(tiles):
+        col, row = divmod(k, 3)
+        board[row * (t + gap):row * (t + gap) + t, col * (t + gap):col * (t + gap) + t] = tile
+    return Image.fromarray(board)
+
+
+def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
+    fam = loader.family
+    rows, captions = [], []
+    for i in range(n):
+        index, p = int(batch["index"][i]), int(batch["perm"][i])
+        y, x, h, w = batch["params.window"][i].tolist()
+        tiles = batch["tiles"][i].float().numpy()
+        if fam.geometry.tile_norm:  # per-tile normalised: stretch each tile for display
+            lo = tiles.min(axis=(2, 3), keepdims=True)
+            hi = tiles.max(axis=(2, 3), keepdims=True)
+            shown = [(((t - l) / np.maximum(u - l, 1e-6)) * 255).astype(np.uint8).transpose(1, 2, 0)
+                     for t, l, u in zip(tiles, lo, hi)]
+        else:
+            shown = [denormalize(t, fam.mean, fam.std) for t in tiles]
+        order = fam.perms[p]
+        original = [None] * 9
+        for k, c in enumerate(order):  # position k holds original tile order[k]
+            original[c] = shown[k]
+        rows.append([source_with_boxes(reader.component(index, "jpg"), [(y, x, h, w)]),
+                     Image.fromarray(batch["params.crop"][i].numpy()).resize((CELL, CELL)),
+                     fit(_tile_grid(shown)), fit(_tile_grid(original))])
+        gray = " gray" if bool(batch["params.gray"][i]) else ""
+        flip = " flipped" if float(batch["params.flip"][i]) > 0 else ""
+        captions.append(f"sample {index}: crop{flip}{gray}; tiles as fed (perm {p} = {order.tolist()}); "
+                        "un-permuted")
+    return rows, captions
+
+
+ANNEALED_T = 0.38  # Zhang's deploy-time temperature (logits x 2.606)
+
+
+def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
+    import torch
+
+    from .color import ab_bins, lab_to_rgb
+    bins = torch.from_numpy(ab_bins())
+    rows, captions = [], []
+    for i in range(n):
+        index = int(batch["index"][i])
+        y, x, h, w = batch["params.window"][i].tolist()
+        L = batch["L"][i, 0].float() + 50.0                                       # [S, S], 0..100
+        # Annealed mean (Zhang's decoding temperature) of the soft target, upsampled x4 to L's size.
+        wt = batch["ab_w"][i].double() ** (1 / ANNEALED_T)
+        ab = ((wt / wt.sum(-1, keepdim=True))[..., None] * bins[batch["ab_idx"][i]].double()).sum(-2).float()
+        ab = ab.repeat_interleave(4, 0).repeat_interleave(4, 1)                  # [S, S, 2]
+        decoded = lab_to_rgb(torch.cat([L[..., None], ab], -1))
+        gray_lab = torch.stack([L, torch.zeros_like(L), torch.zeros_like(L)], -1)
+        rows.append([source_with_boxes(reader.component(index, "jpg"), [(y, x, h, w)]),
+                     Image.fromarray(batch["params.rgb"][i].numpy()),
+                     Image.fromarray((lab_to_rgb(gray_lab).numpy() * 255 + 0.5).astype(np.uint8)),
+                     Image.fromarray((decoded.numpy() * 255 + 0.5).astype(np.uint8))])
+        ng = "" if bool(batch["nongray"][i]) else " (gray image: no colour target)"
+        captions.append(f"sample {index}: crop, L input, L + decoded 1/4-res soft target{ng}")
+    return rows, captions
+
+
+def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
+    from pipelines.jigclu import LOCATIONS, QUADRANTS, make_montages
+    spec = loader.family.spec
+    m = make_montages(batch["patches"], 0)
+    rows, captions = [], []
+    for i in range(n):
+        index = int(batch["index"][i])
+        boxes = []  # each patch's window (inside its 0.8 x 0.8 box), colours in TL, BL, TR, BR order
+        for k in range(4):
+            a, e = batch[f"params.{k}.anchor"][i].tolist(), batch[f"params.{k}.extent"][i].tolist()
+            boxes.append((a[0], a[1], e[0], e[1]))
+        row = [source_with_boxes(reader.component(index, "jpg"), boxes)]
+        row += [Image.fromarray(denormalize(v, spec.mean, spec.std)) for v in batch["patches"][i]]
+        row.append(Image.fromarray(denormalize(m["montages"][i], spec.mean, spec.std)))
+        rows.append(row)
+        quads = ", ".join(f"{q}=s{int(batch['index'][int(s)])}.{LOCATIONS[int(loc)]}"
+                          for q, s, loc in zip(QUADRANTS, m["image_id"][i], m["location"][i]))
+        captions.append(f"sample {index}: windows + patches {'/'.join(LOCATIONS)} (red/blue/yellow/green); "
+                        f"montage {i}: {quads}")
+    return rows, captions
+
+
 # Row renderers per pipeline family; later families register theirs with `register_renderer`.
-RENDERERS: dict[str, Callable] = {"multicrop": _multicrop_rows, "eval_val": _eval_rows, "eval_train": _eval_rows}
+RENDERERS: dict[str, Callable] = {"multicrop": _multicrop_rows, "eval_val": _eval_rows, "eval_train": _eval_rows,
+                                  "jigsaw": _jigsaw_rows, "colorization": _colorization_rows,
+                                  "jigclu": _jigclu_rows}
 
 
 def register_renderer(name: str, fn: Callable):
@@ -110,6 +202,7 @@ def render(pipeline: str, data: str, out: str, n: int = 6, seed: int = 0, **opti
                          **options)
     batch = next(iter(loader))
     rows, captions = RENDERERS[pipeline](batch, loader, SampleReader(data), n)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(rows, captions).save(out)
     return out
 

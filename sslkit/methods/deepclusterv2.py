@@ -37,6 +37,7 @@ class DCv2Options:
     hidden_dim: int = 2048
     crops_for_assign: tuple[int, ...] = (0, 1)
     kmeans_iters: int = 10
+    kernel: str | None = None                           # multi-crop CPU kernel: None (auto), fused, native
 
 
 def dcv2_loss(z: torch.Tensor, prototypes: list[torch.Tensor], targets: torch.Tensor, n_views: int,
@@ -101,7 +102,7 @@ class DeepClusterV2(Method):
         self.bank_ptr = 0
 
     def loader_options(self) -> dict:
-        return {"preset": self.o.multicrop}
+        return {"preset": self.o.multicrop, "kernel": self.o.kernel}
 
     @property
     def prototypes(self) -> list[torch.Tensor]:
