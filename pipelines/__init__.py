@@ -60,12 +60,18 @@ def make_loader(name: str, data_dir: str, batch_size: int, device: str = "cpu", 
 
 
 # -- families ---------------------------------------------------------------------------------------
+from .colorization import Colorization  # noqa: E402
 from .eval import EvalTrain, EvalVal  # noqa: E402
+from .jigclu import JigClu  # noqa: E402
+from .jigsaw import Jigsaw  # noqa: E402
 from .multicrop import MultiCrop  # noqa: E402
 
 register_family("multicrop")(MultiCrop)
 register_family("eval_val")(EvalVal)
 register_family("eval_train")(EvalTrain)
+register_family("jigsaw")(Jigsaw)
+register_family("colorization")(Colorization)
+register_family("jigclu")(JigClu)
 
 __all__ = ["DaliLoader", "LoaderConfig", "LoaderError", "ShardSet", "SpecError", "list_families", "make_loader",
            "register_family"]

@@ -1,0 +1,466 @@
+"""Pretext pipelines on CPU: jigsaw (tiles + permutation label), colorization (L + soft ab targets),
+jigsaw clustering (4 patches + montages) -- shapes, geometry, fidelity to the reference functions."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import SpecError, list_families, make_loader
+from pipelines.jigclu import LOCATIONS, MOCO_V2, make_montages
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+from sslkit import color
+from sslkit import permutations as perm_sets
+from sslkit.shard.access import SampleReader
+
+from reference import render
+
+MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
+STD = np.array(IMAGENET_STD, np.float32)[:, None, None]
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def normalised_range():
+    return torch.tensor((0 - MEAN) / STD).view(3), torch.tensor((1 - MEAN) / STD).view(3)
+
+
+def source_hw(reader: SampleReader, index: int) -> tuple[int, int]:
+    w, h = json.loads(reader.component(index, "json"))["size"]
+    return h, w
+
+
+@pytest.fixture(scope="module")
+def reader(sample_shards):
+    return SampleReader(sample_shards)
+
+
+# -- jigsaw -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jigsaw(sample_shards):
+    loader = make_loader("jigsaw", sample_shards, batch_size=32, permutations=100, with_params=True, seed=1)
+    return loader, next(iter(loader))
+
+
+def test_pretext_families_registered():
+    assert {"jigsaw", "colorization", "jigclu"} <= set(list_families())
+
+
+def test_jigsaw_outputs(jigsaw):
+    loader, b = jigsaw
+    assert loader.family.num_classes == 100
+    assert b["tiles"].shape == (32, 9, 3, 64, 64) and b["tiles"].dtype == torch.float32
+    assert b["perm"].shape == (32,) and b["perm"].dtype == torch.int64
+    assert 0 <= int(b["perm"].min()) and int(b["perm"].max()) < 100
+    lo, hi = normalised_range()
+    per_channel = b["tiles"].transpose(0, 2).reshape(3, -1)
+    assert torch.isfinite(per_channel).all()
+    assert (per_channel.min(1).values >= lo - 1e-4).all() and (per_channel.max(1).values <= hi + 1e-4).all()
+    assert b["tiles"].std() > 0.2
+    assert len(set(b["index"].tolist())) == 32 and b["intact"].all()
+    # the table the graph indexes is sslkit.permutations' max_avg set, seed 0
+    np.testing.assert_array_equal(loader.family.perms, perm_sets.generate(100, "max_avg", seed=0))
+    np.testing.assert_array_equal(b["params.order"].numpy(), loader.family.perms[b["perm"].numpy()])
+
+
+def test_jigsaw_geometry(jigsaw, reader):
+    """A 255 crop of the image resized to shorter side 256 (square, inside the image), one 64 px tile
+    per 85 px cell at offsets in [0, 20]."""
+    _, b = jigsaw
+    assert b["params.crop"].shape == (32, 255, 255, 3)
+    off = b["params.offsets"].numpy()
+    assert off.shape == (32, 9, 2) and off.min() == 0 and off.max() == 20  # 576 draws: both ends occur
+    for i, index in enumerate(b["index"].tolist()):
+        h, w = source_hw(reader, index)
+        y, x, ch, cw = b["params.window"][i].tolist()
+        assert ch == pytest.approx(cw) and ch == pytest.approx(min(h, w) * 255 / 256, rel=1e-5)
+        assert -1e-3 <= y and y + ch <= h + 1e-3 and -1e-3 <= x and x + cw <= w + 1e-3
+
+
+def _cell_tile(crop: np.ndarray, c: int, off: np.ndarray, cell: int = 85, t: int = 64) -> np.ndarray:
+    col, row = divmod(c, 3)  # column-major: tile c = 3 * column + row
+    y, x = row * cell + off[c, 0], col * cell + off[c, 1]
+    assert 0 <= y and y + t <= 3 * cell and 0 <= x and x + t <= 3 * cell  # inside the crop, inside its cell
+    return crop[y:y + t, x:x + t]
+
+
+def test_jigsaw_unpermute_recovers_the_crop(jigsaw):
+    """original[P[p][k]] = tiles[k]; each original tile is its cell's patch of the crop, so
+    reassembling them rebuilds the crop wherever tiles cover it."""
+    loader, b = jigsaw
+    perms = loader.family.perms
+    n_gray = 0
+    for i in range(32):
+        order = perms[int(b["perm"][i])]
+        original = np.empty((9, 3, 64, 64), np.float32)
+        original[order] = b["tiles"][i].numpy()
+        crop = b["params.crop"][i].numpy().astype(np.float64)
+        gray = bool(b["params.gray"][i])
+        if gray:
+            crop = np.repeat((crop @ LUMA)[..., None], 3, axis=-1)
+            n_gray += 1
+        off = b["params.offsets"][i].numpy()
+        canvas = np.full((255, 255, 3), -1.0)
+        for c in range(9):
+            want = (_cell_tile(crop, c, off).transpose(2, 0, 1) / 255.0 - MEAN) / STD
+            # exact for colour crops; gray rounds the luma to uint8 (1 grey level = 0.0175 here)
+            np.testing.assert_allclose(original[c], want, atol=0.018 if gray else 1e-4)
+            pixels = (original[c] * STD + MEAN).transpose(1, 2, 0) * 255.0
+            col, row = divmod(c, 3)
+            y, x = row * 85 + off[c, 0], col * 85 + off[c, 1]
+            canvas[y:y + 64, x:x + 64] = pixels
+        covered = canvas[..., 0] >= 0
+        assert covered.mean() == pytest.approx(9 * 64 * 64 / 255 ** 2)
+        assert np.abs(canvas[covered] - crop[covered]).max() < 1.01
+        if gray:
+            t = original * STD + MEAN
+            assert np.abs(t[:, 0] - t[:, 1]).max() < 1e-5 and np.abs(t[:, 1] - t[:, 2]).max() < 1e-5
+    assert 0 < n_gray < 32
+
+
+def test_jigsaw_label_and_augmentation_rates(sample_shards):
+    """Permutation index uniform over |P| (chi-square), grayscale ~0.66, flip ~0.5."""
+    loader = make_loader("jigsaw", sample_shards, batch_size=96, permutations=4, with_params=True, seed=5)
+    perms, gray, flip = [], [], []
+    for _ in range(3):
+        for b in loader:
+            perms += b["perm"].tolist()
+            gray += b["params.gray"].tolist()
+            flip += b["params.flip"].tolist()
+    n = len(perms)
+    counts = np.bincount(perms, minlength=4)
+    assert len(counts) == 4
+    chi2 = float(((counts - n / 4) ** 2 / (n / 4)).sum())
+    assert chi2 < 16.3, counts  # chi-square, 3 dof, alpha = 0.001
+    for rate, p in ((np.mean(gray), 0.66), (np.mean(flip), 0.5)):
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_jigsaw_permutation_files(sample_shards, tmp_path):
+    table = perm_sets.generate(10, "max_min", seed=3)
+    one_based = tmp_path / "naroozi_perms_10_patches_9_max.npy"
+    np.save(one_based, (table + 1).astype(np.int32))  # the published Noroozi files count from 1
+    loader = make_loader("jigsaw", sample_shards, batch_size=16, permutations=str(one_based), with_params=True)
+    np.testing.assert_array_equal(loader.family.perms, table)
+    b = next(iter(loader))
+    assert int(b["perm"].max()) < 10
+    np.testing.assert_array_equal(b["params.order"].numpy(), table[b["perm"].numpy()])
+    # files written by sslkit.permutations.save (0-based) load as they are
+    saved = perm_sets.save(tmp_path / "p.npy", table)
+    assert loader.family.describe()["num_permutations"] == 10
+    from pipelines.jigsaw import Jigsaw
+    np.testing.assert_array_equal(Jigsaw(permutations=saved).perms, table)
+    # bad inputs: one line each, before any pipeline is built
+    dup = tmp_path / "dup.npy"
+    np.save(dup, np.stack([table[0], table[0]]))
+    not_perm = tmp_path / "bad.npy"
+    np.save(not_perm, np.zeros((3, 9), np.int64))
+    four = tmp_path / "four.npy"
+    np.save(four, np.array([[0, 1, 2, 3], [3, 2, 1, 0]]))
+    cases = [({"permutations": str(tmp_path / "missing.npy")}, "no such file"),
+             ({"permutations": str(dup)}, "same permutation"),
+             ({"permutations": str(not_perm)}, "not a permutation"),
+             ({"permutations": str(four)}, "needs 9"),
+             ({"permutations": 0}, "n must be"),
+             ({"permutations": 2.5}, "expected a number"),
+             ({"geometry": "vissl"}, "geometry"),
+             ({"size": 64}, "unexpected keyword")]
+    for kw, msg in cases:
+        with pytest.raises(SpecError, match=msg) as e:
+            make_loader("jigsaw", sample_shards, batch_size=4, **kw)
+        assert "\n" not in str(e.value)
+
+
+def test_jigsaw_noroozi_geometry(sample_shards, reader):
+    """225 crop, 75 px cells, offsets in [0, 11], no flip / gray, each tile normalised by its own
+    per-channel mean and std after a per-channel jitter; un-permuted tiles still match their cells."""
+    loader = make_loader("jigsaw", sample_shards, batch_size=16, permutations=100, geometry="noroozi",
+                         with_params=True, seed=2)
+    b = next(iter(loader))
+    tiles = b["tiles"].numpy()
+    assert tiles.shape == (16, 9, 3, 64, 64)
+    assert np.abs(tiles.mean(axis=(3, 4))).max() < 1e-3
+    stds = tiles.std(axis=(3, 4))
+    assert np.median(stds) == pytest.approx(1.0, abs=0.01) and stds.max() < 1.0 + 1e-3  # flat tiles: epsilon
+    off = b["params.offsets"].numpy()
+    assert off.min() >= 0 and off.max() <= 11
+    assert not b["params.gray"].any() and not b["params.flip"].any()
+    corr = []
+    for i in range(16):
+        h, w = source_hw(reader, int(b["index"][i]))
+        assert b["params.window"][i, 2].item() == pytest.approx(min(h, w) * 225 / 256, rel=1e-5)
+        original = np.empty_like(tiles[i])
+        original[loader.family.perms[int(b["perm"][i])]] = tiles[i]
+        crop = b["params.crop"][i].numpy().astype(np.float64)
+        for c in range(9):
+            ref = _cell_tile(crop, c, off[i], cell=75).transpose(2, 0, 1).reshape(3, -1)
+            got = original[c].reshape(3, -1)
+            for ch in range(3):
+                if ref[ch].std() > 2:  # skip flat tiles (black sky)
+                    corr.append(np.corrcoef(ref[ch], got[ch])[0, 1])
+    # the jitter is affine per channel, so only clamping at 0 / 255 (bright tiles) keeps this below 1
+    corr = np.array(corr)
+    assert len(corr) > 100 and np.median(corr) > 0.9999 and np.mean(corr > 0.99) > 0.9, np.sort(corr)[:20]
+
+
+# -- colorization -------------------------------------------------------------------------------
+
+def test_colorization_outputs(sample_shards):
+    loader = make_loader("colorization", sample_shards, batch_size=8, seed=1)
+    b = next(iter(loader))
+    assert b["L"].shape == (8, 1, 224, 224) and b["L"].dtype == torch.float32
+    assert b["ab_idx"].shape == (8, 56, 56, 10) and b["ab_idx"].dtype == torch.int64
+    assert b["ab_w"].shape == (8, 56, 56, 10) and b["ab_w"].dtype == torch.float32
+    assert b["nongray"].shape == (8,) and b["nongray"].dtype == torch.bool
+    assert "weight" not in b and "rgb" not in b and "params.rgb" not in b
+    assert -50.0 <= float(b["L"].min()) and float(b["L"].max()) <= 50.0 and b["L"].std() > 5
+    assert 0 <= int(b["ab_idx"].min()) and int(b["ab_idx"].max()) < 313
+    torch.testing.assert_close(b["ab_w"].sum(-1), torch.ones(8, 56, 56))
+    assert (b["ab_w"][..., :-1] >= b["ab_w"][..., 1:] - 1e-6).all()  # nearest bin first, largest weight
+    dense = color.expand_topk(b["ab_idx"], b["ab_w"])
+    assert dense.shape == (8, 56, 56, 313)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(8, 56, 56))
+
+
+def test_colorization_matches_sslkit_color(sample_shards, reader):
+    """The batch equals sslkit.color applied to the crop: L - 50 at full resolution, the soft targets
+    of ab subsampled at pixels (4i, 4j); the crop is Goyal's (shorter side 256, 224 crop)."""
+    loader = make_loader("colorization", sample_shards, batch_size=8, k=5, sigma=7.0, with_params=True, seed=3)
+    b = next(iter(loader))
+    rgb = b["params.rgb"].numpy()
+    lab = color.rgb_to_lab(rgb)                                                  # [B, S, S, 3]
+    np.testing.assert_allclose(b["L"][:, 0].numpy(), lab[..., 0] - 50.0, atol=2e-3)
+    idx, w = color.soft_encode_topk(lab[:, ::4, ::4, 1:], k=5, sigma=7.0)
+    np.testing.assert_allclose(b["ab_w"].numpy(), w, atol=1e-4)
+    assert (b["ab_idx"].numpy() == idx).mean() > 0.99  # equal up to near-ties in the distance order
+    np.testing.assert_array_equal(b["nongray"].numpy(), np.abs(lab[:, ::4, ::4, 1:]).max(axis=(1, 2, 3)) > 5)
+    for i, index in enumerate(b["index"].tolist()):
+        h, w_ = source_hw(reader, index)
+        y, x, ch, cw = b["params.window"][i].tolist()
+        assert ch == pytest.approx(cw) and ch == pytest.approx(min(h, w_) * 224 / 256, rel=1e-5)
+
+
+def _same_targets(ab: torch.Tensor, k: int, sigma: float):
+    """NearestBins vs sslkit.color.soft_encode_topk: identical weights, and indices that differ only
+    where two bins are at exactly the same distance."""
+    from pipelines.colorization import NearestBins
+    idx, w = NearestBins(k)(ab, sigma)
+    ref_idx, ref_w = color.soft_encode_topk(ab, k, sigma)
+    assert torch.equal(w, ref_w)
+    bins = torch.from_numpy(color.ab_bins())
+    differ = (idx != ref_idx).any(-1)
+    d = ((ab[differ][:, None] - bins[idx[differ]]) ** 2).sum(-1)
+    d_ref = ((ab[differ][:, None] - bins[ref_idx[differ]]) ** 2).sum(-1)
+    torch.testing.assert_close(d, d_ref)
+    return differ.float().mean()
+
+
+def test_nearest_bins_equals_sslkit_soft_encoding():
+    """Over the whole sRGB gamut (an 8-level-step RGB grid, which includes the cube's corners and
+    edges: the extreme a and b) and random colours, for several k and sigma."""
+    levels = torch.cat([torch.arange(0, 256, 8), torch.tensor([255])]).to(torch.uint8)
+    grid = torch.stack(torch.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 1, 3)
+    ab = color.rgb_to_lab(grid)[..., 1:].reshape(-1, 2)
+    assert _same_targets(ab, 10, 5.0) < 1e-3
+    rand = torch.randint(0, 256, (20000, 1, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ab = color.rgb_to_lab(rand)[..., 1:].reshape(-1, 2)
+    for k, sigma in ((1, 5.0), (5, 2.0), (32, 10.0)):
+        assert _same_targets(ab, k, sigma) < 1e-3
+
+
+def test_colorization_prior_weights(sample_shards, tmp_path):
+    """With a prior, weight = Zhang's factor of the nearest bin; when the prior is the batch's own
+    nearest-bin histogram the mean weight is exactly 1 (sum prior * factor = 1)."""
+    plain = next(iter(make_loader("colorization", sample_shards, batch_size=16, size=32, seed=4)))
+    nearest = plain["ab_idx"][..., 0]
+    prior = np.bincount(nearest.flatten().numpy(), minlength=313) / nearest.numel()
+    path = tmp_path / "prior.npy"
+    np.save(path, prior)
+    b = next(iter(make_loader("colorization", sample_shards, batch_size=16, size=32, seed=4, prior=str(path))))
+    assert torch.equal(b["ab_idx"], plain["ab_idx"])
+    factor = color.rebalance_weights(prior, gamma=0.5)
+    assert b["weight"].shape == (16, 8, 8) and b["weight"].dtype == torch.float32
+    torch.testing.assert_close(b["weight"], torch.from_numpy(factor).float()[nearest])
+    assert float(b["weight"].double().mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(b["weight"].min()) > 0
+    bad = tmp_path / "short.npy"
+    np.save(bad, prior[:100])
+    for kw, msg in (({"prior": str(bad)}, "313"), ({"prior": str(tmp_path / "none.npy")}, "no such file"),
+                    ({"size": 30}, "divisible by 4"), ({"k": 0}, "k=0"), ({"resize": 100}, "resize")):
+        with pytest.raises(SpecError, match=msg):
+            make_loader("colorization", sample_shards, batch_size=4, **kw)
+
+
+def test_colorization_gray_images_are_not_nongray(sample_shards, reader):
+    """Zhang's mask: False for gray photographs (a = b = 0 everywhere), True for colour ones."""
+    gray = set()
+    for i in range(96):
+        rgb = np.asarray(Image.open(io.BytesIO(reader.component(i, "jpg"))).convert("RGB")).astype(int)
+        if np.abs(rgb[..., 0] - rgb[..., 1]).max() == 0 and np.abs(rgb[..., 1] - rgb[..., 2]).max() == 0:
+            gray.add(i)
+    assert 0 < len(gray) < 96
+    loader = make_loader("colorization", sample_shards, batch_size=32, size=32, seed=0)
+    seen = {}
+    for b in loader:
+        seen.update(zip(b["index"].tolist(), b["nongray"].tolist()))
+    assert len(seen) == 96
+    assert not any(seen[i] for i in gray)
+    assert sum(seen[i] for i in seen if i not in gray) > 0.8 * (96 - len(gray))
+
+
+# -- jigsaw clustering ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jigclu(sample_shards):
+    loader = make_loader("jigclu", sample_shards, batch_size=16, with_params=True, seed=1)
+    return loader, next(iter(loader))
+
+
+def test_jigclu_outputs(jigclu):
+    loader, b = jigclu
+    p = b["patches"]
+    assert p.shape == (16, 4, 3, 112, 112) and p.dtype == torch.float32
+    lo, hi = normalised_range()
+    per_channel = p.transpose(0, 2).reshape(3, -1)
+    assert torch.isfinite(per_channel).all()
+    assert (per_channel.min(1).values >= lo - 1e-4).all() and (per_channel.max(1).values <= hi + 1e-4).all()
+    spec = loader.family.spec
+    assert spec.color == MOCO_V2 and (spec.groups[0].count, spec.groups[0].size, spec.groups[0].scale) == \
+        (4, 112, (0.2, 1.0))
+
+
+def test_jigclu_boxes_and_windows(jigclu, reader):
+    """Boxes cover 0.8 of each side, in the order TL, BL, TR, BR; each patch's window lies in its box
+    with an area of 0.2..1 of it."""
+    _, b = jigclu
+    for i, index in enumerate(b["index"].tolist()):
+        h, w = source_hw(reader, index)
+        boxes = b["params.boxes"][i].numpy()
+        bh, bw = math.floor(0.8 * h + 0.5), math.floor(0.8 * w + 0.5)
+        assert abs(bh / h - 0.8) <= 0.5 / h + 1e-9 and abs(bw / w - 0.8) <= 0.5 / w + 1e-9
+        want = {"TL": (0, 0), "BL": (h - bh, 0), "TR": (0, w - bw), "BR": (h - bh, w - bw)}
+        for k, loc in enumerate(LOCATIONS):
+            np.testing.assert_allclose(boxes[k], [*want[loc], bh, bw])
+            (y, x), (eh, ew) = b[f"params.{k}.anchor"][i].tolist(), b[f"params.{k}.extent"][i].tolist()
+            by, bx = want[loc]
+            assert by - 1e-3 <= y and y + eh <= by + bh + 1e-3 and bx - 1e-3 <= x and x + ew <= bx + bw + 1e-3
+            assert 0.2 * 0.9 <= eh * ew / (bh * bw) <= 1.0 + 1e-6
+
+
+def test_jigclu_patches_follow_the_moco_recipe(jigclu):
+    """The colour/blur/flip/normalise stage is the shared multi-crop kernel with MoCo v2's recipe:
+    it equals the numpy/OpenCV reference on the graph's own crops and uniforms."""
+    _, b = jigclu
+    crops, u = b["params.crops.0"].numpy(), b["params.u"].numpy()
+    for i in range(16):
+        for k in range(4):
+            ref = render(crops[i, k], u[i, k], MOCO_V2, IMAGENET_MEAN, IMAGENET_STD)
+            np.testing.assert_allclose(b["patches"][i, k].numpy(), ref, atol=1e-4)
+
+
+def _check_montages(everything: torch.Tensor, out: dict, rank: int, n_local: int):
+    """Quadrant blocks of each montage equal the patch its labels name."""
+    m, h = out["montages"], everything.shape[-1]
+    for i in range(n_local):
+        for q in range(4):
+            row, col = divmod(q, 2)  # quadrant order TL, TR, BL, BR
+            block = m[i, :, row * h:(row + 1) * h, col * h:(col + 1) * h]
+            assert torch.equal(block, everything[out["image_id"][i, q], out["location"][i, q]])
+        slots = (rank * n_local + i) + everything.shape[0] * torch.arange(4)
+        assert torch.equal(out["image_id"][i] + everything.shape[0] * out["location"][i], out["perm"][slots])
+
+
+def test_make_montages_single_process():
+    n = 6
+    patches = torch.randn(n, 4, 3, 8, 8)
+    out = make_montages(patches, 123)
+    assert out["montages"].shape == (n, 3, 16, 16)
+    assert out["image_id"].dtype == torch.int64 and out["location"].shape == (n, 4)
+    used = sorted(zip(out["image_id"].flatten().tolist(), out["location"].flatten().tolist()))
+    assert used == [(i, loc) for i in range(n) for loc in range(4)]  # every patch exactly once
+    _check_montages(patches, out, 0, n)
+    assert sorted(out["perm"].tolist()) == list(range(4 * n))
+    # same seed or generator state -> same montages; another seed -> another shuffle
+    assert torch.equal(make_montages(patches, torch.Generator().manual_seed(123))["perm"], out["perm"])
+    assert not torch.equal(make_montages(patches, 124)["perm"], out["perm"])
+    with pytest.raises(ValueError, match=r"\[N, 4, C, h, w\]"):
+        make_montages(patches[:, :3], 0)
+
+
+def _montage_worker(rank: int, world: int, init: str, out_dir: str):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        n_local = 3
+        patches = torch.randn(n_local, 4, 3, 4, 4, generator=torch.Generator().manual_seed(rank))
+        out = make_montages(patches, 7 + rank, group=dist.group.WORLD)  # rank 0's draw wins
+        torch.save({"patches": patches, **out}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_make_montages_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_montage_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(res[0]["perm"], res[1]["perm"])  # one permutation, broadcast from rank 0
+    assert torch.equal(res[0]["perm"], torch.randperm(24, generator=torch.Generator().manual_seed(7)))
+    everything = torch.cat([r["patches"] for r in res])  # global image id = rank * 3 + i
+    used = []
+    for rank, r in enumerate(res):
+        _check_montages(everything, r, rank, 3)
+        used += zip(r["image_id"].flatten().tolist(), r["location"].flatten().tolist())
+    assert sorted(used) == [(i, loc) for i in range(6) for loc in range(4)]
+
+
+# -- all three ------------------------------------------------------------------------------------
+
+# Small and quick to build (the fused CPU kernel compiles for ~4 s per pipeline; the jigclu fixture tests it).
+SMALL = {"jigsaw": {"permutations": 10}, "colorization": {"size": 32}, "jigclu": {"size": 32, "kernel": "native"}}
+
+
+def test_two_ranks_read_disjoint_halves_in_the_same_order(sample_shards):
+    """The reader is shared: on each rank every family yields the same sample indices, and the two
+    ranks' samples are disjoint with equal batch counts."""
+    per_family = {}
+    for name, kw in SMALL.items():
+        per_family[name] = []
+        for rank in range(2):
+            loader = make_loader(name, sample_shards, batch_size=24, rank=rank, world_size=2, seed=3, **kw)
+            assert len(loader) == 2
+            per_family[name].append([i for b in loader for i in b["index"].tolist()])
+    first = per_family["jigsaw"]
+    assert len(first[0]) == len(first[1]) == 48 and not set(first[0]) & set(first[1])
+    assert per_family["colorization"] == first and per_family["jigclu"] == first
+
+
+@pytest.mark.parametrize("name", ["jigsaw", "colorization", "jigclu"])
+def test_visualizer(name, sample_shards, tmp_path):
+    from sslkit.viz import main
+    out = tmp_path / f"{name}.png"
+    assert main(["--pipeline", name, "--data", sample_shards, "--out", str(out), "--n", "2"]) == 0
+    with Image.open(out) as im:
+        assert im.width > 400 and im.height > 200 and np.asarray(im).std() > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["jigsaw", "colorization", "jigclu"])
+def test_gpu_graph_matches_cpu(name, sample_shards):
+    kw = {"jigsaw": {"permutations": 100}, "colorization": {}, "jigclu": {"kernel": "native"}}[name]
+    c = next(iter(make_loader(name, sample_shards, batch_size=8, seed=4, **kw)))
+    g = next(iter(make_loader(name, sample_shards, batch_size=8, seed=4, device="gpu", **kw)))
+    assert torch.equal(c["index"], g["index"].cpu())
+    for key, v in c.items():
+        if key in ("perm", "ab_idx", "nongray"):
+            assert (v == g[key].cpu()).float().mean() > 0.9  # nvJPEG vs libjpeg-turbo: tiny pixel differences
+        elif v.is_floating_point():
+            assert g[key].is_cuda and (v - g[key].cpu()).abs().mean() < 0.05, key
