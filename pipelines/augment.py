@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 
 from .spec import ColorRecipe
@@ -36,6 +37,17 @@ def crop_window(shape, scale, ratio):
     """torchvision's RandomResizedCrop window: (anchor [y, x], extent [h, w]) as float CPU nodes."""
     anchor, extent = fn.random_crop_generator(shape, random_area=list(scale), random_aspect_ratio=list(ratio))
     return fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
+
+
+def shorter_side_window(shape, resize: int, size: int):
+    """A uniformly placed size x size crop of the image resized to shorter side `resize`, expressed in
+    SOURCE pixels: (anchor [y, x], extent [h, w]) float nodes, for one ROI resize to size x size
+    (VISSL's Resize + RandomCrop, with continuous rather than integer crop offsets)."""
+    h = fn.cast(shape[0], dtype=types.FLOAT)
+    w = fn.cast(shape[1], dtype=types.FLOAT)
+    side = dmath.min(h, w) * (size / resize)
+    u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+    return fn.stack(u[0] * (h - side), u[1] * (w - side)), fn.stack(side, side)
 
 
 def coin(p: float):

@@ -19,7 +19,7 @@ Where the work runs: DALI decodes and makes the uint8 RGB crop (one ROI resize f
 folded in, the same graph on both devices); `postprocess` then converts the whole batch to Lab with
 `sslkit.color.rgb_to_lab_nchw` and soft-encodes it, vectorised torch on the loader's device -- the
 trainer GPU with device="gpu". DALI has no Lab conversion and no nearest-bin search, and doing both
-per batch on the GPU keeps the CPU free for decoding. The soft encoding is `NearestBins`: the same
+per batch on the GPU keeps the CPU free for decoding. The soft encoding is `sslkit.color.NearestBins`: the same
 targets as `sslkit.color.soft_encode_topk` (identical weights; indices equal up to exact distance
 ties) from at most ~37 candidate bins per pixel instead of all 313, ~7x less work and memory.
 With `with_params=True` the batch keeps the crop as params.rgb ([B, H, W, 3] uint8) and has
@@ -38,66 +38,10 @@ from sslkit import color
 
 from . import augment as A
 from .family import GraphInputs
-from .jigsaw import shorter_side_window
 from .spec import SpecError
 
 DECIMATION = 4           # the target is at 1/4 resolution (Zhang's conv8 output)
 NONGRAY_THRESHOLD = 5.0  # Zhang's NonGrayMaskLayer: |a| or |b| above this somewhere
-
-
-class NearestBins:
-    """The k nearest of Zhang's 313 ab bins and their Gaussian weights, exactly, from a short list
-    of candidate bins per pixel.
-
-    The ab plane is cut into 10 x 10 cells (the bins' grid step). For a point x in a cell with
-    centre c, the k-th nearest bin is at most d_k(c) + 5 sqrt(2) away (triangle inequality), so
-    only bins whose distance to the cell is within that bound can be among x's k nearest: for
-    k = 10 that is at most 37 bins. Distances are computed as in sslkit.color (exact differences,
-    float32), so the weights are bit-identical to `soft_encode_topk`'s. Cells cover a and b in
-    [-125, 125), which holds every sRGB colour (a in [-86.2, 98.3], b in [-107.9, 94.5]); a point
-    outside would be searched in the nearest border cell's list, which is not guaranteed exact.
-    """
-
-    LO, STEP, CELLS = -125.0, 10.0, 25
-
-    def __init__(self, k: int = 10):
-        bins = color.ab_bins().astype(np.float64)
-        centres = self.LO + self.STEP * (np.arange(self.CELLS) + 0.5)
-        c = np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 1, 2)
-        d_k = np.sort(np.sqrt(((c - bins) ** 2).sum(-1)), axis=1)[:, k - 1]
-        to_cell = np.sqrt((np.maximum(np.abs(bins - c) - self.STEP / 2, 0) ** 2).sum(-1))   # [cells, 313]
-        keep = to_cell <= d_k[:, None] + self.STEP / np.sqrt(2) + 1e-6
-        # Rows padded with a dummy bin far away: never among the k nearest (each row has >= k real ones).
-        cand = np.full((len(keep), keep.sum(1).max()), color.N_BINS, np.int64)
-        for i, row in enumerate(keep):
-            cand[i, :row.sum()] = np.flatnonzero(row)
-        self.k = k
-        self.candidates = torch.from_numpy(cand)                                       # [625, M]
-        self.coords = torch.from_numpy(np.concatenate([bins, [[1e4, 1e4]]]).astype(np.float32))
-        self._on_device: dict[torch.device, tuple] = {}   # the two tables, copied once per device
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._on_device:
-            self._on_device[device] = (self.candidates.to(device), self.coords.to(device))
-        return self._on_device[device]
-
-    def __call__(self, ab: torch.Tensor, sigma: float, chunk: int = 1 << 16):
-        """ab [..., 2] float tensor -> (indices [..., k] int64, nearest first; weights [..., k] float32)."""
-        cand_all, coords = self._tables(ab.device)
-        flat = ab.reshape(-1, 2).float()
-        idx = torch.empty(flat.shape[0], self.k, dtype=torch.int64, device=ab.device)
-        w = torch.empty(flat.shape[0], self.k, dtype=torch.float32, device=ab.device)
-        for start in range(0, flat.shape[0], chunk):  # bounds the [rows, M] temporaries
-            x = flat[start:start + chunk]
-            cell = ((x - self.LO) / self.STEP).floor().long().clamp_(0, self.CELLS - 1)
-            cand = cand_all[cell[:, 0] * self.CELLS + cell[:, 1]]                    # [rows, M]
-            d2 = (x[:, :1] - coords[:, 0][cand]) ** 2 + (x[:, 1:] - coords[:, 1][cand]) ** 2
-            d2k, j = torch.topk(d2, self.k, dim=1, largest=False, sorted=True)
-            # Relative to the nearest distance, as sslkit.color does: no 0/0 far from every bin.
-            e = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * sigma * sigma))
-            idx[start:start + chunk] = cand.gather(1, j)
-            w[start:start + chunk] = e / e.sum(dim=1, keepdim=True)
-        return idx.reshape(*ab.shape[:-1], self.k), w.reshape(*ab.shape[:-1], self.k)
 
 
 class Colorization:
@@ -117,7 +61,7 @@ class Colorization:
         self.size, self.resize, self.k, self.sigma, self.gamma = size, resize, k, float(sigma), gamma
         self.prior_path = None if prior is None else os.fspath(prior)
         self.factor = None if prior is None else _rebalance_factor(self.prior_path, gamma)
-        self.encoder = NearestBins(k)
+        self.encoder = color.NearestBins(k)
 
     def describe(self) -> dict:
         return {"family": self.name, "size": self.size, "resize": self.resize, "k": self.k, "sigma": self.sigma,
@@ -125,7 +69,7 @@ class Colorization:
 
     def graph(self, g: GraphInputs) -> dict:
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        anchor, extent = shorter_side_window(g.shape, self.resize, self.size)
+        anchor, extent = A.shorter_side_window(g.shape, self.resize, self.size)
         flip = A.coin(0.5)
         rgb = A.resized_crop(img, anchor, extent, self.size, flip, g.device)       # [S, S, 3] uint8
         if g.with_params:
@@ -135,10 +79,12 @@ class Colorization:
     def postprocess(self, batch: dict) -> dict:
         """uint8 RGB crops -> L input and soft ab targets, for the whole batch at once."""
         rgb = batch.pop("rgb") if "rgb" in batch else batch["params.rgb"]
-        lab = color.rgb_to_lab_nchw(rgb.permute(0, 3, 1, 2), validate=False)        # [B, 3, S, S]
-        ab = lab[:, 1:, ::DECIMATION, ::DECIMATION]                                   # [B, 2, S/4, S/4]
+        x = rgb.permute(0, 3, 1, 2)
+        # L at full resolution, a/b only at the 1/16 of the pixels the target keeps
+        L = color.rgb_to_L_nchw(x, validate=False)                                      # [B, 1, S, S]
+        ab = color.rgb_to_lab_nchw(x[:, :, ::DECIMATION, ::DECIMATION], validate=False)[:, 1:]
         idx, w = self.encoder(ab.permute(0, 2, 3, 1), self.sigma)
-        batch["L"] = lab[:, :1] - 50.0
+        batch["L"] = L - 50.0
         batch["ab_idx"], batch["ab_w"] = idx, w
         batch["nongray"] = color.nongray_mask(ab, NONGRAY_THRESHOLD)
         if self.factor is not None:

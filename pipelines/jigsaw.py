@@ -115,17 +115,6 @@ def load_permutations(permutations) -> np.ndarray:
     raise SpecError(f"permutations={permutations!r}: expected a number of permutations or a .npy path")
 
 
-def shorter_side_window(shape, resize: int, size: int):
-    """A uniformly placed size x size crop of the image resized to shorter side `resize`, expressed in
-    SOURCE pixels: (anchor [y, x], extent [h, w]) float nodes, for one ROI resize to size x size
-    (VISSL's Resize + RandomCrop, with continuous rather than integer crop offsets)."""
-    h = fn.cast(shape[0], dtype=types.FLOAT)
-    w = fn.cast(shape[1], dtype=types.FLOAT)
-    side = dmath.min(h, w) * (size / resize)
-    u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-    return fn.stack(u[0] * (h - side), u[1] * (w - side)), fn.stack(side, side)
-
-
 def _to(node, device: str):
     """A CPU-drawn random tensor as an operand of `device` arithmetic."""
     return node.gpu() if device == "gpu" else node
@@ -162,7 +151,7 @@ class Jigsaw:
     def graph(self, g: GraphInputs) -> dict:
         geo, t = self.geometry, self.geometry.tile
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        anchor, extent = shorter_side_window(g.shape, geo.resize, geo.crop)
+        anchor, extent = A.shorter_side_window(g.shape, geo.resize, geo.crop)
         flip = A.coin(geo.flip_p)
         crop = A.resized_crop(img, anchor, extent, geo.crop, flip, g.device)         # [crop, crop, 3] uint8
 

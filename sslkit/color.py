@@ -124,9 +124,24 @@ def _f_inv(f):
     return np.where(f > _DELTA, f ** 3, (f - _LIN_OFFSET) / _LIN_SLOPE)
 
 
-def _lab_from_unit_rgb(x, channel_dim: int):
-    """RGB in [0, 1] (numpy float64 or a float tensor) -> Lab, channels along `channel_dim`."""
-    lin = _srgb_to_linear(x)
+@functools.lru_cache(maxsize=8)
+def _srgb_lut(device: torch.device) -> torch.Tensor:
+    """Linear value of each of the 256 uint8 sRGB codes (float32, computed in float64)."""
+    return torch.from_numpy(_srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)).to(device)
+
+
+def _linear_rgb_torch(rgb: torch.Tensor, validate: bool) -> torch.Tensor:
+    """uint8 or [0, 1] float RGB tensor -> linear RGB. uint8 goes through a 256-entry table: a
+    gather instead of a pow per value, the bulk of the cost of Lab on a CPU."""
+    if rgb.dtype == torch.uint8:
+        return _srgb_lut(rgb.device)[rgb.long()]
+    return _srgb_to_linear(_rgb_unit_torch(rgb, validate))
+
+
+def _lab_from_unit_rgb(x, channel_dim: int, linear: bool = False):
+    """RGB in [0, 1] (numpy float64 or a float tensor; already linear if `linear`) -> Lab, channels
+    along `channel_dim`."""
+    lin = x if linear else _srgb_to_linear(x)
     if isinstance(x, torch.Tensor):
         m = torch.as_tensor(_M_FWD, dtype=x.dtype, device=x.device)
         xyz = torch.movedim(torch.movedim(lin, channel_dim, -1) @ m.T, -1, channel_dim)
@@ -163,7 +178,7 @@ def rgb_to_lab(rgb: Array, validate: bool = True) -> Array:
     """
     _check_channels_last(rgb, "rgb_to_lab")
     if isinstance(rgb, torch.Tensor):
-        return _lab_from_unit_rgb(_rgb_unit_torch(rgb, validate), -1)
+        return _lab_from_unit_rgb(_linear_rgb_torch(rgb, validate), -1, linear=True)
     if not isinstance(rgb, np.ndarray):
         raise TypeError(f"rgb_to_lab: expected a numpy array or torch tensor, got {type(rgb).__name__}")
     x = _rgb_unit_np(rgb) if validate or rgb.dtype == np.uint8 else np.clip(rgb.astype(np.float64), 0, 1)
@@ -199,7 +214,16 @@ def rgb_to_lab_nchw(x: torch.Tensor, validate: bool = True) -> torch.Tensor:
     in [0, 1] -> [N, 3, H, W] float32 (float64 stays float64), L in [0, 100], a/b unshifted.
     `validate=False` skips the float range check and its device sync."""
     _check_nchw(x, "rgb_to_lab_nchw")
-    return _lab_from_unit_rgb(_rgb_unit_torch(x, validate), 1)
+    return _lab_from_unit_rgb(_linear_rgb_torch(x, validate), 1, linear=True)
+
+
+def rgb_to_L_nchw(x: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """Only the lightness of `rgb_to_lab_nchw`: [N, 3, H, W] -> [N, 1, H, W], L in [0, 100]. L depends
+    on the luminance Y alone, so this skips two of the three companding passes."""
+    _check_nchw(x, "rgb_to_L_nchw")
+    lin = _linear_rgb_torch(x, validate)
+    w = torch.as_tensor(_M_FWD[1], dtype=lin.dtype, device=lin.device).view(1, 3, 1, 1)
+    return 116.0 * _f((lin * w).sum(dim=1, keepdim=True)) - 16.0
 
 
 def lab_to_rgb_nchw(lab: torch.Tensor) -> torch.Tensor:
@@ -302,6 +326,61 @@ def soft_encode_topk(ab: Array, k: int = 10, sigma: float = 5.0) -> tuple[Array,
     idx = idx.reshape(*t.shape[:-1], k)
     w = w.reshape(*t.shape[:-1], k)
     return (idx.numpy(), w.numpy()) if was_numpy else (idx, w)
+
+
+class NearestBins:
+    """The k nearest of Zhang's 313 ab bins and their Gaussian weights, exactly, from a short list
+    of candidate bins per pixel.
+
+    The ab plane is cut into 10 x 10 cells (the bins' grid step). For a point x in a cell with
+    centre c, the k-th nearest bin is at most d_k(c) + 5 sqrt(2) away (triangle inequality), so
+    only bins whose distance to the cell is within that bound can be among x's k nearest: for
+    k = 10 that is at most 37 bins. Distances are computed as in `soft_encode_topk` (exact differences,
+    float32), so the weights are bit-identical to `soft_encode_topk`'s. Cells cover a and b in
+    [-125, 125), which holds every sRGB colour (a in [-86.2, 98.3], b in [-107.9, 94.5]); a point
+    outside would be searched in the nearest border cell's list, which is not guaranteed exact.
+    """
+
+    LO, STEP, CELLS = -125.0, 10.0, 25
+
+    def __init__(self, k: int = 10):
+        bins = ab_bins().astype(np.float64)
+        centres = self.LO + self.STEP * (np.arange(self.CELLS) + 0.5)
+        c = np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 1, 2)
+        d_k = np.sort(np.sqrt(((c - bins) ** 2).sum(-1)), axis=1)[:, k - 1]
+        to_cell = np.sqrt((np.maximum(np.abs(bins - c) - self.STEP / 2, 0) ** 2).sum(-1))   # [cells, 313]
+        keep = to_cell <= d_k[:, None] + self.STEP / np.sqrt(2) + 1e-6
+        # Rows padded with a dummy bin far away: never among the k nearest (each row has >= k real ones).
+        cand = np.full((len(keep), keep.sum(1).max()), N_BINS, np.int64)
+        for i, row in enumerate(keep):
+            cand[i, :row.sum()] = np.flatnonzero(row)
+        self.k = k
+        self.candidates = torch.from_numpy(cand)                                       # [625, M]
+        self.coords = torch.from_numpy(np.concatenate([bins, [[1e4, 1e4]]]).astype(np.float32))
+        self._on_device: dict[torch.device, tuple] = {}   # the two tables, copied once per device
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self.candidates.to(device), self.coords.to(device))
+        return self._on_device[device]
+
+    def __call__(self, ab: torch.Tensor, sigma: float, chunk: int = 1 << 16):
+        """ab [..., 2] float tensor -> (indices [..., k] int64, nearest first; weights [..., k] float32)."""
+        cand_all, coords = self._tables(ab.device)
+        flat = ab.reshape(-1, 2).float()
+        idx = torch.empty(flat.shape[0], self.k, dtype=torch.int64, device=ab.device)
+        w = torch.empty(flat.shape[0], self.k, dtype=torch.float32, device=ab.device)
+        for start in range(0, flat.shape[0], chunk):  # bounds the [rows, M] temporaries
+            x = flat[start:start + chunk]
+            cell = ((x - self.LO) / self.STEP).floor().long().clamp_(0, self.CELLS - 1)
+            cand = cand_all[cell[:, 0] * self.CELLS + cell[:, 1]]                    # [rows, M]
+            d2 = (x[:, :1] - coords[:, 0][cand]) ** 2 + (x[:, 1:] - coords[:, 1][cand]) ** 2
+            d2k, j = torch.topk(d2, self.k, dim=1, largest=False, sorted=True)
+            # Relative to the nearest distance, as sslkit.color does: no 0/0 far from every bin.
+            e = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * sigma * sigma))
+            idx[start:start + chunk] = cand.gather(1, j)
+            w[start:start + chunk] = e / e.sum(dim=1, keepdim=True)
+        return idx.reshape(*ab.shape[:-1], self.k), w.reshape(*ab.shape[:-1], self.k)
 
 
 def expand_topk(indices: Array, weights: Array, n_bins: int = N_BINS) -> Array:

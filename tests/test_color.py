@@ -274,3 +274,14 @@ def test_prior_cli_bad_input(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_lightness_only_and_uint8_table_match_the_full_conversion():
+    from sslkit.color import rgb_to_L_nchw, rgb_to_lab_nchw
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 3, 17, 19), dtype=np.uint8))
+    lab = rgb_to_lab_nchw(x)
+    assert torch.allclose(rgb_to_L_nchw(x), lab[:, :1], atol=1e-4)
+    # the uint8 lookup table and the float path agree (float path: pow per value)
+    lab_float = rgb_to_lab_nchw(x.float() / 255.0)
+    assert (lab - lab_float).abs().max() < 1e-3

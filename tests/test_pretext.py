@@ -250,7 +250,7 @@ def test_colorization_matches_sslkit_color(sample_shards, reader):
 def _same_targets(ab: torch.Tensor, k: int, sigma: float):
     """NearestBins vs sslkit.color.soft_encode_topk: identical weights, and indices that differ only
     where two bins are at exactly the same distance."""
-    from pipelines.colorization import NearestBins
+    from sslkit.color import NearestBins
     idx, w = NearestBins(k)(ab, sigma)
     ref_idx, ref_w = color.soft_encode_topk(ab, k, sigma)
     assert torch.equal(w, ref_w)
