@@ -129,9 +129,11 @@ class DaliLoader:
             names.extend(outs)
             return tuple(outs.values())
 
+        # The dynamic executor reference-counts outputs: a batch handed to torch stays valid while
+        # torch holds it, so CPU outputs are shared with torch instead of copied.
         kw = dict(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
                   device_id=cfg.device_id if cfg.device == "gpu" else None,
-                  seed=cfg.seed + cfg.rank, prefetch_queue_depth=cfg.prefetch)
+                  seed=cfg.seed + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
         if checkpoint is not None:
             kw["checkpoint"] = checkpoint
         p = pipe(**kw)
@@ -345,10 +347,11 @@ _TORCH_DTYPE = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.
 
 
 def _to_tensor(tl, device, stream):
-    if tl.is_dense_tensor() if hasattr(tl, "is_dense_tensor") else True:
-        t = tl.as_tensor()
-    else:
+    if hasattr(tl, "is_dense_tensor") and not tl.is_dense_tensor():
         raise LoaderError("a pipeline output has samples of different shapes")
+    t = tl.as_tensor()
+    if device.type == "cpu":
+        return torch.from_dlpack(t)  # zero-copy, safe with the dynamic executor (see _build)
     out = torch.empty(t.shape(), dtype=_TORCH_DTYPE[t.dtype], device=device)
     feed_ndarray(t, out, cuda_stream=stream)
     return out
