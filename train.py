@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
         dist.shutdown(info)
 
 
-def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
+def build(cfg: TrainConfig, info: dist.DistInfo, log) -> SimpleNamespace:
+    """Stages 3-5: everything a training step needs (also used by bench/throughput.py's train mode)."""
     device = info.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed + info.rank)
@@ -145,9 +147,6 @@ def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
     steps_per_epoch = len(loader)
     global_batch = cfg.batch_size * info.world_size
     if info.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            f.write(dumps(cfg) + "\n")
         log.info("%s on %s: %d images, %d steps/epoch, global batch %d (%d ranks x %d), %s, %s",
                  cfg.method, cfg.data, loader.shards.total, steps_per_epoch, global_batch, info.world_size,
                  cfg.batch_size, device, precision)
@@ -177,6 +176,33 @@ def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
     optimizer = build_optimizer(cfg.optimizer, param_groups(method, cfg.weight_decay, cfg.exclude_norm_bias_wd),
                                 lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    return SimpleNamespace(cfg=cfg, info=info, ctx=ctx, method=method, model=model, loader=loader,
+                           optimizer=optimizer, scaler=scaler, schedule=schedule, autocast=autocast,
+                           steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+
+
+def train_step(run: SimpleNamespace, batch: dict, lr: float) -> tuple[float, dict]:
+    """One optimisation step: forward under autocast, backward, optimiser step. Returns the loss
+    (a Python float: this syncs the GPU, so step times measured around it are real)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast():
+        out = run.model(batch)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()} (lr {lr:.4g}); lower --lr or check the data")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss.item(), out
+
+
+def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
+    run = build(cfg, info, log)
+    method, model, loader, optimizer, scaler = run.method, run.model, run.loader, run.optimizer, run.scaler
+    schedule, ctx, steps_per_epoch, global_batch = run.schedule, run.ctx, run.steps_per_epoch, run.global_batch
+    device = info.device
 
     # ----------------------------------------------------------------------------------------------
     # 6. resume: the newest complete checkpoint in --out, or a fresh start (method hook)
@@ -198,6 +224,10 @@ def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
     else:
         method.on_train_start(loader, ctx)
     mid_epoch = latest is not None and loader.position > 0
+    if info.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            f.write(dumps(cfg) + "\n")
 
     stop = {"signal": None}
 
@@ -232,20 +262,8 @@ def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
         for batch in loader:
             t_data = time.perf_counter() - t_last
             lr = float(schedule[min(step, len(schedule) - 1)])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast():
-                out = model(batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step} (lr {lr:.4g}); "
-                                   "lower --lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss_value, out = train_step(run, batch, lr)
             step += 1
-            loss_value = loss.item()  # syncs the GPU: step time below is real compute time
             t_now = time.perf_counter()
             t_step = t_now - t_last
             t_last = t_now

@@ -134,7 +134,9 @@ def parse_args(argv=None):
                    help="a pipeline option, passed to make_loader and to multicrop/eval baselines, e.g. "
                         "multicrop.preset=2x160+4x96 (repeatable; VALUE is a Python literal or a string)")
     p.add_argument("--method", default=None, help="train mode: the SSL method of the trainer step")
-    p.add_argument("--arch", default="resnet50", help="train mode: the backbone; default %(default)s")
+    p.add_argument("--arch", default=None, help="train mode: the backbone (default: the preset's)")
+    p.add_argument("--train-preset", default=None,
+                   help="train mode: the method's preset (default: tiny on CPU, the method's default on GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="quick check that everything runs: 1 round of 2 batches of 8 after 1 warm-up batch "
                         "(overrides --rounds/--batches/--warmup/--batch-size); the numbers mean little")
@@ -419,13 +421,70 @@ def _one_line(e: BaseException) -> str:
 # wired, every row is 'not available' with the fields it will fill.
 
 def train_records(args, cfg) -> list[dict]:
-    out = []
-    for name in args.pipeline_list:
-        rec = new_record("train", name, "trainer", args, cfg)
-        rec.update(status="not available", note="needs the trainer", method=args.method, arch=args.arch,
-                   steps_per_s={"real": None, "synthetic": None}, data_stall_pct=None)
-        out.append(rec)
-    return out
+    """The trainer's own step (train.build + train.train_step) fed by the real loader vs by one batch
+    kept on the device: steps/s of both and the data stall, 100 * (1 - real / synthetic)."""
+    import tempfile
+
+    import train as trainer
+    from sslkit import dist
+    from sslkit.config import TrainConfig, apply_overrides
+    from sslkit.log import get_logger
+    from sslkit.methods import method_entry
+
+    name = args.method or "deepclusterv2"
+    entry = method_entry(name)
+    preset = args.train_preset or ("tiny" if args.device == "cpu" and "tiny" in entry.presets else entry.default_preset)
+    base = TrainConfig(method=name, method_options=entry.options())
+    if preset:
+        base = apply_overrides(base, entry.presets[preset])
+    overrides = {"data": args.data, "batch_size": cfg["batch_size"], "loader_threads": cfg["threads"],
+                 "device": "cuda" if args.device == "gpu" else "cpu", "seed": args.seed,
+                 "out": tempfile.mkdtemp(prefix="bench-train-")}
+    if args.arch:
+        overrides["arch"] = args.arch
+    tcfg = apply_overrides(base, overrides)
+    rec = new_record("train", f"{name}:{preset or 'default'}", "trainer", args, cfg)
+    rec.update(method=name, arch=tcfg.arch, preset=preset, steps_per_s={"real": None, "synthetic": None},
+               data_stall_pct=None, recipe={"config": {k: str(v) for k, v in vars(tcfg).items()}})
+    try:
+        info = dist.init(tcfg.device)
+        run = trainer.build(tcfg, info, get_logger(0))
+        run.method.prepare_benchmark(run.loader, run.ctx)
+        lr = float(run.schedule[0])
+        it = iter(_forever(run.loader))
+        for _ in range(args.warmup):
+            batch = next(it)
+            trainer.train_step(run, batch, lr)
+        sync = torch.cuda.synchronize if args.device == "gpu" else (lambda: None)
+        real, synth = [], []
+        for _ in range(args.rounds):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                trainer.train_step(run, next(it), lr)
+            sync()
+            real.append(args.batches / (time.perf_counter() - t0))
+            fixed = next(it)  # one batch already on the device, reused: no data loading at all
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                trainer.train_step(run, fixed, lr)
+            sync()
+            synth.append(args.batches / (time.perf_counter() - t0))
+        r, s = statistics.median(real), statistics.median(synth)
+        images = run.global_batch
+        rec.update(status="ok", steps_per_s={"real": r, "synthetic": s},
+                   data_stall_pct=max(0.0, 100.0 * (1.0 - r / s)),
+                   images_per_s={"median": r * images, "min": min(real) * images, "max": max(real) * images},
+                   rounds=[{"images": args.batches * images, "seconds": args.batches / x, "images_per_s": x * images}
+                           for x in real])
+    except Exception as e:  # noqa: BLE001 - one failed row, the others still run
+        rec.update(status="failed", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return [rec]
+
+
+def _forever(loader):
+    while True:
+        yield from loader
 
 
 # == records, ratios, table ==========================================================================
@@ -465,9 +524,11 @@ def add_ratios(records, mp_per_image):
     """MP/s, and ratios against peers measured in this run under the same threads and batch size."""
     for rec in records:
         mine = _median(rec)
-        if mine is None or rec["mode"] == "train":
+        if mine is None:
             continue
         rec["megapixels_per_s"] = mine * mp_per_image
+        if rec["mode"] == "train":
+            continue
         limit = _median(find(records, "decode", "decode", "dali", rec) if rec["impl"] == "dali"
                         else find(records, "baseline", "decode", "pil", rec))
         rec["x_decode"] = mine / limit if limit else None
@@ -508,12 +569,17 @@ def format_table(records, env, data, args) -> str:
         for r in rows:
             hw = f"{r['hw_decoder_load']:g}" if r["hw_decoder_load"] is not None else "-"
             name = r["pipeline"] if r["mode"] != "train" else f"train {r['pipeline']}"
-            head = f"{name:<14}{r['impl']:<8}{hw:>4}  "
+            head = f"{name:<{max(14, len(name) + 1)}}{r['impl']:<8}{hw:>4}  "
             if r["status"] != "ok":
                 lines.append(head + f"{r['status']}" + (f" ({r['note']})" if r["note"] else ""))
                 continue
             s = r["images_per_s"]
             rate = f"{_num(s['median']):>7} [{_num(s['min'])} - {_num(s['max'])}]"
+            if r["mode"] == "train":
+                sps = r["steps_per_s"]
+                lines.append(head + f"{rate:<27}{r['megapixels_per_s']:>8.1f}  data stall {r['data_stall_pct']:.1f}% "
+                             f"(steps/s: real {sps['real']:.2f}, synthetic {sps['synthetic']:.2f}; {r['arch']})")
+                continue
             lines.append(head + f"{rate:<27}{r['megapixels_per_s']:>8.1f}{_ratio(r['x_decode']):>10}"
                          f"{_ratio(r['x_baseline']):>12}")
     return "\n".join(lines)
@@ -643,8 +709,6 @@ def plot(path, records, env, data, args):
 
 def run(args) -> list[dict]:
     registered = set(list_families())
-    if "train" in args.modes:
-        print("train mode: not available yet (needs the trainer)")
     records = []
     for cfg in configs(args):
         # The baseline does not depend on the hardware-decoder share: measure it once per (threads, batch).
@@ -685,6 +749,7 @@ def main(argv=None) -> int:
     if env["loadavg_start"] and env["loadavg_start"][0] > 0.5 * env["cpus_usable"]:
         print(f"throughput.py: note: load average {env['loadavg_start'][0]:.1f} on {env['cpus_usable']} CPUs "
               "before starting; other work will lower the absolute figures", file=sys.stderr)
+    args.data_info = data
     records = run(args)
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     add_ratios(records, data["megapixels_per_image"])

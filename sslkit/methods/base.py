@@ -44,6 +44,11 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int, ctx: RunContext):
         """Called at the start of every epoch (not again when resuming in the middle of one)."""
 
+    def prepare_benchmark(self, loader, ctx: RunContext):
+        """Make the method ready to take steps without a real history (bench/throughput.py's train
+        mode): by default the fresh-start hook; methods whose warm-up is a data pass fake it."""
+        self.on_train_start(loader, ctx)
+
     def rank_state_dict(self) -> dict:
         """State that differs between ranks; saved in per-rank files."""
         return {}

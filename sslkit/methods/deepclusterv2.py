@@ -156,6 +156,14 @@ class DeepClusterV2(Method):
             ctx.log.info("memory bank filled: %d embeddings per crop on rank %d", self.bank_ptr, ctx.rank)
 
     @torch.no_grad()
+    def prepare_benchmark(self, loader, ctx: RunContext):
+        """Random assignments instead of a memory-bank pass and k-means: same cost per step."""
+        self._allocate(loader, ctx)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        for h, k in enumerate(self.o.n_prototypes):
+            self.assignments[h] = torch.randint(k, (self.assignments.shape[1],), generator=g).to(ctx.device)
+
+    @torch.no_grad()
     def on_epoch_start(self, epoch: int, ctx: RunContext):
         if not self.bank.numel():
             raise RuntimeError("memory bank not allocated: on_train_start or a checkpoint must come first")
