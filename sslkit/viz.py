@@ -8,6 +8,7 @@ by every view, de-normalised. Each pipeline family plugs in a row renderer here.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
 import sys
@@ -216,8 +217,19 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=6, help="samples (rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=None, help="multicrop preset, e.g. 2x224+6x96, 2x160+4x96, 2x224, tiny")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option of the pipeline family, e.g. permutations=100, geometry=noroozi, size=176")
     args = p.parse_args(argv)
     options = {"preset": args.preset} if args.preset else {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --option {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a plain string, e.g. a path
     try:
         path = render(args.pipeline, args.data, args.out, n=args.n, seed=args.seed, **options)
     except Exception as e:  # noqa: BLE001 - one line for the user, whatever went wrong
