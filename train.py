@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     log = get_logger(info.rank)
     try:
         return train(cfg, info, log)
-    except (ConfigError, ManifestError, SpecError, LoaderError) as e:
+    except (ConfigError, ManifestError, SpecError, LoaderError, ckpt.CheckpointError) as e:
         log.error("%s", e)
         return 2
     finally:
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
         t_epoch = time.perf_counter()
         t_last = time.perf_counter()
         for batch in loader:
-            t_data = time.perf_counter() - t_last
+            t_data = time.perf_counter() - t_last  # waiting for the loader; t_step below is the whole iteration
             lr = float(schedule[min(step, len(schedule) - 1)])
             loss_value, out = train_step(run, batch, lr)
             step += 1

@@ -21,6 +21,10 @@ from .dist import DistInfo, barrier
 VERSION = 1
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here (one-line reason)."""
+
+
 def _atomic_save(obj: Any, path: str):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -81,11 +85,11 @@ def find_latest(out: str) -> str | None:
 def load(d: str, info: DistInfo) -> tuple[dict, dict]:
     g = torch.load(os.path.join(d, "global.pt"), map_location="cpu", weights_only=False)
     if g.get("version") != VERSION:
-        raise RuntimeError(f"{d}: checkpoint version {g.get('version')}, this sslkit reads {VERSION}")
+        raise CheckpointError(f"{d}: checkpoint version {g.get('version')}, this sslkit reads {VERSION}")
     if g["world_size"] != info.world_size:
-        raise RuntimeError(f"{d} was written by {g['world_size']} ranks; resume with the same world size "
+        raise CheckpointError(f"{d} was written by {g['world_size']} ranks; resume with the same world size "
                            f"(per-rank memory banks and loader positions cannot be re-split)")
     r = torch.load(os.path.join(d, f"rank{info.rank}.pt"), map_location="cpu", weights_only=False)
     if r["step"] != g["step"]:
-        raise RuntimeError(f"{d}: rank {info.rank} file is from step {r['step']}, global from {g['step']}")
+        raise CheckpointError(f"{d}: rank {info.rank} file is from step {r['step']}, global from {g['step']}")
     return g, r
