@@ -53,7 +53,7 @@ def read_with_dali(directory: str, batch_size: int = 7) -> list[int]:
         jpg, idx = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "index"], name="Reader",
                                          missing_component_behavior="error")
         img = fn.decoders.image(jpg, device="cpu")
-        return fn.shapes(img), idx
+        return img.shape(), idx
 
     p = pipe()
     p.build()
