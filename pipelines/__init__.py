@@ -35,14 +35,15 @@ def list_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-_LOADER_KEYS = {"num_threads", "device_id", "shuffle_buffer", "prefetch", "hw_decoder_load", "with_params"}
+_LOADER_KEYS = {"num_threads", "device_id", "shuffle_buffer", "prefetch", "hw_decoder_load", "use_mmap",
+                "with_params"}
 
 
 def make_loader(name: str, data_dir: str, batch_size: int, device: str = "cpu", rank: int = 0,
                 world_size: int = 1, seed: int = 0, **options) -> DaliLoader:
     """Build the `name` view family over the shard folder `data_dir` for this rank.
 
-    Loader options: num_threads, device_id, shuffle_buffer, prefetch, hw_decoder_load, with_params;
+    Loader options: num_threads, device_id, shuffle_buffer, prefetch, hw_decoder_load, use_mmap, with_params;
     every other keyword goes to the family (e.g. `preset="2x160+4x96"`, `dtype="float16"`).
     """
     if name not in _FAMILIES:

@@ -54,6 +54,7 @@ class LoaderConfig:
     shuffle_buffer: int = 4096     # samples; shards are globally pre-shuffled, this decorrelates batches
     prefetch: int = 2
     hw_decoder_load: float = 0.65
+    use_mmap: bool = True          # False for shards on a network file system
     with_params: bool = False
 
     def validate(self):
@@ -118,7 +119,7 @@ class DaliLoader:
         def pipe():
             jpg, index, label, intact = read(shard_view, rank=cfg.rank, world_size=cfg.world_size,
                                              shuffle_buffer=cfg.shuffle_buffer, want_label=shards.labelled,
-                                             seed=self._reader_seed)
+                                             seed=self._reader_seed, use_mmap=cfg.use_mmap)
             jpg = replace_broken(jpg, intact)
             outs = family.graph(GraphInputs(jpg=jpg, shape=image_shape(jpg), device=cfg.device,
                                             hw_decoder_load=cfg.hw_decoder_load, with_params=cfg.with_params))
@@ -210,7 +211,8 @@ class DaliLoader:
         @pipeline_def(batch_size=cfg.batch_size, num_threads=1, device_id=None, seed=cfg.seed + cfg.rank)
         def probe():
             jpg, _, _, _ = read(shard_view, rank=cfg.rank, world_size=cfg.world_size,
-                                shuffle_buffer=cfg.shuffle_buffer, want_label=False, seed=self._reader_seed)
+                                shuffle_buffer=cfg.shuffle_buffer, want_label=False, seed=self._reader_seed,
+                                use_mmap=cfg.use_mmap)
             return jpg, fn.get_property(jpg, key="source_info")
 
         p = probe()

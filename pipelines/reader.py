@@ -93,7 +93,8 @@ def jpeg_is_intact(jpg):
     return long_enough & soi & eoi
 
 
-def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, want_label: bool, seed: int):
+def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, want_label: bool, seed: int,
+         use_mmap: bool = True):
     """Reader + index parsing + integrity check. Returns (jpg, index, label or None, intact).
 
     The reader has its own explicit seed, so a reader-only pipeline with the same arguments replays
@@ -106,6 +107,9 @@ def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, w
         # Every rank pads its slice to the same size, so all ranks run the same number of batches.
         pad_last_batch=True,
         random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1), seed=seed,
+        # mmap is faster on local disks; network file systems (NFS, Lustre, FUSE mounts of object
+        # stores) usually prefer plain reads
+        dont_use_mmap=not use_mmap,
     )
     jpg, index = outs[0], parse_decimal(outs[1])
     label = parse_decimal(outs[2]) if want_label else None
