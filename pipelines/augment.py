@@ -2,21 +2,14 @@
 
 Every function takes DALI nodes and a `device` ("cpu" or "gpu") and returns nodes; random
 parameters are drawn per sample on the CPU side (argument inputs), so the same graph runs in
-CPU-only CI and on a GPU. Functions that take probabilities use DALI conditionals, so work is only
-done for the samples that need it (pipelines are built with `enable_conditionals=True`).
+CPU-only CI and on a GPU. Colour, blur and normalisation of multi-crop views live in
+multicrop.py (DALI ops) and kernels.py (the fused CPU kernel), which share one spec.
 """
 
 from __future__ import annotations
 
-import math
-
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-
-from .spec import ColorRecipe
-
-# RGB -> YIQ luma row: grayscale views are the colour twist with saturation 0, i.e. this luma.
-LUMA = (0.299, 0.587, 0.114)
 
 
 def decode(jpg, device: str, hw_decoder_load: float = 0.65):
@@ -64,42 +57,3 @@ def resized_crop(img, anchor, extent, size: int, flip, device: str):
     xe = x1 - flip * (x1 - x0)
     return fn.resize(img, size=[size, size], roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
                      antialias=True, interp_type=types.INTERP_LINEAR, device=device)
-
-
-def color_params(recipe: ColorRecipe):
-    """Per-sample (brightness, contrast, saturation, hue_degrees, jitter_applied, gray) for one view."""
-    applied = coin(recipe.p)
-    gray = coin(recipe.gray_p)
-
-    def factor(x):
-        return 1.0 + applied * fn.random.uniform(range=[-x, x]) if x > 0 else applied * 0.0 + 1.0
-
-    b, c, s = factor(recipe.brightness), factor(recipe.contrast), factor(recipe.saturation)
-    hue = applied * fn.random.uniform(range=[-recipe.hue * 360.0, recipe.hue * 360.0]) if recipe.hue > 0 \
-        else applied * 0.0
-    return b, c, s * (1.0 - gray), hue, applied, gray
-
-
-def color_twist(img, b, c, s, hue, device: str):
-    """Brightness, contrast, saturation, hue and grayscale in one linear pass (see spec.py)."""
-    return fn.color_twist(img, brightness=b, contrast=c, saturation=s, hue=hue, device=device)
-
-
-def gaussian_blur(img, sigma, device: str):
-    """Blur with the kernel sized to sigma (radius ceil(3 sigma)), DALI's default when only sigma is given."""
-    return fn.gaussian_blur(img, sigma=sigma, device=device)
-
-
-def blur_sigma(recipe: ColorRecipe):
-    return fn.random.uniform(range=list(recipe.blur_sigma))
-
-
-def normalize(img, mean, std, dtype, device: str, crop=None):
-    """uint8 HWC -> (x/255 - mean)/std in CHW, optionally centre-cropped, fused in one op."""
-    kw = {"crop": crop} if crop is not None else {}
-    return fn.crop_mirror_normalize(img, dtype=dtype, output_layout="CHW", mean=[255.0 * m for m in mean],
-                                    std=[255.0 * s for s in std], device=device, **kw)
-
-
-def log_uniform(lo: float, hi: float):
-    return fn.math.exp(fn.random.uniform(range=[math.log(lo), math.log(hi)]))
