@@ -26,7 +26,7 @@ from sslkit.shard import BuildOptions, ImageOptions, build  # noqa: E402
 
 
 def run(source: str, image: ImageOptions, workers: int, rounds: int) -> dict:
-    times, n, mpix = [], 0, 0.0
+    times, n = [], 0
     for _ in range(rounds):
         out = tempfile.mkdtemp(prefix="shardbench-")
         try:

@@ -62,15 +62,18 @@ def grid(rows: list[list[Image.Image]], captions: list[str]) -> Image.Image:
     return canvas
 
 
+def _window(batch, k: int, i: int) -> tuple:
+    """Crop window (y, x, h, w) of view k of sample i, from the family's params outputs."""
+    a, e = batch[f"params.{k}.anchor"][i].tolist(), batch[f"params.{k}.extent"][i].tolist()
+    return a[0], a[1], e[0], e[1]
+
+
 def _multicrop_rows(batch, loader, reader, n) -> tuple[list, list]:
     spec = loader.family.spec
     rows, captions = [], []
     for i in range(n):
         index = int(batch["index"][i])
-        boxes = []
-        for k in range(len(batch["views"])):
-            a, e = batch[f"params.{k}.anchor"][i].tolist(), batch[f"params.{k}.extent"][i].tolist()
-            boxes.append((a[0], a[1], e[0], e[1]))
+        boxes = [_window(batch, k, i) for k in range(len(batch["views"]))]
         row = [source_with_boxes(reader.component(index, "jpg"), boxes)]
         row += [Image.fromarray(denormalize(v[i], spec.mean, spec.std)) for v in batch["views"]]
         rows.append(row)
@@ -84,10 +87,7 @@ def _eval_rows(batch, loader, reader, n) -> tuple[list, list]:
     rows, captions = [], []
     for i in range(n):
         index = int(batch["index"][i])
-        boxes = []
-        if "params.0.anchor" in batch:
-            a, e = batch["params.0.anchor"][i].tolist(), batch["params.0.extent"][i].tolist()
-            boxes.append((a[0], a[1], e[0], e[1]))
+        boxes = [_window(batch, 0, i)] if "params.0.anchor" in batch else []
         rows.append([source_with_boxes(reader.component(index, "jpg"), boxes),
                      Image.fromarray(denormalize(batch["views"][0][i], spec.mean, spec.std))])
         captions.append(f"sample {index}: source, then the {loader.family.name} crop")

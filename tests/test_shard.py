@@ -12,20 +12,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from sslkit.shard import (BuildError, BuildOptions, ImageOptions, ManifestError, SourceOptions, VerifyError,
-                          build, collect_info, load, merge, shard_paths, verify)
+from sslkit.shard import (BuildError, BuildOptions, ImageOptions, ManifestError, VerifyError,
+                          build, collect_info, load, shard_paths, verify)
 from sslkit.shard.images import Accepted, Rejected, convert
 from sslkit.shard.tarwriter import read_index
 
-from conftest import (REPO, build_small, exif_rotated_jpeg, fashion_mnist_dir, jpeg_bytes, png_bytes, write_idx,
-                      write_photo_folder)
+from conftest import (REPO, build_small, exif_rotated_jpeg, fashion_mnist_dir, jpeg_bytes, png_bytes, write_idx)
 
 PY = sys.executable
 
@@ -44,7 +42,7 @@ def read_with_webdataset(directory: str) -> list[dict]:
 
 def read_with_dali(directory: str, batch_size: int = 7) -> list[int]:
     """One epoch of sample indices through DALI's CPU webdataset reader with the index files."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
     m = load(directory)
     tars, idxs = shard_paths(directory, m)
 

@@ -8,7 +8,6 @@ Input shards are checksummed while they are read, so a corrupted part cannot be 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tarfile
