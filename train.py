@@ -2,52 +2,46 @@
 
     torchrun --nproc_per_node=2 train.py --method deepclusterv2 --preset tiny --data shards/sample --out runs/tiny
     python train.py ...                      # one process works too
-    python train.py --method deepclusterv2 --list-presets
+    python train.py --list-presets           # every method's named recipes
 
 Re-running the same command resumes from the newest complete checkpoint in --out. SIGTERM or
 SIGUSR1 (preemption) make every rank write a checkpoint and exit cleanly.
 
-Stages, in order: 1 config -> 2 distributed -> 3 method and data -> 4 model on device -> 5 optimiser
+Stages, in order: 1 config -> 2 distributed -> 3 data and method -> 4 model on device -> 5 optimiser
 and schedule -> 6 resume -> 7 train loop -> 8 checkpoints. The trainer never branches on the method:
 a method is a module from the registry whose forward returns {"loss", ...} plus optional hooks.
+Every rank runs the same collectives at the same steps whatever its terminal or logging: the loss is
+read and the stop flag agreed only at log steps, which are the same steps on every rank.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import resource
-import signal
 import sys
 import time
-from dataclasses import replace
-from types import SimpleNamespace
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
-import torch
-from tqdm import tqdm
-
-from pipelines import LoaderError, SpecError, make_loader
-from sslkit import ckpt, dist
 from sslkit.config import ConfigError, TrainConfig, apply_overrides, dumps, parse_set, to_dict
-from sslkit.log import JsonLog, get_logger
-from sslkit.methods import create_method, list_methods, method_entry
-from sslkit.methods.base import RunContext
-from sslkit.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
-from sslkit.shard import ManifestError
+from sslkit.errors import SslkitError
 
 # fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "log_every", "ckpt_every", "keep_ckpts", "tensorboard", "loader_threads"}
+RESUMABLE_CHANGES = {"epochs", "log_every", "ckpt_every", "keep_ckpts", "tensorboard", "loader_threads",
+                     "dist_timeout_s"}
+# never compared as strings: the run folder is wherever the checkpoint was found, and the data is
+# compared by its manifest identity (so moved or copied runs and shards resume)
+COMPARED_ELSEWHERE = {"out", "data"}
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. config: defaults < method preset < command-line flags < --set key=value
+# 1. config: defaults < method preset < command-line flags < --set key=value (no torch/DALI needed)
 # ------------------------------------------------------------------------------------------------
 def parse_config(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="deepclusterv2", help=f"one of: {', '.join(list_methods())}")
-    p.add_argument("--preset", default=None, help="named recipe of the method (see --list-presets)")
-    p.add_argument("--list-presets", action="store_true", help="print the method's presets and exit")
+    p.add_argument("--method", default="deepclusterv2", help="the SSL method (see --list-presets); default %(default)s")
+    p.add_argument("--preset", default=None, help="a named recipe of the method (see --list-presets)")
+    p.add_argument("--list-presets", action="store_true", help="print the methods' presets (of --method if given) and exit")
     p.add_argument("--data", help="shard folder built by `python -m sslkit.shard build` (default shards/sample)")
     p.add_argument("--arch", help="backbone from sslkit.models (resnet50, resnet_tiny, ...)")
     p.add_argument("--epochs", type=int)
@@ -60,21 +54,27 @@ def parse_config(argv=None) -> TrainConfig:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set weight_decay=1e-5 --set method_options.temperature=0.2")
     args = p.parse_args(argv)
-    entry = method_entry(args.method)
+    from sslkit.methods import list_methods, method_entry  # imports torch, not DALI
     if args.list_presets:
-        for name, overrides in entry.presets.items():
-            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
+        for name in ([args.method] if "--method" in (argv or sys.argv) else list_methods()):
+            entry = method_entry(name)
+            print(f"{name}:" + ("" if entry.meta["presets"] else " (no presets)"))
+            for preset, spec in entry.meta["presets"].items():
+                print(f"  {preset:<18} {spec.description}")
         sys.exit(0)
-    cfg = TrainConfig(method=args.method, method_options=entry.options())
-    preset = args.preset or entry.default_preset
+    entry = method_entry(args.method)
+    cfg = TrainConfig(method=args.method, method_options=entry.meta["options"]())
+    preset = args.preset or entry.meta.get("default_preset")
     if preset is not None:
-        if preset not in entry.presets:
-            raise ConfigError(f"unknown preset {preset!r} for {args.method}; choose from {', '.join(entry.presets)}")
-        cfg = apply_overrides(replace(cfg, preset=preset), entry.presets[preset])
+        presets = entry.meta["presets"]
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r} for {args.method}; choose from {', '.join(presets)}")
+        cfg = apply_overrides(replace(cfg, preset=preset), presets[preset].overrides)
     flags = {k: v for k, v in dict(data=args.data, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
                                    lr=args.lr, out=args.out, device=args.device, seed=args.seed).items()
              if v is not None}
-    cfg = apply_overrides(apply_overrides(cfg, flags), parse_set(args.set))
+    overrides = parse_set(args.set)
+    cfg = apply_overrides(apply_overrides(cfg, flags), overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.global_batch_size is not None:
         if args.batch_size is not None:
@@ -82,46 +82,111 @@ def parse_config(argv=None) -> TrainConfig:
         if args.global_batch_size % world:
             raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
         cfg = replace(cfg, batch_size=args.global_batch_size // world)
-    if args.out is None and "out" not in parse_set(args.set):
+    if args.out is None and "out" not in overrides:
         cfg = replace(cfg, out=os.path.join("runs", f"{cfg.method}-{cfg.preset or 'default'}"))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig):
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise ConfigError("batch size, epochs and lr must be positive")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16, fp16 or fp32")
-    return cfg
+    if cfg.schedule not in ("cosine", "multistep"):
+        raise ConfigError(f"schedule={cfg.schedule!r}: choose cosine or multistep")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"warmup_epochs {cfg.warmup_epochs} must be below epochs {cfg.epochs} "
+                          "(e.g. --set warmup_epochs=0 for a short run)")
+    if cfg.schedule == "multistep" and any(not 0 < m <= cfg.epochs for m in cfg.milestones):
+        raise ConfigError(f"milestones {list(cfg.milestones)} must lie in 1..epochs {cfg.epochs}")
+    if cfg.log_every < 1 or cfg.keep_ckpts < 1 or cfg.ckpt_every < 0 or cfg.dist_timeout_s <= 0:
+        raise ConfigError("log_every, keep_ckpts and dist_timeout_s must be positive, ckpt_every >= 0")
 
 
-def check_resume_compatible(saved: dict, cfg: TrainConfig):
-    now = to_dict(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+def check_resume_compatible(g: dict, cfg: TrainConfig, data_identity: str, log):
+    saved, now = g["config"], to_dict(cfg)
+    ignored = RESUMABLE_CHANGES | COMPARED_ELSEWHERE
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if k not in ignored and saved.get(k) != now.get(k)]
+    if g["data"]["identity"] != data_identity:
+        diff.insert(0, f"data: {g['data']['path']} -> {os.path.abspath(cfg.data)} (a different dataset)")
     if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
-        raise ConfigError(f"{cfg.out} holds a run with a different config ({shown}); "
+        raise ConfigError(f"{cfg.out} holds a run with a different config ({', '.join(diff[:3])}); "
                           "use another --out or the original flags")
+    if g["data"]["path"] != os.path.abspath(cfg.data):
+        log.info("data moved: %s -> %s (same shards: manifest identity %s)", g["data"]["path"],
+                 os.path.abspath(cfg.data), data_identity)
 
 
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
-    except ConfigError as e:
+    except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # ----------------------------------------------------------------------------------------------
-    # 2. distributed: torchrun env -> process group (gloo on CPU, NCCL on GPU); rank 0 talks
+    # 2. distributed: torchrun env -> process group (gloo on CPU, NCCL on GPU), with a timeout
     # ----------------------------------------------------------------------------------------------
-    info = dist.init(cfg.device)
-    log = get_logger(info.rank)
+    from sslkit import dist
+    from sslkit.log import get_logger
     try:
-        return train(cfg, info, log)
-    except (ConfigError, ManifestError, SpecError, LoaderError, ckpt.CheckpointError) as e:
+        info = dist.init(cfg.device, cfg.dist_timeout_s)
+    except SslkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log = get_logger(info.rank)
+    stop = dist.StopRequest(info).install()  # before the slow build: a signal then is acted on at the first check
+    hung = False
+    try:
+        return train(cfg, info, log, stop)
+    except SslkitError as e:
         log.error("%s", e)
         return 2
+    except Exception as e:
+        if not (info.backend and dist.is_timeout(e)):
+            raise
+        hung = True
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        log.error("rank %d: a collective failed (timeout %d s): another rank is hung, stopped or died (%s)",
+                  info.rank, cfg.dist_timeout_s, first)
+        return 1
     finally:
-        dist.shutdown(info)
+        stop.uninstall()
+        if not hung:  # a group whose peer is gone cannot be torn down politely
+            dist.shutdown(info)
 
 
-def build(cfg: TrainConfig, info: dist.DistInfo, log) -> SimpleNamespace:
-    """Stages 3-5: everything a training step needs (also used by bench/throughput.py's train mode)."""
+@dataclass
+class Run:
+    """Everything a training step needs (also what bench/'s train mode drives)."""
+    cfg: TrainConfig
+    info: Any
+    ctx: Any
+    method: Any            # the method module (hooks, state)
+    model: Any             # what forward runs through: the method, wrapped in DDP / compiled
+    loader: Any
+    optimizer: Any
+    scaler: Any
+    schedule: Any          # lr per global step
+    autocast: Callable
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.info.world_size
+
+
+def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None) -> Run:
+    """Stages 3-5."""
+    import contextlib
+
+    import torch
+
+    from pipelines import make_loader
+    from sslkit import registry
+    from sslkit.methods import RunContext, method_entry
+    from sslkit.optim import build_optimizer, multistep, param_groups, scaled_lr, warmup_cosine
+
     device = info.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed + info.rank)
@@ -133,22 +198,26 @@ def build(cfg: TrainConfig, info: dist.DistInfo, log) -> SimpleNamespace:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    ctx = RunContext(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.seed, group=info.group,
-                     autocast=autocast, log=log)
-
     # ----------------------------------------------------------------------------------------------
-    # 3. method and data: the method names its pipeline family; every rank reads its own slice
+    # 3. data and method: the method names its pipeline; every rank reads its own slice; the method
+    #    is built from the run context (dataset size, steps per epoch, ...), never from the loader
     # ----------------------------------------------------------------------------------------------
-    method = create_method(cfg, ctx)
-    loader = make_loader(method.pipeline, cfg.data, batch_size=cfg.batch_size, device="gpu" if on_gpu else "cpu",
+    cls = method_entry(cfg.method).factory
+    if info.is_main:
+        log.info("building the %s pipeline over %s (%s)", cls.pipeline, cfg.data, "GPU" if on_gpu else "CPU")
+    loader = make_loader(cls.pipeline, cfg.data, batch_size=cfg.batch_size, device="gpu" if on_gpu else "cpu",
                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                          num_threads=cfg.loader_threads, shuffle_buffer=cfg.shuffle_buffer,
-                         **method.loader_options())
-    steps_per_epoch = len(loader)
+                         device_id=info.local_rank if on_gpu else None, **cls.loader_options(cfg.method_options))
+    ctx = RunContext(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.seed, group=info.group,
+                     autocast=autocast, log=log, **_TMP_facts(loader),
+                     steps_per_epoch=len(loader), batch_size=cfg.batch_size,
+                     channels_last=on_gpu and cfg.channels_last, check_stop=check_stop)
+    method = registry.create("method", cfg.method, cfg, ctx)
     global_batch = cfg.batch_size * info.world_size
     if info.is_main:
         log.info("%s on %s: %d images, %d steps/epoch, global batch %d (%d ranks x %d), %s, %s",
-                 cfg.method, cfg.data, loader.shards.total, steps_per_epoch, global_batch, info.world_size,
+                 cfg.method, cfg.data, ctx.dataset_size, ctx.steps_per_epoch, global_batch, info.world_size,
                  cfg.batch_size, device, precision)
 
     # ----------------------------------------------------------------------------------------------
@@ -157,9 +226,8 @@ def build(cfg: TrainConfig, info: dist.DistInfo, log) -> SimpleNamespace:
     if cfg.sync_bn and info.world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
-    if on_gpu and cfg.channels_last:
+    if ctx.channels_last:
         method.to(memory_format=torch.channels_last)
-        method.channels_last = True
     model = method
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[info.local_rank] if on_gpu else None)
@@ -170,146 +238,193 @@ def build(cfg: TrainConfig, info: dist.DistInfo, log) -> SimpleNamespace:
     # 5. optimiser and per-step schedule (lr per 256 images, scaled linearly with the global batch)
     # ----------------------------------------------------------------------------------------------
     peak = scaled_lr(cfg.lr, global_batch)
-    start = cfg.warmup_start_lr if cfg.warmup_start_lr is not None else cfg.lr
-    schedule = warmup_cosine(peak, peak * cfg.final_lr_ratio, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
-                             min(start, peak))
+    start = min(cfg.warmup_start_lr if cfg.warmup_start_lr is not None else cfg.lr, peak)
+    if cfg.schedule == "multistep":
+        schedule = multistep(peak, cfg.milestones, cfg.epochs, ctx.steps_per_epoch, cfg.gamma, cfg.warmup_epochs, start)
+    else:
+        schedule = warmup_cosine(peak, peak * cfg.final_lr_ratio, cfg.epochs, ctx.steps_per_epoch, cfg.warmup_epochs,
+                                 start)
     optimizer = build_optimizer(cfg.optimizer, param_groups(method, cfg.weight_decay, cfg.exclude_norm_bias_wd),
-                                lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                                lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    return SimpleNamespace(cfg=cfg, info=info, ctx=ctx, method=method, model=model, loader=loader,
-                           optimizer=optimizer, scaler=scaler, schedule=schedule, autocast=autocast,
-                           steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+    return Run(cfg, info, ctx, method, model, loader, optimizer, scaler, schedule, autocast)
 
 
-def train_step(run: SimpleNamespace, batch: dict, lr: float) -> tuple[float, dict]:
-    """One optimisation step: forward under autocast, backward, optimiser step. Returns the loss
-    (a Python float: this syncs the GPU, so step times measured around it are real)."""
+def _TMP_facts(loader):  # TEMP until the loader exposes these
+    if hasattr(loader, "dataset_size"):
+        return dict(dataset_size=loader.dataset_size, num_classes=loader.num_classes, pipeline=loader.describe())
+    return dict(dataset_size=loader.shards.total, num_classes=len(loader.shards.classes or {}) or None,
+                pipeline=loader.family.describe())
+
+
+def train_step(run: Run, batch: dict, lr: float) -> dict:
+    """One optimisation step: forward under autocast, backward, optimiser step. Returns the method's
+    outputs as tensors: nothing here waits for the device."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     with run.autocast():
         out = run.model(batch)
-    loss = out["loss"]
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"loss is {loss.item()} (lr {lr:.4g}); lower --lr or check the data")
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    run.scaler.scale(out["loss"]).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return loss.item(), out
+    return out
 
 
-def train(cfg: TrainConfig, info: dist.DistInfo, log) -> int:
-    run = build(cfg, info, log)
-    method, model, loader, optimizer, scaler = run.method, run.model, run.loader, run.optimizer, run.scaler
-    schedule, ctx, steps_per_epoch, global_batch = run.schedule, run.ctx, run.steps_per_epoch, run.global_batch
-    device = info.device
+def epoch_batches(run: Run, epoch: int):
+    """What the trainer does in one epoch, for tools that take the steps themselves (bench/): the
+    method's epoch hook, then the loader's batches."""
+    run.method.on_epoch_start(epoch)
+    yield from run.loader
+
+
+def train(cfg: TrainConfig, info, log, stop) -> int:
+    import torch
+
+    from sslkit import ckpt, dist
+    from sslkit.log import JsonLog, MetricLogger
+    from sslkit.shard.manifest import identity, load
+
+    run = build(cfg, info, log, stop.check)
+    method, loader, device = run.method, run.loader, info.device
+    data = {"identity": identity(load(cfg.data)), "path": os.path.abspath(cfg.data)}
 
     # ----------------------------------------------------------------------------------------------
-    # 6. resume: the newest complete checkpoint in --out, or a fresh start (method hook)
+    # 6. resume: the newest checkpoint every rank can read, or a fresh start (method hook)
     # ----------------------------------------------------------------------------------------------
-    step, epoch = 0, 0
-    latest = ckpt.find_latest(cfg.out)
-    if latest:
-        g, r = ckpt.load(latest, info)
-        check_resume_compatible(g["config"], cfg)
-        method.load_state_dict(g["model"])
-        method.to(device)
-        optimizer.load_state_dict(g["optimizer"])
-        scaler.load_state_dict(g["scaler"])
-        method.load_rank_state_dict(r["method"])
-        loader.load_state_dict(r["loader"])
-        torch.set_rng_state(r["rng"])
-        step, epoch = g["step"], g["epoch"]
-        log.info("resumed from %s: epoch %d, step %d", latest, epoch, step)
-    else:
-        method.on_train_start(loader, ctx)
-    mid_epoch = latest is not None and loader.position > 0
+    step, epoch, stats = 0, 0, MetricLogger()
+    resumed = ckpt.load_agreed(cfg.out, info, log)
+    try:
+        if resumed:
+            where, g, r = resumed
+            check_resume_compatible(g, cfg, data["identity"], log)
+            method.load_state_dict(g["model"])
+            run.optimizer.load_state_dict(g["optimizer"])
+            run.scaler.load_state_dict(g["scaler"])
+            method.load_rank_state_dict(r["method"])
+            loader.load_state_dict(r["loader"])
+            torch.set_rng_state(r["rng"]["cpu"])
+            if device.type == "cuda" and r["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(r["rng"]["cuda"], device)
+            stats.load_state_dict(r["stats"], device)
+            step, epoch = g["step"], g["epoch"]
+            log.info("resumed from %s: epoch %d, step %d", where, epoch, step)
+        else:
+            method.on_train_start(loader)
+    except dist.Preempted as p:
+        log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
+        return 0
+    mid_epoch = resumed is not None and loader.position > 0
     if info.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             f.write(dumps(cfg) + "\n")
 
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, request_stop)
-
-    def save(keep: bool, in_epoch: int):
-        g = {"config": to_dict(cfg), "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": in_epoch}
-        r = {"loader": loader.state_dict(), "method": method.rank_state_dict(), "rng": torch.get_rng_state()}
-        ckpt.save(cfg.out, step, g, r, info, keep=keep, keep_last_n=cfg.keep_ckpts)
+    def save(keep: bool):
+        g = {"config": to_dict(cfg), "model": method.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "epoch": epoch, "trunk": method.trunk_spec, "data": data}
+        r = {"loader": loader.state_dict(), "method": method.rank_state_dict(), "stats": stats.state_dict(),
+             "rng": {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        ckpt.save(cfg.out, step, g, r, info, keep=keep, keep_last=cfg.keep_ckpts)
 
     # ----------------------------------------------------------------------------------------------
-    # 7. train loop: per step lr, forward under autocast, backward, step; logs every N steps
+    # 7. train loop: per-step lr, forward/backward/step; every log_every steps (the same steps on
+    #    every rank) one collective reads the mean loss and agrees on stopping
     # ----------------------------------------------------------------------------------------------
     jlog = JsonLog(os.path.join(cfg.out, "log.jsonl") if info.is_main else None,
-                   os.path.join(cfg.out, "tb") if cfg.tensorboard and info.is_main else None)
-    total_steps = cfg.epochs * steps_per_epoch
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (info.is_main and sys.stderr.isatty()),
-               dynamic_ncols=True)
-    model.train()
-    while epoch < cfg.epochs:
-        if not mid_epoch:
-            method.on_epoch_start(epoch, ctx)
-        mid_epoch = False
-        sums = {"loss": 0.0, "n": 0, "data": 0.0, "step": 0.0}
-        t_epoch = time.perf_counter()
-        t_last = time.perf_counter()
-        for batch in loader:
-            t_data = time.perf_counter() - t_last  # waiting for the loader; t_step below is the whole iteration
-            lr = float(schedule[min(step, len(schedule) - 1)])
-            loss_value, out = train_step(run, batch, lr)
-            step += 1
-            t_now = time.perf_counter()
-            t_step = t_now - t_last
-            t_last = t_now
-            sums["loss"] += loss_value
-            sums["n"] += 1
-            sums["data"] += t_data
-            sums["step"] += t_step
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                rec = {"kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                       "img_per_s": global_batch / t_step, "data_s": t_data, "step_s": t_step,
-                       "mem_mb": _memory_mb(device)}
-                rec.update({k: float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
-                jlog.write(rec)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}", refresh=False)
-                if not bar.disable:
-                    continue
-                eta = (total_steps - step) * sums["step"] / max(sums["n"], 1)
-                log.info("epoch %d step %d/%d loss %.4f lr %.4g | %.0f img/s | data %.0f ms step %.0f ms | "
-                         "mem %.0f MB | eta %s", epoch, step, total_steps, loss_value, lr, global_batch / t_step,
-                         1000 * t_data, 1000 * t_step, rec["mem_mb"], _hms(eta))
-            if dist.any_true(stop["signal"] is not None, info):
-                save(keep=False, in_epoch=epoch)
-                log.warning("preempted (%s): checkpoint saved at epoch %d step %d; re-run the same command to resume",
-                            stop["signal"] or "signal on another rank", epoch, step)
-                jlog.close()
-                return 0
-        # ------------------------------------------------------------------------------------------
-        # 8. checkpoint at every epoch end (periodic copies kept every ckpt_every epochs)
-        # ------------------------------------------------------------------------------------------
-        loss_mean, data_s, step_s = dist.all_mean([sums["loss"] / max(sums["n"], 1), sums["data"], sums["step"]], info)
-        epoch += 1
-        rec = {"kind": "epoch", "epoch": epoch - 1, "step": step, "loss": loss_mean,
-               "data_stall_pct": 100 * data_s / max(step_s, 1e-9), "epoch_s": time.perf_counter() - t_epoch,
-               "corrupt_samples": loader.corrupt_total}
-        jlog.write(rec)
-        log.info("epoch %d done: loss %.4f, %.0f s, data stall %.1f%%", epoch - 1, loss_mean, rec["epoch_s"],
-                 rec["data_stall_pct"])
-        save(keep=epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs, in_epoch=epoch)
-    bar.close()
-    jlog.close()
-    log.info("done: %d epochs, %d steps; checkpoints in %s", epoch, step, os.path.join(cfg.out, "checkpoints"))
+                   os.path.join(cfg.out, "tb") if cfg.tensorboard and info.is_main else None, resume_step=step)
+    total_steps = cfg.epochs * run.ctx.steps_per_epoch
+    bar = _progress(info.is_main, total_steps, step)
+    run.model.train()
+    try:
+        while epoch < cfg.epochs:
+            if not mid_epoch:
+                method.on_epoch_start(epoch)
+                stats.reset()
+            mid_epoch = False
+            t_last = time.perf_counter()
+            for batch in loader:
+                t_data = time.perf_counter() - t_last   # waiting for the loader
+                lr = float(run.schedule[min(step, len(run.schedule) - 1)])
+                out = train_step(run, batch, lr)
+                step += 1
+                t_now = time.perf_counter()
+                stats.update(out, t_data, t_now - t_last)
+                t_last = t_now
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or loader.position == len(loader):
+                    loss, stopping = dist.all_sum([float(out["loss"].detach()), float(stop.signal_name is not None)], info)
+                    loss /= info.world_size
+                    if loss != loss or abs(loss) == float("inf"):
+                        raise SslkitError(f"loss is {loss} at step {step} (lr {lr:.4g}); lower --lr or check the data")
+                    _log_step(jlog, log, bar, run, out, epoch, step, total_steps, loss, lr, stats)
+                    if stopping:
+                        save(keep=False)
+                        log.warning("preempted (%s): checkpoint saved at epoch %d step %d; re-run the same command "
+                                    "to resume", stop.signal_name or "signal on another rank", epoch, step)
+                        return 0
+            # --------------------------------------------------------------------------------------
+            # 8. epoch summary and checkpoint (periodic ones, every ckpt_every epochs, are never pruned)
+            # --------------------------------------------------------------------------------------
+            means = stats.means()
+            keys = sorted(means)
+            summed = dist.all_mean([means[k] for k in keys] + [stats.data_s, stats.step_s], info)
+            epoch += 1
+            rec = {"kind": "epoch", "epoch": epoch - 1, "step": step, **dict(zip(keys, summed)),
+                   "data_stall_pct": 100 * summed[-2] / max(summed[-1], 1e-9), "epoch_s": stats.elapsed(),
+                   "corrupt_samples": loader.corrupt_total}
+            jlog.write(rec)
+            log.info("epoch %d done: loss %.4f, %.0f s, data stall %.1f%%", epoch - 1, rec["loss"], rec["epoch_s"],
+                     rec["data_stall_pct"])
+            save(keep=(cfg.ckpt_every > 0 and epoch % cfg.ckpt_every == 0) or epoch == cfg.epochs)
+    except dist.Preempted as p:
+        log.warning("preempted (%s) in the epoch-%d start hook; the last checkpoint (step %d) resumes it: re-run "
+                    "the same command", p.signal_name, epoch, step)
+        return 0
+    finally:
+        if bar is not None:
+            bar.close()
+        jlog.close()
+
+    if info.is_main:
+        log.info("done: %d epochs, %d steps. Outputs in %s: checkpoints/ (newest: %s), log.jsonl (per-step and "
+                 "per-epoch records), config.json. Next: python -m sslkit.eval knn --ckpt %s --train DIR --val DIR",
+                 epoch, step, cfg.out, ckpt.find_latest(cfg.out), cfg.out)
     return 0
 
 
-def _memory_mb(device: torch.device) -> float:
+def _progress(is_main: bool, total: int, initial: int):
+    """A tqdm bar on rank 0 when stderr is a terminal, else None (log lines instead). Display only:
+    nothing that decides a collective depends on it."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _log_step(jlog, log, bar, run: Run, out: dict, epoch: int, step: int, total_steps: int, loss: float, lr: float,
+              stats):
+    steps, data_s, step_s = stats.window()
+    img_s = run.global_batch * steps / max(step_s, 1e-9)
+    rec = {"kind": "step", "epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": img_s,
+           "data_s": data_s / max(steps, 1), "step_s": step_s / max(steps, 1), "mem_mb": _memory_mb(run.info.device)}
+    rec.update({k: float(v) for k, v in out.items() if k != "loss" and hasattr(v, "numel") and v.numel() == 1})
+    jlog.write(rec)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
+    else:
+        eta = (total_steps - step) * step_s / max(steps, 1)
+        log.info("epoch %d step %d/%d loss %.4f lr %.4g | %.0f img/s | data %.0f ms step %.0f ms | mem %.0f MB | "
+                 "eta %s", epoch, step, total_steps, loss, lr, img_s, 1000 * rec["data_s"], 1000 * rec["step_s"],
+                 rec["mem_mb"], _hms(eta))
+
+
+def _memory_mb(device) -> float:
+    import resource
+
+    import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -15,8 +15,10 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
+from .errors import SslkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(SslkitError, ValueError):
     """A configuration that cannot run (one-line reason)."""
 
 
@@ -34,10 +36,14 @@ class TrainConfig:
     # optimisation (lr is per 256 images and scaled linearly with the global batch)
     optimizer: str = "lars"          # lars | sgd
     lr: float = 0.3
-    final_lr_ratio: float = 0.001    # cosine ends at lr * ratio
+    schedule: str = "cosine"         # cosine (to lr * final_lr_ratio) | multistep (x gamma at milestones)
+    final_lr_ratio: float = 0.001
+    milestones: tuple[int, ...] = ()  # epochs, for schedule=multistep
+    gamma: float = 0.1
     warmup_epochs: int = 10
     warmup_start_lr: float | None = None  # absolute; default: lr (the per-256 value, as swav does)
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-6
     exclude_norm_bias_wd: bool = False
     # system
@@ -47,10 +53,11 @@ class TrainConfig:
     compile: bool = False
     loader_threads: int = 0          # DALI threads per rank (0: the rank's share of the cores)
     shuffle_buffer: int = 4096
+    dist_timeout_s: int = 600        # a collective waiting longer than this means a hung rank: fail loudly
     # bookkeeping
-    log_every: int = 10
-    ckpt_every: int = 10             # epochs between kept periodic checkpoints (last is written every epoch)
-    keep_ckpts: int = 3
+    log_every: int = 10              # steps between log records (the loss is read and the stop flag agreed then)
+    ckpt_every: int = 10             # epochs between periodic checkpoints that are never pruned (0: none)
+    keep_ckpts: int = 2              # newest checkpoints kept besides the periodic ones (>= 2: a fallback)
     tensorboard: bool = False
     method_options: Any = None       # the method's own frozen dataclass
 

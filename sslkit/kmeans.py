@@ -155,7 +155,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk_size: int | None = No
 @torch.no_grad()
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None,
                      group: dist.ProcessGroup | None = None, init_centroids: torch.Tensor | None = None,
-                     *, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     *, chunk_size: int | None = None, on_iteration=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepClusterV2's distributed spherical k-means on this rank's rows.
 
     Args:
@@ -168,6 +168,8 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.
         init_centroids: [k, d] unit rows to start from instead of random rows (rank 0's are used
             on every rank; the generator is then left untouched).
         chunk_size: rows per E-step chunk; None sizes chunks to E_STEP_MAX_ELEMENTS scores.
+        on_iteration: called before each round on every rank (e.g. a collective preemption check,
+            so a long clustering stops within one round of a signal).
 
     Returns:
         (centroids [k, d] float32 unit rows, identical on all ranks; assignments [n_local] int64).
@@ -185,6 +187,8 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.
     centroids = _initial_centroids(x, k, generator, init_centroids, rank, world, src, group)
 
     for _ in range(iters):
+        if on_iteration is not None:
+            on_iteration()
         labels = assign(x, centroids, chunk_size)
         # M-step. Sums and counts are additive, so reducing them gives exactly the global means.
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)

@@ -1,12 +1,23 @@
-"""Rank-aware logging: rank 0 talks, other ranks only warn and fail (so their errors still reach the
-console), and rank 0 appends every record to `<out>/log.jsonl`."""
+"""Rank-aware logging, the epoch's metric sums, and the run's JSON-lines log.
+
+- `get_logger(rank)`: rank 0 talks, other ranks only warn and fail (so their errors still reach the
+  console).
+- `MetricLogger`: running sums of the step outputs as device tensors (no host sync per step), read only
+  at log steps and epoch ends; its state is checkpointed per rank, so a resumed epoch's summary equals
+  an uninterrupted one's.
+- `JsonLog`: rank 0 appends every record to `<out>/log.jsonl`; on resume the records after the resumed
+  step are dropped first, so the log reads as one uninterrupted run.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+
+import torch
 
 
 def get_logger(rank: int) -> logging.Logger:
@@ -20,11 +31,66 @@ def get_logger(rank: int) -> logging.Logger:
     return log
 
 
-class JsonLog:
-    """Append-only JSON lines (rank 0 only); optional TensorBoard mirror."""
+class MetricLogger:
+    """One epoch's running sums: every scalar tensor a step returns (float64, on its device), the
+    number of steps, and the wall time spent waiting for data vs in whole iterations."""
 
-    def __init__(self, path: str | None, tensorboard_dir: str | None = None):
-        self.f = open(path, "a") if path else None
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.data_s = 0.0
+        self.step_s = 0.0
+        self.elapsed_before = 0.0           # seconds of this epoch spent before a resume
+        self.t0 = time.perf_counter()
+        self._window = (0, 0.0, 0.0)        # (steps, data_s, step_s) at the last log step
+
+    def update(self, out: dict, data_s: float, step_s: float):
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                v = v.detach().to(torch.float64).reshape(())
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+        self.data_s += data_s
+        self.step_s += step_s
+
+    def means(self) -> dict[str, float]:
+        """Epoch means of every metric so far (one host sync)."""
+        return {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def window(self) -> tuple[int, float, float]:
+        """(steps, data seconds, iteration seconds) since the previous call."""
+        steps, data_s, step_s = self._window
+        self._window = (self.steps, self.data_s, self.step_s)
+        return self.steps - steps, self.data_s - data_s, self.step_s - step_s
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps, "data_s": self.data_s,
+                "step_s": self.step_s, "elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict, device: torch.device):
+        self.reset()
+        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state["sums"].items()}
+        self.steps, self.data_s, self.step_s = state["steps"], state["data_s"], state["step_s"]
+        self.elapsed_before = state["elapsed_s"]
+        self._window = (self.steps, self.data_s, self.step_s)
+
+
+class JsonLog:
+    """Append-only JSON lines (rank 0 only); optional TensorBoard mirror. `resume_step`: records of
+    steps after it (written before a crash, after the checkpoint resumed from) are dropped first."""
+
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_step: int | None = None):
+        self.f = None
+        if path:
+            if resume_step is not None and os.path.exists(path):
+                _truncate(path, resume_step)
+            self.f = open(path, "a")
         self.tb = None
         if tensorboard_dir:
             try:
@@ -45,5 +111,22 @@ class JsonLog:
     def close(self):
         if self.f:
             self.f.close()
+            self.f = None
         if self.tb:
             self.tb.close()
+
+
+def _truncate(path: str, step: int):
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

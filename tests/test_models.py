@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sslkit.models import (ALEXNET_FEATURE_NAMES, RESNET_FEATURE_NAMES, Bottleneck, ResNet, _registry, create,
+from sslkit.errors import SslkitError
+from sslkit.models import (ALEXNET_FEATURE_NAMES, RESNET_FEATURE_NAMES, Bottleneck, ResNet, create,
                            list_models, register)
 
 RESNETS = {  # name: (blocks per stage, bottleneck?, groups, width per group, params with 1000 classes)
@@ -375,7 +376,8 @@ def test_alexnet_colorization_layout():
 
 def test_registry_register_create_and_errors(monkeypatch):
     # Work on a copy so the test leaves the real registry untouched.
-    monkeypatch.setattr(_registry, "_MODELS", dict(_registry._MODELS))
+    from sslkit import registry
+    monkeypatch.setitem(registry._ENTRIES, "model", dict(registry._ENTRIES["model"]))
 
     @register("toy_linear")
     def toy(num_classes: int = 2) -> nn.Module:
@@ -393,3 +395,6 @@ def test_registry_register_create_and_errors(monkeypatch):
     assert "\n" not in msg and "resnet1O" in msg and all(n in msg for n in list_models())
     with pytest.raises(ValueError):
         register("")
+    # options a factory does not take: one line that lists the accepted ones
+    with pytest.raises(SslkitError, match="unknown option.*widht.*accepted: num_classes"):
+        create("toy_linear", widht=3)

@@ -1,10 +1,13 @@
-"""train.py + DeepClusterV2: the loss falls, torchrun with 2 gloo ranks completes, exact resume
-after a kill and after preemption, one-line config errors."""
+"""train.py end to end: 2 gloo ranks under a pseudo-terminal, preemption on an epoch's last step and in
+the middle of one (step AND epoch records equal an uninterrupted run's), a SIGKILL + an unreadable
+newest checkpoint + moved run and shard folders (resume falls back, says so, continues exactly), a hung
+rank (one-line error after the collective timeout), one-line config errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,15 +17,16 @@ import pytest
 import torch
 
 from sslkit.config import TrainConfig, apply_overrides
-from sslkit.methods import create_method, method_entry
-from sslkit.methods.base import RunContext
+from sslkit.dist import Preempted
+from sslkit.methods import RunContext, method_entry
 from sslkit.methods.deepclusterv2 import IGNORE, dcv2_loss
 
 from conftest import REPO, build_small
 
 PY = sys.executable
-TINY = ["--method", "deepclusterv2", "--preset", "tiny", "--batch-size", "16",
-        "--set", "method_options.n_prototypes=[8,8,8]", "--set", "log_every=1", "--set", "shuffle_buffer=64",
+# 192 images: 12 steps per epoch at 2 ranks x 8 or 1 rank x 16.
+TINY = ["--method", "deepclusterv2", "--preset", "tiny", "--set", "method_options.n_prototypes=[8,8,8]",
+        "--set", "shuffle_buffer=64", "--set", "log_every=3", "--epochs", "2",
         # DALI's own ops instead of the numba kernel: identical views (tests/test_pipelines.py), and no
         # kernel compilation in every test process
         "--set", "method_options.kernel=native"]
@@ -31,31 +35,69 @@ TINY = ["--method", "deepclusterv2", "--preset", "tiny", "--batch-size", "16",
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train") / "s")
-    build_small(out, sources=("sample:96",))
+    build_small(out, sources=("sample:192",), max_count=64)
     return out
 
 
-def run_train(args, nproc=1, check=True, env=None, **kw):
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29500 + os.getpid() % 500),
-           "train.py", *args] if nproc > 1 else [PY, "train.py", *args]
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=e, **kw)
+def torchrun(nproc: int, args: list[str]) -> list[str]:
+    port = str(29500 + (os.getpid() * 7 + len(args) * 13 + nproc) % 400)
+    if nproc == 1:
+        return [PY, "train.py", *args]
+    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port, "train.py", *args]
+
+
+def run_train(args, nproc=1, check=True, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(torchrun(nproc, args), capture_output=True, text=True, cwd=REPO, env=env, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return r
 
 
-def step_losses(out: str) -> dict[int, float]:
+def start_train(args, nproc=1) -> subprocess.Popen:
+    return subprocess.Popen(torchrun(nproc, args), cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def records(out: str, kind: str) -> dict[int, dict]:
     with open(os.path.join(out, "log.jsonl")) as f:
         recs = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "step"}
+    by_step = {}
+    for r in recs:
+        if r["kind"] == kind:
+            assert r["step"] not in by_step, f"step {r['step']} logged twice"
+            by_step[r["step"]] = r
+    return by_step
 
 
-def tiny_method():
+def wait_for_step(out: str, step: int, proc, timeout=240):
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        if os.path.exists(log) and any(json.loads(line).get("step", 0) >= step for line in open(log) if line.strip()):
+            return
+        time.sleep(0.03)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def assert_same_records(ref: str, out: str):
+    for kind in ("step", "epoch"):
+        want, got = records(ref, kind), records(out, kind)
+        assert sorted(got) == sorted(want), (kind, sorted(got), sorted(want))
+        for s in want:
+            assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), (kind, s, want[s], got[s])
+
+
+# -- method-level -----------------------------------------------------------------------------------
+
+def tiny_method(n=32, check_stop=lambda: None):
     entry = method_entry("deepclusterv2")
-    cfg = apply_overrides(TrainConfig(method="deepclusterv2", method_options=entry.options()), entry.presets["tiny"])
-    ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), seed=0)
-    return create_method(cfg, ctx), ctx
+    cfg = apply_overrides(TrainConfig(method="deepclusterv2", method_options=entry.meta["options"]()),
+                          entry.meta["presets"]["tiny"].overrides)
+    ctx = RunContext(dataset_size=n, steps_per_epoch=1, batch_size=n, check_stop=check_stop)
+    return entry.factory(cfg, ctx)
 
 
 def test_dcv2_loss_is_cross_entropy_over_heads_and_crops():
@@ -69,26 +111,16 @@ def test_dcv2_loss_is_cross_entropy_over_heads_and_crops():
     assert torch.allclose(loss, by_hand)
 
 
-def test_dcv2_loss_falls_on_a_tiny_model():
-    method, ctx = tiny_method()
+def tiny_batch(n=32):
     torch.manual_seed(0)
-    n = 32
-    batch = {"views": [torch.randn(n, 3, 64, 64), torch.randn(n, 3, 64, 64), torch.randn(n, 3, 32, 32),
-                       torch.randn(n, 3, 32, 32)], "index": torch.arange(n)}
+    return {"views": [torch.randn(n, 3, 64, 64), torch.randn(n, 3, 64, 64), torch.randn(n, 3, 32, 32),
+                      torch.randn(n, 3, 32, 32)], "index": torch.arange(n)}
 
-    class OneBatch:  # the loader interface the hooks use
-        config = type("C", (), {"batch_size": n})
-        shards = type("S", (), {"total": n})
 
-        def __len__(self):
-            return 1
-
-        def __iter__(self):
-            yield batch
-
-    method.on_train_start(OneBatch(), RunContext(rank=0, world_size=1, device=torch.device("cpu"), seed=0,
-                                                 autocast=lambda: torch.autocast("cpu", enabled=False)))
-    method.on_epoch_start(0, ctx)
+def test_dcv2_loss_falls_on_a_tiny_model():
+    method, batch = tiny_method(), tiny_batch()
+    method.on_train_start([batch])
+    method.on_epoch_start(0)
     assert (method.assignments >= 0).all()  # every sample got a cluster
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
@@ -102,81 +134,165 @@ def test_dcv2_loss_falls_on_a_tiny_model():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_torchrun_two_gloo_ranks_complete_an_epoch(shards, tmp_path):
-    out = str(tmp_path / "ddp")
-    r = run_train([*TINY, "--data", shards, "--out", out, "--epochs", "1"], nproc=2)
-    assert "done: 1 epochs" in r.stderr
-    losses = step_losses(out)
-    assert len(losses) == 96 // 2 // 16  # 3 steps: each rank reads half the data
-    latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
-    files = os.listdir(os.path.join(out, "checkpoints", latest))
-    assert {"global.pt", "rank0.pt", "rank1.pt", "COMPLETE"} <= set(files)
-    rank0 = torch.load(os.path.join(out, "checkpoints", latest, "rank0.pt"), weights_only=False)
-    rank1 = torch.load(os.path.join(out, "checkpoints", latest, "rank1.pt"), weights_only=False)
+def test_dcv2_long_hooks_stop_on_a_preemption_signal():
+    """The memory-bank pass and k-means poll the (collective) stop check, so a signal during either
+    stops the job within one batch / one k-means round instead of waiting for torchrun's SIGKILL."""
+    calls = []
+
+    def check_stop():
+        calls.append(1)
+        if len(calls) >= 2:
+            raise Preempted("SIGTERM")
+
+    method, batch = tiny_method(n=16, check_stop=check_stop), tiny_batch(16)
+    method.on_train_start([batch])          # one batch: below the polling interval, completes
+    with pytest.raises(Preempted):
+        method.on_epoch_start(0)            # k-means polls before every round
+    assert len(calls) == 2
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted 2-rank run, started from a pseudo-terminal (rank 0 then has a progress bar:
+    the case that deadlocked when logging decided whether a collective ran)."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    cmd = " ".join(torchrun(2, [*TINY, "--batch-size", "8", "--data", shards, "--out", out]))
+    r = subprocess.run(["script", "-qec", f"OMP_NUM_THREADS=1 {cmd}", "/dev/null"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "done: 2 epochs, 24 steps" in r.stdout
+    return out
+
+
+def test_two_ranks_from_a_terminal_complete(reference):
+    steps, epochs = records(reference, "step"), records(reference, "epoch")
+    assert sorted(steps) == list(range(3, 25, 3)) and sorted(epochs) == [12, 24]
+    latest = os.path.join(reference, "checkpoints", "step-00000024")
+    assert {"global.pt", "rank0.pt", "rank1.pt", "COMPLETE", "KEEP"} <= set(os.listdir(latest))
+    rank0 = torch.load(os.path.join(latest, "rank0.pt"), weights_only=False)
+    rank1 = torch.load(os.path.join(latest, "rank1.pt"), weights_only=False)
     # per-rank memory banks hold disjoint samples
     assert not set(rank0["method"]["bank_index"].tolist()) & set(rank1["method"]["bank_index"].tolist())
-    g = torch.load(os.path.join(out, "checkpoints", latest, "global.pt"), weights_only=False)
+    g = torch.load(os.path.join(latest, "global.pt"), weights_only=False)
     assert (g["model"]["assignments"] >= 0).all()  # every sample of the dataset is assigned
     assert g["config"]["method_options"]["n_prototypes"] == [8, 8, 8]
+    assert g["trunk"] == {"arch": "resnet_tiny", "kwargs": {}, "input": "rgb"}
 
 
-def test_killed_after_epoch_resumes_exactly(shards, tmp_path):
-    args = [*TINY, "--data", shards, "--epochs", "3"]
-    ref = str(tmp_path / "ref")
-    run_train([*args, "--out", ref], nproc=2)
-    out = str(tmp_path / "killed")
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29000 + os.getpid() % 500),
-           "train.py", *args, "--out", out]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(latest) and "step-00000003" in open(latest).read()):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun job, as a node failure would
-    proc.wait()
-    assert os.path.exists(latest), "no checkpoint before the kill"
-    assert len(step_losses(out)) < 9, "the run finished before it was killed"
-    r = run_train([*args, "--out", out], nproc=2)
-    assert "resumed from" in r.stderr
-    want, got = step_losses(ref), step_losses(out)
-    assert sorted(want) == list(range(1, 10)) and sorted(got) == list(range(1, 10))
-    for s in want:
-        assert got[s] == pytest.approx(want[s], rel=1e-4), (s, want[s], got[s])
-
-
-def test_preemption_signal_checkpoints_mid_epoch_and_resumes_exactly(shards, tmp_path):
-    args = [*TINY, "--data", shards, "--epochs", "2", "--batch-size", "8"]
-    ref = str(tmp_path / "ref")
-    run_train([*args, "--out", ref])
+def test_preempted_on_an_epochs_last_step_and_mid_epoch_resumes_exactly(shards, reference, tmp_path):
+    """SIGTERM is acted on at the next log step (every 3 steps, and at each epoch's end): a signal
+    after step 9 stops at step 12, the last step of epoch 0 (an epoch with nothing left to run after
+    the resume); one after step 15 stops at step 18, inside epoch 1. Both resumes continue exactly,
+    step AND epoch records."""
     out = str(tmp_path / "pre")
-    proc = subprocess.Popen([PY, "train.py", *args, "--out", out], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "preempted (SIGTERM)" in err
-    stopped_at = max(step_losses(out))
-    assert stopped_at < 24
-    run_train([*args, "--out", out])
-    want, got = step_losses(ref), step_losses(out)
-    assert sorted(got) == sorted(want) == list(range(1, 25))
-    for s in want:
-        assert got[s] == pytest.approx(want[s], rel=1e-4), (s, want[s], got[s])
+    args = [*TINY, "--batch-size", "8", "--data", shards, "--out", out]
+    for after, stops_at in ((9, 12), (15, 18)):
+        proc = start_train(args, nproc=2)
+        wait_for_step(out, after, proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler's preemption does
+        _, err = proc.communicate(timeout=120)
+        assert "preempted (SIGTERM)" in err, err[-3000:]
+        assert f"checkpoint saved at epoch {(stops_at - 1) // 12} step {stops_at}" in err, err[-3000:]
+        state = torch.load(os.path.join(out, "checkpoints", f"step-{stops_at:08d}", "rank1.pt"), weights_only=False)
+        assert state["loader"]["position"] == (stops_at - 1) % 12 + 1
+    r = run_train(args, nproc=2)
+    assert "resumed from" in r.stderr and "done: 2 epochs, 24 steps" in r.stderr
+    assert_same_records(reference, out)
 
+
+def test_killed_run_falls_back_past_an_unreadable_checkpoint_after_moving(shards, tmp_path):
+    """SIGKILL after epoch 2's checkpoint, the newest checkpoint truncated, then the run folder and
+    the shards moved (other spellings, trailing slash): the resume takes the newest readable
+    checkpoint, says why in one line naming the file, notices the move, and continues exactly."""
+    args = [*TINY, "--batch-size", "16", "--epochs", "3"]
+    ref = str(tmp_path / "ref")
+    run_train([*args, "--data", shards, "--out", ref])
+    out = str(tmp_path / "killed")
+    proc = start_train([*args, "--data", shards, "--out", out])
+    wait_for_step(out, 25, proc)  # epoch 2 has begun: checkpoints at steps 12 and 24 exist
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = os.path.join(out, "checkpoints")
+    assert {"step-00000012", "step-00000024"} <= set(os.listdir(ckpts))
+    newest = os.path.join(ckpts, "step-00000024", "global.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    os.remove(os.path.join(ckpts, "latest"))
+    moved_out, moved_data = str(tmp_path / "moved" / "run"), str(tmp_path / "elsewhere" / "shards")
+    shutil.copytree(out, moved_out)
+    shutil.copytree(shards, moved_data)
+    r = run_train([*args, "--data", moved_data + "/", "--out", moved_out + "/"])
+    warning = [line for line in r.stderr.splitlines() if "not from the newer" in line]
+    assert len(warning) == 1 and "step-00000024/global.pt: unreadable" in warning[0], r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step-00000012" in r.stderr and "data moved" in r.stderr
+    assert_same_records(ref, moved_out)
+
+
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(shards, tmp_path):
+    """Rank 1 stopped (SIGSTOP): rank 0's next collective times out after dist_timeout_s and it exits
+    with one line saying so, instead of gloo's/NCCL's default 30 minutes."""
+    out = str(tmp_path / "hung")
+    proc = start_train([*TINY, "--batch-size", "8", "--epochs", "20", "--data", shards, "--out", out,
+                        "--set", "dist_timeout_s=8"], nproc=2)
+    try:
+        wait_for_step(out, 3, proc)
+        rank1 = next(pid for pid in _children(proc.pid) if "\nRANK=1\n" in _environ(pid))
+        os.kill(rank1, signal.SIGSTOP)
+        t0 = time.time()
+        while time.time() < t0 + 60 and any("\nRANK=0\n" in _environ(p) for p in _children(proc.pid)):
+            time.sleep(0.2)
+        waited = time.time() - t0
+        os.kill(rank1, signal.SIGKILL)  # torchrun's own SIGTERM would wait 30 s on a stopped process
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if "another rank is hung" in line]
+    assert len(lines) == 1 and "rank 0" in lines[0] and "timeout 8 s" in lines[0], err[-3000:]
+    assert waited < 40, waited
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant process of pid (from /proc)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _environ(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return "\n" + f.read().replace(b"\0", b"\n").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# -- configuration ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,env,words", [
     (["--method", "simclr"], {}, "unknown method"),
     (["--preset", "huge"], {}, "unknown preset"),
     (["--data", "/nonexistent/shards"], {}, "no such shard folder"),
-    (["--set", "method_options.crops_for_assign=[0,9]"], {}, "crops_for_assign"),
+    (["--set", "method_options.crops_for_assign=[-1]"], {}, "crops_for_assign"),
     (["--set", "method_options.multicrop=3x500"], {}, "unknown multi-crop preset"),
     (["--set", "learning_rate=1"], {}, "unknown option"),
     (["--set", "epochs=two"], {}, "expected int"),
     (["--global-batch-size", "33"], {"WORLD_SIZE": "2"}, "not divisible by the world size"),
+    (["--epochs", "1", "--set", "warmup_epochs=10"], {}, "warmup_epochs 10 must be below epochs 1"),
 ])
 def test_config_errors_are_one_line_and_early(shards, tmp_path, args, env, words, monkeypatch, capsys):
     import train
@@ -191,11 +307,21 @@ def test_config_errors_are_one_line_and_early(shards, tmp_path, args, env, words
     assert not (out / "checkpoints").exists()
 
 
+def test_help_and_presets_answer_without_loading_dali():
+    for args in (["--help"], ["--list-presets"]):
+        r = subprocess.run([PY, "-X", "importtime", "train.py", *args], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip()
+        imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
+        assert not {"nvidia.dali", "pipelines", "numba"} & imported, args
+    assert "deepclusterv2:" in r.stdout and "tiny" in r.stdout
+
+
 def test_resume_refuses_a_different_config(shards, tmp_path):
     out = str(tmp_path / "run")
-    run_train([*TINY, "--data", shards, "--out", out, "--epochs", "1"])
-    r = run_train([*TINY, "--data", shards, "--out", out, "--epochs", "2", "--lr", "0.1"], check=False)
+    args = [*TINY, "--batch-size", "16", "--data", shards, "--out", out]
+    run_train([*args, "--epochs", "1"])
+    r = run_train([*args, "--epochs", "2", "--lr", "0.1"], check=False)
     assert r.returncode == 2 and "different config" in r.stderr and "lr" in r.stderr
     # more epochs with the same recipe continue the run
-    r = run_train([*TINY, "--data", shards, "--out", out, "--epochs", "2"])
+    r = run_train([*args, "--epochs", "2"])
     assert "resumed from" in r.stderr and "done: 2 epochs" in r.stderr

@@ -1,50 +1,36 @@
-"""Method registry: `create_method(name, cfg, ctx)`; the trainer only ever calls this.
+"""SSL methods, one module each, registered in `sslkit.registry` under kind "method".
 
-Each method module registers itself with its options dataclass and named presets. A preset is a
-dict of overrides applied to the run config (top-level fields and `method_options.*`).
+    from sslkit.methods import method_entry, list_methods
+    entry = method_entry("deepclusterv2")      # entry.factory (the class), entry.meta["options"|"presets"]
+
+Every module of this package registers itself when imported; this file imports them all, so adding
+a method is adding a module (nothing here names one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import importlib
+import pkgutil
 
+from .. import registry
 from ..config import ConfigError
+from ..errors import UnknownNameError
+from .base import Method, Preset, RunContext
 
 
-@dataclass(frozen=True)
-class MethodEntry:
-    name: str
-    factory: Callable          # (cfg: TrainConfig, ctx: RunContext) -> Method
-    options: type              # frozen dataclass of method options
-    presets: dict              # name -> overrides
-    default_preset: str | None
-
-
-_METHODS: dict[str, MethodEntry] = {}
-
-
-def register_method(name: str, options: type, presets: dict, default_preset: str | None = None):
-    def deco(factory):
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodEntry(name, factory, options, presets, default_preset)
-        return factory
-    return deco
-
-
-def method_entry(name: str) -> MethodEntry:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+def method_entry(name: str) -> registry.Entry:
+    try:
+        return registry.entry("method", name)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return registry.names("method")
 
 
-def create_method(cfg, ctx):
-    return method_entry(cfg.method).factory(cfg, ctx)
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
-
-from . import deepclusterv2  # noqa: E402,F401  (registers itself)
+__all__ = ["Method", "Preset", "RunContext", "list_methods", "method_entry"]

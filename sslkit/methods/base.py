@@ -1,53 +1,94 @@
 """What the trainer needs from a method, and nothing more.
 
-A method is an `nn.Module` whose `forward(batch)` returns a dict with a scalar `loss` (plus any
-metrics). It names the pipeline family it consumes and the options to pass to it. Stateful
-methods implement hooks; per-rank state (e.g. a memory bank) goes through `rank_state_dict`, which
-the trainer saves in per-rank checkpoint files -- the trainer never looks inside.
+A method is an `nn.Module` registered as `@register("method", NAME, options=..., presets=...)`. It
+names the pipeline it consumes (`pipeline`) and the options to pass to it (`loader_options`); the
+trainer builds that loader first and then the method from `(cfg, ctx)`, where the run context holds
+every fact a method may need (rank, world, device, dataset size, steps per epoch, ...): a method never
+reaches into the loader or the environment. `forward(batch)` returns a dict with a scalar `loss`
+(plus any scalar metrics). Its trunk is `self.backbone`, made by `make_backbone`, so evaluation and
+export find it under the `backbone.` prefix of every checkpoint together with how to rebuild it.
+
+Optional hooks: `on_train_start(loader)` (before the first epoch of a fresh run), `on_epoch_start(epoch)`
+(not again when resuming inside an epoch), `prepare_benchmark()` (steps without a real history), and
+`rank_state_dict`/`load_rank_state_dict` for per-rank state (a memory bank) that the trainer saves in
+per-rank checkpoint files without looking inside. Long hooks call `ctx.check_stop()` between their
+steps: a collective that raises `sslkit.dist.Preempted` on every rank after a preemption signal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from .. import models
 
-@dataclass
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: a one-line description and overrides of the run config (top-level fields and
+    `method_options.*`)."""
+    description: str
+    overrides: dict
+
+
+@dataclass(frozen=True)
 class RunContext:
-    """Read-only facts about the run that hooks may need."""
-    rank: int
-    world_size: int
-    device: torch.device
-    seed: int
-    group: Any = None                # torch.distributed process group (None: single process)
-    autocast: Any = None             # a context-manager factory for mixed precision
-    log: Any = None                  # logging.Logger
+    """Read-only facts about the run, given to the method at construction."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    group: Any = None                 # torch.distributed process group (None: single process)
+    autocast: Callable = None         # a context-manager factory for mixed precision
+    log: Any = None                   # logging.Logger
+    dataset_size: int = 0             # samples in the shard folder (stable indices 0..dataset_size-1)
+    num_classes: int | None = None    # labelled shards only
+    steps_per_epoch: int = 0          # batches per epoch, identical on every rank
+    batch_size: int = 0               # images per rank per step
+    channels_last: bool = False       # feed the backbone channels_last tensors (GPU)
+    pipeline: dict = field(default_factory=dict)   # the loader's description of its pipeline
+    check_stop: Callable = lambda: None            # collective; raises Preempted after a stop signal
+
+    def __post_init__(self):
+        if self.autocast is None:
+            import contextlib
+            object.__setattr__(self, "autocast", contextlib.nullcontext)
 
 
 class Method(nn.Module):
-    pipeline: str = "multicrop"
+    pipeline: ClassVar[str] = ""
 
-    def loader_options(self) -> dict:
-        """Keyword options for `pipelines.make_loader(self.pipeline, ...)`."""
+    @classmethod
+    def loader_options(cls, options) -> dict:
+        """Keyword options for `pipelines.make_loader(cls.pipeline, ...)` from the method's options."""
         return {}
+
+    def __init__(self, cfg, ctx: RunContext):
+        super().__init__()
+        self.ctx = ctx
+        self.trunk_spec: dict = {}
+
+    def make_backbone(self, arch: str, input: str = "rgb", **kwargs) -> nn.Module:
+        """The trunk (no classifier), remembered with how to rebuild it: {"arch", "kwargs", "input"},
+        input "rgb" (normalised RGB) or "L" (the L channel of Lab minus 50)."""
+        self.trunk_spec = {"arch": arch, "kwargs": dict(kwargs), "input": input}
+        return models.create(arch, num_classes=0, **kwargs)
 
     def forward(self, batch: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- hooks (all optional) ---------------------------------------------------------------------
-    def on_train_start(self, loader, ctx: RunContext):
+    def on_train_start(self, loader):
         """Called once before the first epoch of a fresh run (not on resume)."""
 
-    def on_epoch_start(self, epoch: int, ctx: RunContext):
+    def on_epoch_start(self, epoch: int):
         """Called at the start of every epoch (not again when resuming in the middle of one)."""
 
-    def prepare_benchmark(self, loader, ctx: RunContext):
-        """Make the method ready to take steps without a real history (bench/throughput.py's train
-        mode): by default the fresh-start hook; methods whose warm-up is a data pass fake it."""
-        self.on_train_start(loader, ctx)
+    def prepare_benchmark(self):
+        """Make the method ready to take steps without a real history (bench/'s train mode)."""
 
     def rank_state_dict(self) -> dict:
         """State that differs between ranks; saved in per-rank files."""

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
 from ..config import ConfigError
 from ..kmeans import gather_assignments, spherical_kmeans
-from . import register_method
-from .base import Method, RunContext, forward_by_resolution, l2_normalize
+from ..registry import register
+from .base import Method, Preset, RunContext, forward_by_resolution, l2_normalize
 
 IGNORE = -100
 
@@ -51,42 +50,49 @@ def dcv2_loss(z: torch.Tensor, prototypes: list[torch.Tensor], targets: torch.Te
     return loss / len(prototypes)
 
 
-def _presets():
-    seed_cfg = dict(arch="resnet50", optimizer="lars", lr=0.3, final_lr_ratio=0.001, warmup_epochs=10,
-                    warmup_start_lr=0.3, momentum=0.9, weight_decay=1e-6, batch_size=64, sync_bn=True)
-    return {
-        # the three seed models of swav's scripts (64 GPUs x 64 = 4096, peak lr 4.8)
-        "800ep_2x224+6x96": {**seed_cfg, "epochs": 800, "method_options.multicrop": "2x224+6x96"},
-        "400ep_2x160+4x96": {**seed_cfg, "epochs": 400, "method_options.multicrop": "2x160+4x96"},
-        "400ep_2x224": {**seed_cfg, "epochs": 400, "method_options.multicrop": "2x224"},
-        # small data on CPU: a few thousand images, ResNet-18 at low resolution
-        "small": dict(arch="resnet18", epochs=30, batch_size=64, optimizer="lars", lr=0.6, warmup_epochs=2,
-                      weight_decay=1e-6, **{"method_options.multicrop": "small",
-                                            "method_options.n_prototypes": (100, 100, 100),
-                                            "method_options.hidden_dim": 512}),
-        # smoke runs and tests: an epoch of a few hundred images in about a minute on 2 cores
-        "tiny": dict(arch="resnet_tiny", epochs=2, batch_size=32, optimizer="lars", lr=0.6, warmup_epochs=0,
-                     weight_decay=1e-6, **{"method_options.multicrop": "tiny",
-                                           "method_options.n_prototypes": (16, 16, 16),
-                                           "method_options.hidden_dim": 256, "method_options.feat_dim": 64}),
-    }
+SEED = dict(arch="resnet50", optimizer="lars", lr=0.3, final_lr_ratio=0.001, warmup_epochs=10, warmup_start_lr=0.3,
+            momentum=0.9, weight_decay=1e-6, batch_size=64, sync_bn=True)
+PRESETS = {
+    # the three seed models of swav's scripts (64 GPUs x 64 = 4096, peak lr 4.8)
+    "800ep_2x224+6x96": Preset("swav's DCv2 800 epochs, 2x224+6x96, ResNet-50, 64 GPUs x 64 (75.2 linear)",
+                               {**SEED, "epochs": 800, "method_options.multicrop": "2x224+6x96"}),
+    "400ep_2x160+4x96": Preset("swav's DCv2 400 epochs, 2x160+4x96, ResNet-50 (74.3 linear)",
+                               {**SEED, "epochs": 400, "method_options.multicrop": "2x160+4x96"}),
+    "400ep_2x224": Preset("swav's DCv2 400 epochs, two 224 crops, ResNet-50 (70.2 linear)",
+                          {**SEED, "epochs": 400, "method_options.multicrop": "2x224"}),
+    "small": Preset("a few thousand images on CPU: ResNet-18, 2x96+4x48, 3x100 prototypes",
+                    dict(arch="resnet18", epochs=30, batch_size=64, optimizer="lars", lr=0.6, warmup_epochs=2,
+                         weight_decay=1e-6, **{"method_options.multicrop": "small",
+                                               "method_options.n_prototypes": (100, 100, 100),
+                                               "method_options.hidden_dim": 512})),
+    "tiny": Preset("smoke runs and tests: resnet_tiny, 2x64+2x32, an epoch of a few hundred images in ~1 min",
+                   dict(arch="resnet_tiny", epochs=2, batch_size=32, optimizer="lars", lr=0.6, warmup_epochs=0,
+                        weight_decay=1e-6, **{"method_options.multicrop": "tiny",
+                                              "method_options.n_prototypes": (16, 16, 16),
+                                              "method_options.hidden_dim": 256, "method_options.feat_dim": 64})),
+}
 
 
-@register_method("deepclusterv2", DCv2Options, _presets(), default_preset=None)
+@register("method", "deepclusterv2", options=DCv2Options, presets=PRESETS, default_preset=None)
 class DeepClusterV2(Method):
     pipeline = "multicrop"
 
+    @classmethod
+    def loader_options(cls, options: DCv2Options) -> dict:
+        return {"preset": options.multicrop, "kernel": options.kernel}
+
     def __init__(self, cfg, ctx: RunContext):
-        super().__init__()
+        super().__init__(cfg, ctx)
         o: DCv2Options = cfg.method_options
-        from pipelines.spec import multicrop_spec
-        self.spec = multicrop_spec(o.multicrop)  # raises on an unknown preset, before any work
-        if any(c >= self.spec.num_views for c in o.crops_for_assign) or not o.crops_for_assign:
-            raise ConfigError(f"crops_for_assign {o.crops_for_assign} outside the {self.spec.num_views} views")
-        if o.temperature <= 0 or any(k < 2 for k in o.n_prototypes) or not o.n_prototypes:
+        if not o.crops_for_assign or min(o.crops_for_assign) < 0:
+            raise ConfigError(f"crops_for_assign {o.crops_for_assign}: need view numbers >= 0")
+        if o.temperature <= 0 or not o.n_prototypes or any(k < 2 for k in o.n_prototypes):
             raise ConfigError("need temperature > 0 and at least 2 prototypes per head")
+        if max(o.n_prototypes) > ctx.dataset_size:
+            raise ConfigError(f"{max(o.n_prototypes)} prototypes for {ctx.dataset_size} samples: "
+                              "use fewer (e.g. --set method_options.n_prototypes=[100,100,100])")
         self.o, self.seed = o, cfg.seed
-        self.backbone = models.create(cfg.arch, num_classes=0)
+        self.backbone = self.make_backbone(cfg.arch)
         d = self.backbone.num_features
         self.projection = nn.Sequential(nn.Linear(d, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(o.hidden_dim, o.feat_dim))
@@ -94,22 +100,26 @@ class DeepClusterV2(Method):
         # iterations than a run has), so they are buffers: saved, not optimised.
         for h, k in enumerate(o.n_prototypes):
             self.register_buffer(f"prototypes{h}", l2_normalize(torch.randn(k, o.feat_dim)))
-        self.register_buffer("assignments", torch.full((len(o.n_prototypes), 0), IGNORE, dtype=torch.long))
-        self.channels_last = False
-        # per-rank memory bank (plain tensors, not buffers: DDP must not broadcast them)
-        self.bank = torch.zeros(0)
-        self.bank_index = torch.zeros(0, dtype=torch.long)
+        # Cluster of every sample of the dataset (by its stable index), per head; IGNORE until the
+        # first k-means. Identical on every rank (gathered), so a buffer.
+        self.register_buffer("assignments", torch.full((len(o.n_prototypes), ctx.dataset_size), IGNORE,
+                                                       dtype=torch.long))
+        # This rank's memory bank: an epoch's embeddings of the assignment crops (plain tensors, not
+        # buffers: DDP must not broadcast them), with their sample indices.
+        size = ctx.steps_per_epoch * ctx.batch_size
+        self.bank = torch.zeros(len(o.crops_for_assign), size, o.feat_dim, device=ctx.device)
+        self.bank_index = torch.full((size,), -1, dtype=torch.long, device=ctx.device)
         self.bank_ptr = 0
-
-    def loader_options(self) -> dict:
-        return {"preset": self.o.multicrop, "kernel": self.o.kernel}
 
     @property
     def prototypes(self) -> list[torch.Tensor]:
         return [getattr(self, f"prototypes{h}") for h in range(len(self.o.n_prototypes))]
 
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
-        feats = forward_by_resolution(self.backbone, views, self.channels_last)
+        if max(self.o.crops_for_assign) >= len(views):
+            raise ConfigError(f"crops_for_assign {self.o.crops_for_assign} outside the {len(views)} views of "
+                              f"multi-crop preset {self.o.multicrop!r}")
+        feats = forward_by_resolution(self.backbone, views, self.ctx.channels_last)
         return l2_normalize(self.projection(feats).float())
 
     def forward(self, batch: dict) -> dict:
@@ -118,55 +128,47 @@ class DeepClusterV2(Method):
         z = self.embed(views)
         targets = self.assignments[:, index]
         loss = dcv2_loss(z, self.prototypes, targets, len(views), self.o.temperature)
-        if self.bank.numel():
-            self._remember(z.detach(), index, n)
+        self._remember(z.detach(), index, n)
         return {"loss": loss, "assigned": (targets[0] != IGNORE).float().mean()}
 
     def _remember(self, z: torch.Tensor, index: torch.Tensor, n: int):
         lo, hi = self.bank_ptr, self.bank_ptr + n
         if hi > self.bank.shape[1]:
-            raise RuntimeError(f"memory bank overflow: {hi} > {self.bank.shape[1]} (loader length changed?)")
+            raise RuntimeError(f"memory bank overflow: {hi} > {self.bank.shape[1]} (an epoch longer than "
+                               "steps_per_epoch, or on_epoch_start not called at the epoch boundary)")
         for j, crop in enumerate(self.o.crops_for_assign):
             self.bank[j, lo:hi] = z[crop * n:(crop + 1) * n]
         self.bank_index[lo:hi] = index
         self.bank_ptr = hi
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _allocate(self, loader, ctx: RunContext):
-        size = len(loader) * loader.config.batch_size
-        self.bank = torch.zeros(len(self.o.crops_for_assign), size, self.o.feat_dim, device=ctx.device)
-        self.bank_index = torch.full((size,), -1, dtype=torch.long, device=ctx.device)
-        self.assignments = torch.full((len(self.o.n_prototypes), loader.shards.total), IGNORE,
-                                      dtype=torch.long, device=ctx.device)
-        if max(self.o.n_prototypes) > loader.shards.total:
-            raise ConfigError(f"{max(self.o.n_prototypes)} prototypes for {loader.shards.total} samples: "
-                              "use fewer (e.g. --set method_options.n_prototypes=[100,100,100])")
-
-    def on_train_start(self, loader, ctx: RunContext):
+    def on_train_start(self, loader):
         """Fill the memory bank with one no-grad pass over the data (swav's init_memory)."""
-        self._allocate(loader, ctx)
+        ctx = self.ctx
         self.bank_ptr = 0
+        if ctx.log:
+            ctx.log.info("filling the memory bank: one pass of %d batches before epoch 0", ctx.steps_per_epoch)
         with torch.no_grad(), ctx.autocast():
-            for batch in loader:
+            for i, batch in enumerate(loader):
                 z = self.embed(batch["views"][:max(self.o.crops_for_assign) + 1])
-                n = batch["index"].shape[0]
                 # embed() saw only the first views, so crop c sits at rows c*n..(c+1)*n as in forward
-                self._remember(z, batch["index"], n)
+                self._remember(z, batch["index"], batch["index"].shape[0])
+                if i % 20 == 19:
+                    ctx.check_stop()
         if ctx.log:
             ctx.log.info("memory bank filled: %d embeddings per crop on rank %d", self.bank_ptr, ctx.rank)
 
     @torch.no_grad()
-    def prepare_benchmark(self, loader, ctx: RunContext):
+    def prepare_benchmark(self):
         """Random assignments instead of a memory-bank pass and k-means: same cost per step."""
-        self._allocate(loader, ctx)
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         for h, k in enumerate(self.o.n_prototypes):
-            self.assignments[h] = torch.randint(k, (self.assignments.shape[1],), generator=g).to(ctx.device)
+            self.assignments[h] = torch.randint(k, (self.assignments.shape[1],), generator=g).to(self.assignments.device)
+        self.bank_ptr = 0
 
     @torch.no_grad()
-    def on_epoch_start(self, epoch: int, ctx: RunContext):
-        if not self.bank.numel():
-            raise RuntimeError("memory bank not allocated: on_train_start or a checkpoint must come first")
+    def on_epoch_start(self, epoch: int):
+        ctx = self.ctx
         filled = self.bank_ptr
         banks = self.bank[:, :filled]
         index = self.bank_index[:filled]
@@ -174,7 +176,8 @@ class DeepClusterV2(Method):
             # a generator per (seed, epoch, head): identical on every rank and after a resume
             g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 101 + h)
             j = h % len(self.o.crops_for_assign)
-            centroids, local = spherical_kmeans(banks[j], k, iters=self.o.kmeans_iters, generator=g, group=ctx.group)
+            centroids, local = spherical_kmeans(banks[j], k, iters=self.o.kmeans_iters, generator=g, group=ctx.group,
+                                                on_iteration=ctx.check_stop)
             getattr(self, f"prototypes{h}").copy_(centroids)
             self.assignments[h] = gather_assignments(local, index, self.assignments.shape[1], group=ctx.group)
         self.bank_ptr = 0  # this epoch's embeddings overwrite the bank from the start
@@ -183,14 +186,7 @@ class DeepClusterV2(Method):
         return {"bank": self.bank.cpu(), "bank_index": self.bank_index.cpu(), "bank_ptr": self.bank_ptr}
 
     def load_rank_state_dict(self, state: dict):
-        device = self.assignments.device
+        device = self.bank.device
         self.bank = state["bank"].to(device)
         self.bank_index = state["bank_index"].to(device)
         self.bank_ptr = int(state["bank_ptr"])
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the assignment table's size is the dataset size, known only once data is attached
-        key = prefix + "assignments"
-        if key in state_dict:
-            self.assignments = torch.empty_like(state_dict[key], device=self.assignments.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from ..errors import SslkitError
 from . import manifest as mf
 from .images import Accepted, ImageOptions, ItemReader, Rejected
 from .sources import Item, SourceOptions, parse_source
@@ -38,7 +39,7 @@ from .tarwriter import ShardWriter
 STATE_DIR = ".build"
 
 
-class BuildError(RuntimeError):
+class BuildError(SslkitError, RuntimeError):
     """A build cannot proceed (one-line reason)."""
 
 

@@ -12,11 +12,12 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from ..errors import SslkitError
 from . import manifest as mf
 from .tarwriter import index_of_tar, read_index
 
 
-class VerifyError(ValueError):
+class VerifyError(SslkitError, ValueError):
     """A shard folder does not match its manifest (one-line reason naming the file)."""
 
 

@@ -7,9 +7,12 @@ that is missing, malformed or inconsistent with the files beside it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+
+from ..errors import SslkitError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -18,7 +21,7 @@ KEY_DIGITS = 10          # keys and the `index` component are the zero-padded sa
 CLS_DIGITS = 10          # `cls` is zero-padded too, so DALI sees a fixed-size field
 
 
-class ManifestError(ValueError):
+class ManifestError(SslkitError, ValueError):
     """The shard folder cannot be read as described (one-line reason)."""
 
 
@@ -95,3 +98,11 @@ def shard_paths(directory: str, m: dict) -> tuple[list[str], list[str]]:
     tars = [os.path.join(os.path.abspath(directory), s["path"]) for s in m["shards"]]
     idxs = [os.path.join(os.path.abspath(directory), s["index"]) for s in m["shards"]]
     return tars, idxs
+
+
+def identity(m: dict) -> str:
+    """What makes two shard folders the same dataset, whatever their path: the shards' checksums and
+    counts, and the classes. A run resumes on moved or copied shards when this matches."""
+    blob = json.dumps({"total": m["total"], "classes": m.get("classes"),
+                       "shards": [[s["sha256"], s["count"]] for s in m["shards"]]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

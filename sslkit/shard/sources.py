@@ -16,13 +16,15 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import SslkitError
+
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .png .bmp .gif .tif .tiff .webp .ppm .pgm .pnm .pbm .jfif".split()
 )
 _IDX_IMAGES = re.compile(r"images-idx3-ubyte(\.gz)?$")
 
 
-class SourceError(ValueError):
+class SourceError(SslkitError, ValueError):
     """A source cannot be used at all (missing file, bad column, ...): reported before any work."""
 
 
