@@ -266,6 +266,7 @@ def train_step(run: Run, batch: dict, lr: float) -> dict:
         out = run.model(batch)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out["loss"]).backward()
+    run.method.after_backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return out

@@ -9,7 +9,8 @@ reaches into the loader or the environment. `forward(batch)` returns a dict with
 export find it under the `backbone.` prefix of every checkpoint together with how to rebuild it.
 
 Optional hooks: `on_train_start(loader)` (before the first epoch of a fresh run), `on_epoch_start(epoch)`
-(not again when resuming inside an epoch), `prepare_benchmark()` (steps without a real history), and
+(not again when resuming inside an epoch), `after_backward()` (before each optimiser step),
+`prepare_benchmark()` (steps without a real history), and
 `rank_state_dict`/`load_rank_state_dict` for per-rank state (a memory bank) that the trainer saves in
 per-rank checkpoint files without looking inside. Long hooks call `ctx.check_stop()` between their
 steps: a collective that raises `sslkit.dist.Preempted` on every rank after a preemption signal.
@@ -86,6 +87,10 @@ class Method(nn.Module):
 
     def on_epoch_start(self, epoch: int):
         """Called at the start of every epoch (not again when resuming in the middle of one)."""
+
+    def after_backward(self):
+        """Called between backward and the optimiser step (e.g. SwAV drops the prototypes' gradient
+        during its first iterations, so neither the step nor weight decay moves them)."""
 
     def prepare_benchmark(self):
         """Make the method ready to take steps without a real history (bench/'s train mode)."""
