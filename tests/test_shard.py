@@ -410,9 +410,58 @@ def test_cli_errors_are_one_line(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-def test_all_rejected_is_an_error(tmp_path):
+def test_all_rejected_is_an_error_that_lists_every_reason(tmp_path, photos):
     d = tmp_path / "junk"
     d.mkdir()
     (d / "a.jpg").write_text("nope")
-    with pytest.raises(BuildError, match="all 1 inputs were rejected"):
-        build(BuildOptions(sources=(str(d),), out=str(tmp_path / "o"), workers=1, progress=False))
+    (d / "b.jpg").write_bytes(b"")
+    (d / "c.png").write_bytes(png_bytes(Image.fromarray(photos["cat"][:8, :8])))
+    out = tmp_path / "o"
+    with pytest.raises(BuildError, match="all 3 inputs were rejected; every reason is in"):
+        build(BuildOptions(sources=(str(d),), out=str(out), workers=1, progress=False))
+    with open(out / "rejected.tsv") as f:
+        rows = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in csv.DictReader(f, delimiter="\t")}
+    assert set(rows) == {"a.jpg", "b.jpg", "c.png"} and "empty" in rows["b.jpg"] and "too small" in rows["c.png"]
+    assert not (out / ".build").exists() and not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no_images"])
+def test_a_build_that_fails_before_writing_leaves_nothing_behind(tmp_path, make):
+    src = tmp_path / "src"
+    if make != "missing":
+        src.mkdir()
+    if make == "no_images":
+        (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    r = run_cli("build", str(src), "--out", str(out), "--no-progress", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists(), os.listdir(out)
+    # an output folder that existed before keeps existing, without build state in it
+    out.mkdir()
+    run_cli("build", str(src), "--out", str(out), "--no-progress", check=False)
+    assert out.exists() and os.listdir(out) == []
+
+
+def test_a_malformed_manifest_in_out_is_a_one_line_error(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"format_version": 1, "total": ')
+    r = run_cli("build", "sample:10", "--out", str(out), "--no-progress", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "manifest.json: not a readable manifest" in r.stderr
+    assert sorted(os.listdir(out)) == ["manifest.json"]
+
+
+def test_limit_takes_the_first_items_of_the_sources(tmp_path):
+    d = fashion_mnist_dir()
+    out = str(tmp_path / "fm100")
+    run_cli("build", os.path.join(d, "train-images-idx3-ubyte.gz"), "--out", out, "--limit", "100", "--shuffle",
+            "--workers", "1", "--no-progress")
+    m = load(out)
+    assert m["total"] == 100 and m["build"]["limit"] == 100
+    with gzip.open(os.path.join(d, "train-labels-idx1-ubyte.gz")) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:100]
+    got = {int(s["json"]["source"].rsplit("#", 1)[1]): s["cls"] for s in read_with_webdataset(out)}
+    assert sorted(got) == list(range(100)) and all(got[i] == labels[i] for i in got)
+    r = run_cli("build", "sample:10", "--out", str(tmp_path / "x"), "--limit", "0", check=False)
+    assert r.returncode == 1 and "--limit 0" in r.stderr

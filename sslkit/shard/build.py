@@ -55,6 +55,7 @@ class BuildOptions:
     part: tuple[int, int] = (0, 1)
     source: SourceOptions = field(default_factory=SourceOptions)
     image: ImageOptions = field(default_factory=ImageOptions)
+    limit: int | None = None  # only the first N items of the sources (in source order, before shuffling)
     workers: int = 0          # 0: one per CPU core; does not change the output
     progress: bool = True     # does not change the output
 
@@ -77,6 +78,8 @@ class BuildOptions:
             raise BuildError(f"--part {i}/{n}: expected I/N with 0 <= I < N")
         if self.max_count < 1 or self.max_size < 1:
             raise BuildError("--max-count and --max-size must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise BuildError(f"--limit {self.limit}: must be positive")
         if not 1 <= self.image.quality <= 100:
             raise BuildError(f"--quality {self.image.quality}: expected 1..100")
         if self.image.resize_max is not None and self.image.resize_max < max(self.image.min_size, 1):
@@ -99,7 +102,7 @@ def _class_order(names) -> list[str]:
 def make_plan(opts: BuildOptions, state: str) -> dict:
     """Enumerate every source into state/plan.jsonl; return the plan summary (cached by fingerprint)."""
     summary_path = os.path.join(state, "plan.json")
-    key = BuildOptions(opts.sources, "", source=opts.source, seed=opts.seed).fingerprint()
+    key = BuildOptions(opts.sources, "", source=opts.source, seed=opts.seed, limit=opts.limit).fingerprint()
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
@@ -118,6 +121,8 @@ def make_plan(opts: BuildOptions, state: str) -> dict:
         pos = 0
         for source in sources:
             for item in source.items():
+                if opts.limit is not None and count >= opts.limit:
+                    break
                 line = json.dumps([item.kind, item.ref, item.label]) + "\n"
                 offsets.append(pos)
                 pos += len(line.encode())
@@ -251,12 +256,19 @@ def build(opts: BuildOptions) -> dict:
     """Build (or finish building) the shard folder `opts.out`; return its manifest."""
     opts.validate()
     out = opts.out
+    out_existed = os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     fp = opts.fingerprint()
     manifest_path = os.path.join(out, mf.MANIFEST)
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            existing = json.load(f)
+        try:
+            with open(manifest_path) as f:
+                existing = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BuildError(f"{manifest_path}: not a readable manifest ({e}); {out} is not a finished build "
+                             "of this command: delete the file or use another --out") from None
+        if not isinstance(existing, dict):
+            raise BuildError(f"{manifest_path}: not a manifest (a JSON object is expected); delete it or use another --out")
         if existing.get("build", {}).get("fingerprint") == fp:
             print(f"{out}: already complete ({existing['total']} samples); nothing to do", file=sys.stderr)
             return existing
@@ -280,7 +292,11 @@ def build(opts: BuildOptions) -> dict:
         if name.endswith(".tmp"):
             os.remove(os.path.join(out, name))
 
-    plan_summary = make_plan(opts, state)
+    try:
+        plan_summary = make_plan(opts, state)
+    except BaseException:
+        _discard_unstarted(out, state, out_existed)
+        raise
     classes = {name: i for i, name in enumerate(plan_summary["classes"])} if plan_summary["labelled"] else None
     n_items = plan_summary["count"]
     part_i, part_n = opts.part
@@ -359,7 +375,13 @@ def build(opts: BuildOptions) -> dict:
 
     all_rejects = [r for rec in done for r in rec["rejected"]] + rejects
     if not done:
-        raise BuildError(f"no valid images: all {hi - lo} inputs were rejected (first: {all_rejects[0][1]})")
+        # Nothing was built: report every reason, and leave no build state that would make readers
+        # think a build is still in progress.
+        mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(all_rejects))
+        shutil.rmtree(state, ignore_errors=True)
+        first = f" (first: {all_rejects[0][0]}: {all_rejects[0][1]})" if all_rejects else ""
+        raise BuildError(f"no valid images: all {hi - lo} inputs were rejected; every reason is in "
+                         f"{os.path.join(out, mf.REJECTED)}{first}")
     totals: Counter = Counter()
     for rec in done:
         totals.update(rec["class_counts"])
@@ -388,6 +410,17 @@ def build(opts: BuildOptions) -> dict:
           f"{plan_summary['ignored']} non-image files ignored; "
           f"{n_new / max(dt, 1e-9):.0f} img/s this run", file=sys.stderr)
     return manifest
+
+
+def _discard_unstarted(out: str, state: str, out_existed: bool):
+    """A build that failed before finishing any shard leaves nothing behind (no `.build/`, and no
+    output folder it created itself)."""
+    journal = os.path.join(state, "shards.jsonl")
+    if os.path.exists(journal) and os.path.getsize(journal) > 0:
+        return
+    shutil.rmtree(state, ignore_errors=True)
+    if not out_existed and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
 
 
 def format_rejects(rows) -> str:
