@@ -311,6 +311,8 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
             step, epoch = g["step"], g["epoch"]
             log.info("resumed from %s: epoch %d, step %d", where, epoch, step)
         else:
+            if cfg.init_from:
+                init_weights(method, cfg.init_from, log if info.is_main else None)
             method.on_train_start(loader)
     except dist.Preempted as p:
         log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
@@ -394,6 +396,24 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
                  "per-epoch records), config.json. Next: python -m sslkit.eval knn --ckpt %s --train DIR --val DIR",
                  epoch, step, cfg.out, ckpt.find_latest(cfg.out), cfg.out)
     return 0
+
+
+def init_weights(method, source: str, log=None):
+    """Start from another run's weights: every tensor of its model whose name and shape match this
+    method's (the trunk at least, e.g. a student's trunk and classifier for fine-tuning)."""
+    from sslkit import ckpt
+    d = source if os.path.isfile(os.path.join(source, "global.pt")) else ckpt.find_latest(source)
+    if d is None:
+        raise ConfigError(f"init_from={source}: neither a checkpoint folder nor a run with a complete checkpoint")
+    theirs, mine = ckpt.read_global(d)["model"], method.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in taken):
+        raise ConfigError(f"init_from={d}: no trunk weights of this architecture (backbone.*) in its model")
+    method.load_state_dict(taken, strict=False)
+    if log is not None:
+        left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
+        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), d,
+                 f" (kept fresh: {', '.join(left)})" if left else "")
 
 
 def _progress(is_main: bool, total: int, initial: int):

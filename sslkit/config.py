@@ -33,6 +33,7 @@ class TrainConfig:
     out: str = "runs/default"
     device: str = "auto"             # auto | cpu | cuda
     seed: int = 0
+    init_from: str | None = None     # run folder or checkpoint whose weights start a fresh run (fine-tuning)
     # optimisation (lr is per 256 images and scaled linearly with the global batch)
     optimizer: str = "lars"          # lars | sgd
     lr: float = 0.3
