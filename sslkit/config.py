@@ -125,8 +125,11 @@ def apply_overrides(obj, overrides: dict[str, Any], where: str = ""):
             direct[head] = value
     changes = {}
     for name, value in direct.items():
-        if isinstance(value, str) and hints[name] is not str and not _is_str_union(hints[name]):
-            value = _parse_value(value)
+        if isinstance(value, str) and hints[name] is not str:
+            if not _is_str_union(hints[name]):
+                value = _parse_value(value)
+            elif value.lower() in ("none", "null"):   # str | None: the one non-string spelling
+                value = None
         changes[name] = _coerce(value, hints[name], f"{where}{name}")
     for name, sub in nested.items():
         current = changes.get(name, getattr(obj, name))

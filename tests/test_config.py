@@ -1,0 +1,67 @@
+"""sslkit.config on its own: strict dotted overrides, type checks and conversions, round trips."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from sslkit.config import ConfigError, TrainConfig, apply_overrides, dumps, parse_set, to_dict
+from sslkit.errors import SslkitError
+
+
+@dataclass(frozen=True)
+class Opts:
+    temperature: float = 0.1
+    heads: tuple[int, ...] = (3000, 3000)
+    pair: tuple[float, float] = (0.1, 1.0)
+    name: str | None = None
+    flag: bool = False
+
+
+def cfg(**kw):
+    return apply_overrides(TrainConfig(method_options=Opts()), kw)
+
+
+def test_overrides_from_strings_are_parsed_and_type_checked():
+    c = cfg(**parse_set(["epochs=5", "lr=1e-2", "method_options.heads=[10,20,30]",
+                         "method_options.pair=(0.2,0.5)", "method_options.flag=true", "preset=none",
+                         "method_options.name=abc", "warmup_start_lr=None"]))
+    assert c.epochs == 5 and c.lr == 0.01 and c.preset is None and c.warmup_start_lr is None
+    assert c.method_options == Opts(heads=(10, 20, 30), pair=(0.2, 0.5), flag=True, name="abc")
+    assert cfg(lr=1).lr == 1.0 and isinstance(cfg(lr=1).lr, float)   # an int is a fine float
+    assert cfg(data="2x160+4x96").data == "2x160+4x96"                # strings stay strings
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"learning_rate": 1}, "unknown option 'learning_rate'"),
+    ({"method_options.temp": 1}, "unknown option method_options.'temp'"),
+    ({"epochs": "two"}, "epochs: expected int"),
+    ({"epochs": True}, "epochs: expected int"),
+    ({"method_options.pair": "[1]"}, "expected 2 values"),
+    ({"method_options.heads": "3"}, "expected a tuple/list"),
+    ({"lr.x": 1}, "lr has no sub-options"),
+])
+def test_bad_overrides_are_one_line_errors(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        cfg(**overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, SslkitError)
+
+
+def test_set_needs_key_value():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_set(["epochs"])
+
+
+def test_config_is_frozen_and_round_trips_through_json():
+    c = cfg(epochs=3, **{"method_options.heads": (1, 2)})
+    with pytest.raises(Exception):
+        c.epochs = 4  # frozen
+    d = json.loads(dumps(c))
+    assert d == to_dict(c) and d["method_options"]["heads"] == [1, 2] and d["epochs"] == 3
+    # a saved config re-applied to the defaults gives the same config back (what resume compares)
+    flat = {k: v for k, v in d.items() if k != "method_options"}
+    flat.update({f"method_options.{k}": v for k, v in d["method_options"].items()})
+    assert apply_overrides(TrainConfig(method_options=Opts()), flat) == c
