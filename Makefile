@@ -15,23 +15,34 @@ DATA        ?= .cache/data
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "== installing into $(VENV): torch (CPU wheel here), NVIDIA DALI, numba, OpenCV, ... (several minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install --progress-bar off "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) | grep -v "^Requirement already"
+	$(PY) -m pip install --progress-bar off -e ".[test]" | grep -v "^Requirement already"
 	touch $@
 
 DEMO_RUN    ?= runs/demo
 DEMO_EPOCHS ?= 2
 
 demo: install
+	@echo "== 1/4 shards: the embedded corpus (ImageNet-like crops of the photos scikit-image/-learn ship) -> $(DEMO_OUT)"
 	$(PY) -m sslkit.shard build sample --out $(DEMO_OUT) --shuffle --seed 0 --max-count 500
 	$(PY) -m sslkit.shard verify $(DEMO_OUT)
 	$(PY) -m sslkit.shard info $(DEMO_OUT)
+	@echo "== 2/4 what the multi-crop pipeline makes of them -> $(DEMO_RUN)-views.png"
 	$(PY) -m sslkit.viz --pipeline multicrop --preset tiny --data $(DEMO_OUT) --out $(DEMO_RUN)-views.png
+	@echo "== 3/4 DeepClusterV2 (preset tiny) on 2 CPU ranks -> $(DEMO_RUN)"
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 train.py --method deepclusterv2 --preset tiny \
 		--data $(DEMO_OUT) --out $(DEMO_RUN) --epochs $(DEMO_EPOCHS)
+	@echo "== 4/4 done. Outputs:"
+	@echo "   $(DEMO_OUT)/                 shards + manifest.json (python -m sslkit.shard info $(DEMO_OUT))"
+	@echo "   $(DEMO_RUN)-views.png     the augmented views"
+	@echo "   $(DEMO_RUN)/log.jsonl        per-step and per-epoch records; $(DEMO_RUN)/config.json the resolved config"
+	@echo "   $(DEMO_RUN)/checkpoints/     resumable checkpoints (re-run the same command to continue)"
+	@echo "   Next (no need to activate the venv): $(PY) train.py --list-presets"
+	@echo "                                        $(PY) -m sslkit.viz --pipeline jigsaw --data $(DEMO_OUT) --out jigsaw.png"
 
-# Real labelled data for the tests (Fashion-MNIST from Debian; ../shared/reference/DATA.md).
+# Real labelled data for the tests: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 $(DATA)/root/.dataset-fashion-mnist:
 	bench/fetch_debian_data.sh $(DATA) dataset-fashion-mnist
 
