@@ -8,7 +8,7 @@ Normalize in torch). The crop-window rule and the probabilities come from the sa
 the DALI graphs read (pipelines/spec.py).
 
 The pretext recipes (jigsaw, colorization, jigclu) are written from the reference code's recipes
-(METHODS.md §1.1, §2, §4.1) as the `*Recipe` dataclasses below; bench/throughput.py records them
+(VISSL's jigsaw and colorization transforms, Jigsaw Clustering's loader.py) as the `*Recipe` dataclasses below; bench/throughput.py records them
 next to the DALI family's own `describe()`, so a reader can check that both sides ran one recipe.
 """
 
@@ -132,7 +132,7 @@ def random_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
     return img.crop((x, y, x + size, y + size))
 
 
-# -- jigsaw (VISSL jigsaw_8gpu_resnet / Goyal'19, METHODS.md §1.1) --------------------------------
+# -- jigsaw (VISSL jigsaw_8gpu_resnet / Goyal'19) ----------------------------------------------------
 
 @dataclass(frozen=True)
 class JigsawRecipe:
@@ -176,7 +176,7 @@ class JigsawPIL:
         return int(sample["index"]), torch.stack([tiles[k] for k in self.perms[label]]), label
 
 
-# -- colorization (VISSL ImgPil2LabTensor + Zhang's targets, METHODS.md §2) -------------------------
+# -- colorization (VISSL ImgPil2LabTensor + Zhang's targets) ----------------------------------------
 
 @dataclass(frozen=True)
 class ColorizationRecipe:
@@ -212,7 +212,7 @@ class ColorizationPIL:
         return int(sample["index"]), L, torch.from_numpy(bins), torch.from_numpy(weights)
 
 
-# -- jigsaw clustering (JigsawClustering main.py / loader.py, METHODS.md §4.1) ----------------------
+# -- jigsaw clustering (JigsawClustering main.py / loader.py) ---------------------------------------
 
 @dataclass(frozen=True)
 class JigCluRecipe:
@@ -249,6 +249,9 @@ def decode_only(sample: dict) -> tuple:
     return int(sample["index"]), np.asarray(img).shape[0]
 
 
+PREFETCH_FACTOR = 4   # batches each DataLoader worker keeps ready
+
+
 def make_loader(tars: list[str], transform, batch_size: int, workers: int, seed: int = 0,
                 resampled: bool = False, pin_memory: bool = False):
     """webdataset + DataLoader, the usual way: shards split over workers, a sample shuffle buffer.
@@ -261,4 +264,4 @@ def make_loader(tars: list[str], transform, batch_size: int, workers: int, seed:
                          workersplitter=wds.split_by_worker, empty_check=False)
           .shuffle(1000, seed=seed).map(transform).batched(batch_size, partial=False))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None, pin_memory=pin_memory)
+                                       prefetch_factor=PREFETCH_FACTOR if workers > 0 else None, pin_memory=pin_memory)
