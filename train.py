@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
     import torch
 
     from sslkit import ckpt, dist
-    from sslkit.log import JsonLog, MetricLogger
+    from sslkit.log import JsonLog, MetricLogger, StepLog
     from sslkit.shard.manifest import identity, load
 
     run = build(cfg, info, log, stop.check)
@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
             log.info("resumed from %s: epoch %d, step %d", where, epoch, step)
         else:
             if cfg.init_from:
-                init_weights(method, cfg.init_from, log if info.is_main else None)
+                ckpt.init_from(method, cfg.init_from, log if info.is_main else None)
             method.on_train_start(loader)
     except dist.Preempted as p:
         log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
     jlog = JsonLog(os.path.join(cfg.out, "log.jsonl") if info.is_main else None,
                    os.path.join(cfg.out, "tb") if cfg.tensorboard and info.is_main else None, resume_step=step)
     total_steps = cfg.epochs * run.ctx.steps_per_epoch
-    bar = _progress(info.is_main, total_steps, step)
+    progress = StepLog(jlog, log, info.is_main, total_steps, step, run.global_batch, device)
     run.model.train()
     try:
         while epoch < cfg.epochs:
@@ -355,14 +355,13 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
                 t_now = time.perf_counter()
                 stats.update(out, t_data, t_now - t_last)
                 t_last = t_now
-                if bar is not None:
-                    bar.update(1)
+                progress.advance()
                 if step % cfg.log_every == 0 or loader.position == len(loader):
                     loss, stopping = dist.all_sum([float(out["loss"].detach()), float(stop.signal_name is not None)], info)
                     loss /= info.world_size
                     if loss != loss or abs(loss) == float("inf"):
                         raise SslkitError(f"loss is {loss} at step {step} (lr {lr:.4g}); lower --lr or check the data")
-                    _log_step(jlog, log, bar, run, out, epoch, step, total_steps, loss, lr, stats)
+                    progress.record(out, epoch, step, loss, lr, stats.window())
                     if stopping:
                         save(keep=False)
                         log.warning("preempted (%s): checkpoint saved at epoch %d step %d; re-run the same command "
@@ -387,8 +386,7 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
                     "the same command", p.signal_name, epoch, step)
         return 0
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         jlog.close()
 
     if info.is_main:
@@ -396,64 +394,6 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
                  "per-epoch records), config.json. Next: python -m sslkit.eval knn --ckpt %s --train DIR --val DIR",
                  epoch, step, cfg.out, ckpt.find_latest(cfg.out), cfg.out)
     return 0
-
-
-def init_weights(method, source: str, log=None):
-    """Start from another run's weights: every tensor of its model whose name and shape match this
-    method's (the trunk at least, e.g. a student's trunk and classifier for fine-tuning)."""
-    from sslkit import ckpt
-    d = source if os.path.isfile(os.path.join(source, "global.pt")) else ckpt.find_latest(source)
-    if d is None:
-        raise ConfigError(f"init_from={source}: neither a checkpoint folder nor a run with a complete checkpoint")
-    theirs, mine = ckpt.read_global(d)["model"], method.state_dict()
-    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
-    if not any(k.startswith("backbone.") for k in taken):
-        raise ConfigError(f"init_from={d}: no trunk weights of this architecture (backbone.*) in its model")
-    method.load_state_dict(taken, strict=False)
-    if log is not None:
-        left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
-        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), d,
-                 f" (kept fresh: {', '.join(left)})" if left else "")
-
-
-def _progress(is_main: bool, total: int, initial: int):
-    """A tqdm bar on rank 0 when stderr is a terminal, else None (log lines instead). Display only:
-    nothing that decides a collective depends on it."""
-    if not (is_main and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def _log_step(jlog, log, bar, run: Run, out: dict, epoch: int, step: int, total_steps: int, loss: float, lr: float,
-              stats):
-    steps, data_s, step_s = stats.window()
-    img_s = run.global_batch * steps / max(step_s, 1e-9)
-    rec = {"kind": "step", "epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": img_s,
-           "data_s": data_s / max(steps, 1), "step_s": step_s / max(steps, 1), "mem_mb": _memory_mb(run.info.device)}
-    rec.update({k: float(v) for k, v in out.items() if k != "loss" and hasattr(v, "numel") and v.numel() == 1})
-    jlog.write(rec)
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
-    else:
-        eta = (total_steps - step) * step_s / max(steps, 1)
-        log.info("epoch %d step %d/%d loss %.4f lr %.4g | %.0f img/s | data %.0f ms step %.0f ms | mem %.0f MB | "
-                 "eta %s", epoch, step, total_steps, loss, lr, img_s, 1000 * rec["data_s"], 1000 * rec["step_s"],
-                 rec["mem_mb"], _hms(eta))
-
-
-def _memory_mb(device) -> float:
-    import resource
-
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

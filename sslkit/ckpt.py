@@ -158,3 +158,20 @@ def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | 
         raise CheckpointError(f"{root} holds {len(names)} checkpoint folder(s) but none can be resumed "
                               f"(newest: {skipped[0]}); fix or move them, or use another --out")
     return None
+
+
+def init_from(method, source: str, log=None):
+    """Start a fresh run from another run's weights: every tensor of its model whose name and shape
+    match `method`'s (the trunk at least; e.g. a student's trunk and classifier for fine-tuning)."""
+    d = source if os.path.isfile(os.path.join(source, "global.pt")) else find_latest(source)
+    if d is None:
+        raise CheckpointError(f"init_from={source}: neither a checkpoint folder nor a run with a complete checkpoint")
+    theirs, mine = read_global(d)["model"], method.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in taken):
+        raise CheckpointError(f"init_from={d}: no trunk weights of this architecture (backbone.*) in its model")
+    method.load_state_dict(taken, strict=False)
+    if log is not None:
+        left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
+        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), d,
+                 f" (kept fresh: {', '.join(left)})" if left else "")

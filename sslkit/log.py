@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -79,6 +80,55 @@ class MetricLogger:
         self.steps, self.data_s, self.step_s = state["steps"], state["data_s"], state["step_s"]
         self.elapsed_before = state["elapsed_s"]
         self._window = (self.steps, self.data_s, self.step_s)
+
+
+class StepLog:
+    """What the trainer shows and records at a log step: a JSON-lines record (rank 0), and a tqdm bar
+    when rank 0 has a terminal, else a log line. Display only: nothing that decides whether a
+    collective runs depends on it."""
+
+    def __init__(self, jlog: "JsonLog", log: logging.Logger, is_main: bool, total_steps: int, step: int,
+                 global_batch: int, device: torch.device):
+        self.jlog, self.log, self.total, self.global_batch, self.device = jlog, log, total_steps, global_batch, device
+        self.bar = None
+        if is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def record(self, out: dict, epoch: int, step: int, loss: float, lr: float, window: tuple[int, float, float]):
+        steps, data_s, step_s = window
+        img_s = self.global_batch * steps / max(step_s, 1e-9)
+        rec = {"kind": "step", "epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": img_s,
+               "data_s": data_s / max(steps, 1), "step_s": step_s / max(steps, 1), "mem_mb": memory_mb(self.device)}
+        rec.update({k: float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+        self.jlog.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
+        else:
+            eta = (self.total - step) * step_s / max(steps, 1)
+            self.log.info("epoch %d step %d/%d loss %.4f lr %.4g | %.0f img/s | data %.0f ms step %.0f ms | "
+                          "mem %.0f MB | eta %s", epoch, step, self.total, loss, lr, img_s, 1000 * rec["data_s"],
+                          1000 * rec["step_s"], rec["mem_mb"], hms(eta))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: the GPU's allocator on CUDA, the process' resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class JsonLog:
