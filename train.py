@@ -183,6 +183,7 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None) -> R
     import torch
 
     from pipelines import make_loader
+    from pipelines.loader import default_threads
     from sslkit import registry
     from sslkit.methods import RunContext, method_entry
     from sslkit.optim import build_optimizer, multistep, param_groups, scaled_lr, warmup_cosine
@@ -205,14 +206,18 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None) -> R
     cls = method_entry(cfg.method).factory
     if info.is_main:
         log.info("building the %s pipeline over %s (%s)", cls.pipeline, cfg.data, "GPU" if on_gpu else "CPU")
+    # DALI threads: the setting, or this rank's share of the machine's cores (torchrun says how many
+    # ranks share it)
+    threads = cfg.loader_threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = make_loader(cls.pipeline, cfg.data, batch_size=cfg.batch_size, device="gpu" if on_gpu else "cpu",
                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                         num_threads=cfg.loader_threads, shuffle_buffer=cfg.shuffle_buffer,
+                         num_threads=threads, shuffle_buffer=cfg.shuffle_buffer,
                          device_id=info.local_rank if on_gpu else None, **cls.loader_options(cfg.method_options))
     ctx = RunContext(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.seed, group=info.group,
-                     autocast=autocast, log=log, **_TMP_facts(loader),
+                     autocast=autocast, log=log, dataset_size=loader.dataset_size, num_classes=loader.num_classes,
                      steps_per_epoch=len(loader), batch_size=cfg.batch_size,
-                     channels_last=on_gpu and cfg.channels_last, check_stop=check_stop)
+                     channels_last=on_gpu and cfg.channels_last, pipeline=loader.describe()["pipeline"],
+                     check_stop=check_stop)
     method = registry.create("method", cfg.method, cfg, ctx)
     global_batch = cfg.batch_size * info.world_size
     if info.is_main:
@@ -248,13 +253,6 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None) -> R
                                 lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     return Run(cfg, info, ctx, method, model, loader, optimizer, scaler, schedule, autocast)
-
-
-def _TMP_facts(loader):  # TEMP until the loader exposes these
-    if hasattr(loader, "dataset_size"):
-        return dict(dataset_size=loader.dataset_size, num_classes=loader.num_classes, pipeline=loader.describe())
-    return dict(dataset_size=loader.shards.total, num_classes=len(loader.shards.classes or {}) or None,
-                pipeline=loader.family.describe())
 
 
 def train_step(run: Run, batch: dict, lr: float) -> dict:

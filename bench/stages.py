@@ -21,7 +21,7 @@ from nvidia.dali import pipeline_def
 import baseline_pil as B
 from pipelines import LoaderConfig, ShardSet, make_loader
 from pipelines.augment import decode
-from pipelines.reader import read, replace_broken
+from pipelines.reader import read
 from report import cfg_label, new_record, progress
 
 def _multicrop(opts, seed):
@@ -114,7 +114,7 @@ def decode_stage(args, cfg):
     def decode_only():
         jpg, _, _, intact = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
                                  want_label=False, seed=args.seed)
-        return decode(replace_broken(jpg, intact), args.device, hw)
+        return decode(jpg, args.device, hw)  # read() already swapped damaged samples for the placeholder
 
     pipe = decode_only(batch_size=cfg["batch_size"], num_threads=cfg["threads"],
                        device_id=0 if args.device == "gpu" else None, seed=args.seed,

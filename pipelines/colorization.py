@@ -8,22 +8,22 @@
     batch["weight"]   # [B, H/4, W/4] float32, only with a prior: rebalancing factor of the nearest bin
     sslkit.color.expand_topk(batch["ab_idx"], batch["ab_w"])   # -> dense [B, H/4, W/4, 313] targets
 
-Crop (METHODS.md §2.4-2.5): resize the shorter side to `resize` (default size * 256 / 224: 256 for
+Crop: resize the shorter side to `resize` (default size * 256 / 224: 256 for
 Goyal's 224, the transform VISSL uses on colorization models), take a uniformly placed size x size
 crop, flip with p = 0.5. Zhang's own recipe is a random 176 crop of a 256 image: size=176,
 resize=256. The target is the crop's ab decimated by 4 by plain subsampling (pixels (4i, 4j)), as
 Zhang's stride-4 constant convolution does; the weights are NOT multiplied by `nongray` (Zhang
 applies rebalance x nongray to the gradient only; the method combines them).
 
-Where the work runs: DALI decodes and makes the uint8 RGB crop (one ROI resize from the source, flip
-folded in, the same graph on both devices); `postprocess` then converts the whole batch to Lab with
+Where the work runs: DALI decodes and makes the uint8 RGB crop (the window of a `ViewRule(square=
+size / resize)`, pipelines/spec.py, by one ROI resize from the source, flip folded in; the same graph
+on both devices); `postprocess` then converts the whole batch to Lab with
 `sslkit.color.rgb_to_lab_nchw` and soft-encodes it, vectorised torch on the loader's device -- the
 trainer GPU with device="gpu". DALI has no Lab conversion and no nearest-bin search, and doing both
-per batch on the GPU keeps the CPU free for decoding. The soft encoding is `sslkit.color.NearestBins`: the same
-targets as `sslkit.color.soft_encode_topk` (identical weights; indices equal up to exact distance
-ties) from at most ~37 candidate bins per pixel instead of all 313, ~7x less work and memory.
-With `with_params=True` the batch keeps the crop as params.rgb ([B, H, W, 3] uint8) and has
-params.window ([y0, x0, h, w] in source pixels, before the flip) and params.flip.
+per batch on the GPU keeps the CPU free for decoding. The soft encoding is `sslkit.color.NearestBins`
+(exact k nearest of the 313 bins from ~37 candidates per pixel, ties broken by bin order, so CPU and
+GPU pick the same bins). With `with_params=True` the batch keeps the crop as params.rgb ([B, H, W, 3]
+uint8) and has params.window ([y0, x0, h, w] in source pixels) and params.flip.
 """
 
 from __future__ import annotations
@@ -32,18 +32,19 @@ import os
 
 import numpy as np
 import torch
-from nvidia.dali import fn
 
 from sslkit import color
+from sslkit.registry import register
 
 from . import augment as A
 from .family import GraphInputs
-from .spec import SpecError
+from .spec import SpecError, ViewRule
 
 DECIMATION = 4           # the target is at 1/4 resolution (Zhang's conv8 output)
 NONGRAY_THRESHOLD = 5.0  # Zhang's NonGrayMaskLayer: |a| or |b| above this somewhere
 
 
+@register("pipeline", "colorization")
 class Colorization:
     name = "colorization"
 
@@ -59,26 +60,29 @@ class Colorization:
         if not sigma > 0:
             raise SpecError(f"sigma={sigma}: must be > 0")
         self.size, self.resize, self.k, self.sigma, self.gamma = size, resize, k, float(sigma), gamma
+        self.rule = ViewRule(square=size / resize, flip_p=0.5).validate()
         self.prior_path = None if prior is None else os.fspath(prior)
         self.factor = None if prior is None else _rebalance_factor(self.prior_path, gamma)
         self.encoder = color.NearestBins(k)
 
     def describe(self) -> dict:
-        return {"family": self.name, "size": self.size, "resize": self.resize, "k": self.k, "sigma": self.sigma,
+        return {"pipeline": self.name, "size": self.size, "resize": self.resize, "k": self.k, "sigma": self.sigma,
                 "prior": self.prior_path, "gamma": self.gamma}
 
     def graph(self, g: GraphInputs) -> dict:
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        anchor, extent = A.shorter_side_window(g.shape, self.resize, self.size)
-        flip = A.coin(0.5)
-        rgb = A.resized_crop(img, anchor, extent, self.size, flip, g.device)       # [S, S, 3] uint8
+        (start,), (end,) = A.view_windows(g.shape, A.uniforms(1), [self.rule])
+        rgb = A.resized_crop(img, start, end, self.size, g.device)                     # [S, S, 3] uint8
         if g.with_params:
-            return {"params.rgb": rgb, "params.window": fn.cat(anchor, extent), "params.flip": flip}
+            return {"params.rgb": rgb, "params.roi.start": start, "params.roi.end": end}
         return {"rgb": rgb}
 
     def postprocess(self, batch: dict) -> dict:
         """uint8 RGB crops -> L input and soft ab targets, for the whole batch at once."""
         rgb = batch.pop("rgb") if "rgb" in batch else batch["params.rgb"]
+        if "params.roi.start" in batch:
+            batch["params.window"], batch["params.flip"] = A.windows(batch.pop("params.roi.start"),
+                                                                     batch.pop("params.roi.end"))
         x = rgb.permute(0, 3, 1, 2)
         # L at full resolution, a/b only at the 1/16 of the pixels the target keeps
         L = color.rgb_to_L_nchw(x, validate=False)                                      # [B, 1, S, S]
@@ -88,6 +92,8 @@ class Colorization:
         batch["ab_idx"], batch["ab_w"] = idx, w
         batch["nongray"] = color.nongray_mask(ab, NONGRAY_THRESHOLD)
         if self.factor is not None:
+            if self.factor.device != idx.device:   # once: a copy per batch would wait for the GPU's queue
+                self.factor = self.factor.to(idx.device)
             batch["weight"] = color.pixel_weights(idx[..., 0], self.factor)
         return batch
 

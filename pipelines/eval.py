@@ -1,64 +1,67 @@
 """Evaluation crops (linear probe, k-NN, SVM): `eval_val` and `eval_train`, with labels.
 
 - eval_val:   resize the shorter side to 256 (antialiased) -> centre crop 224 -> normalise;
-- eval_train: RandomResizedCrop 224 at (0.08, 1) -> horizontal flip -> normalise.
-Output `viewgroup.0` holds one view, so batches carry `views` = [tensor] like every family.
+- eval_train: RandomResizedCrop 224 at (0.08, 1) with a horizontal flip -> normalise (the multi-view
+  machinery of pipelines/views.py with one view and no colour change).
+Batches carry `views` = [tensor] like every view pipeline. With `with_params=True`, eval_train also
+gives params.windows ([B, 1, 4] (y, x, h, w) in source pixels) and params.flips.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from nvidia.dali import fn, types
+from sslkit.registry import register
 
 from . import augment as A
-from .family import DTYPES, GraphInputs
-from .spec import EvalSpec, SpecError
+from .family import TORCH_DTYPES, GraphInputs
+from .spec import FLIP_ONLY, EvalSpec, ViewRule, check_choice
+from .views import Views
 
 
 class _Eval:
     name = "eval"
-    train = False
 
     def __init__(self, size: int = 224, resize: int = 256, scale=(0.08, 1.0), dtype: str = "float32",
                  spec: EvalSpec | None = None):
         self.spec = (spec or EvalSpec(size=size, resize=resize, scale=tuple(scale))).validate()
-        if dtype not in DTYPES:
-            raise SpecError(f"dtype={dtype!r}: choose from {sorted(DTYPES)}")
+        check_choice("dtype", dtype, tuple(TORCH_DTYPES))
         self.dtype = dtype
 
     def describe(self) -> dict:
-        return {"family": self.name, "spec": asdict(self.spec), "dtype": self.dtype}
-
-    def graph(self, g: GraphInputs) -> dict:
-        s = self.spec
-        img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        mean, std = [255.0 * m for m in s.mean], [255.0 * v for v in s.std]
-        out = {}
-        if self.train:
-            anchor, extent = A.crop_window(g.shape, s.scale, s.ratio)
-            img = fn.resize(img, size=[s.size, s.size], roi_start=anchor, roi_end=anchor + extent,
-                            antialias=True, interp_type=types.INTERP_LINEAR, device=g.device)
-            flip = fn.random.coin_flip(probability=0.5)
-            view = fn.crop_mirror_normalize(img, mirror=flip, dtype=DTYPES[self.dtype], output_layout="CHW",
-                                            mean=mean, std=std, device=g.device)
-            if g.with_params:
-                out.update({"params.0.anchor": anchor, "params.0.extent": extent, "params.0.flip": flip})
-        else:
-            img = fn.resize(img, resize_shorter=float(s.resize), antialias=True,
-                            interp_type=types.INTERP_LINEAR, device=g.device)
-            view = fn.crop_mirror_normalize(img, crop=[s.size, s.size], dtype=DTYPES[self.dtype],
-                                            output_layout="CHW", mean=mean, std=std, device=g.device)
-        out["viewgroup.0"] = fn.expand_dims(view, axes=[0])
-        return out
+        return {"pipeline": self.name, "spec": asdict(self.spec), "dtype": self.dtype}
 
 
+@register("pipeline", "eval_val")
 class EvalVal(_Eval):
     name = "eval_val"
-    train = False
     exhaustive = True  # every sample exactly once per epoch, no drop-last
 
+    def graph(self, g: GraphInputs) -> dict:
+        img = A.decode(g.jpg, g.device, g.hw_decoder_load)
+        img = A.resize_shorter(img, self.spec.resize, g.device)
+        return {"crop": A.center_crop(img, self.spec.size, g.device)}                   # [S, S, 3] uint8
 
+    def postprocess(self, batch: dict) -> dict:
+        x = A.channels_first(batch.pop("crop"))
+        batch["views"] = [A.normalize(x, self.spec.mean, self.spec.std, TORCH_DTYPES[self.dtype])]
+        return batch
+
+
+@register("pipeline", "eval_train")
 class EvalTrain(_Eval):
     name = "eval_train"
-    train = True
+
+    def __init__(self, size: int = 224, resize: int = 256, scale=(0.08, 1.0), dtype: str = "float32",
+                 spec: EvalSpec | None = None):
+        super().__init__(size, resize, scale, dtype, spec)
+        s = self.spec
+        self.views = Views([(1, s.size)], [ViewRule(s.scale, s.ratio, flip_p=FLIP_ONLY.flip_p)], FLIP_ONLY, s.mean,
+                           s.std, dtype=dtype, kernel="torch")   # nothing but normalisation after the crop
+
+    def graph(self, g: GraphInputs) -> dict:
+        return self.views.graph(g)
+
+    def postprocess(self, batch: dict) -> dict:
+        batch["views"] = [self.views.postprocess(batch)[0][:, 0]]
+        return batch

@@ -1,9 +1,21 @@
-"""What a view family is: options in, a DALI sub-graph out.
+"""What a pipeline is: options in, a DALI sub-graph and a torch batch stage out.
 
-A family receives the shared reader outputs (already integrity-checked JPEG bytes, their header
-shape, the device) and returns named outputs. Names map to batch keys: `views.K` outputs are
-gathered, in order, into `batch["views"]`; every other name becomes `batch[name]`. `params.*`
-outputs (crop windows, coin flips) exist only when asked for, for tests and the visualizer.
+A pipeline class (registered with `@sslkit.registry.register("pipeline", name)`) is built from its
+options and gives:
+- `graph(g: GraphInputs) -> {name: node}`: the DALI graph after the shared reader stage (the JPEG
+  bytes, already checked, and their header shape). Every name comes back as `batch[name]`, a torch
+  tensor on the loader's device (CPU nodes are copied there); `params.*` names exist only when the
+  loader was made with `with_params=True` (tests, the visualizer);
+- `postprocess(batch) -> batch`: vectorised torch work on the whole batch on the loader's device,
+  which turns the graph's outputs into the batch contract: `views` (list, largest first), `tiles` +
+  `perm`, `L` + `ab_idx` + `ab_w` + `nongray` (+ `weight`), `patches`. The loader adds `index`,
+  `label` (labelled data) and `intact` before calling it;
+- `describe() -> dict`: the options as plain data (loader state, visualizer, benchmarks);
+- optionally `exhaustive = True`: an evaluation pipeline that sees every sample exactly once.
+
+The multi-view pipelines (multicrop, jigclu, eval_train) share `pipelines.views.Views`, whose graph
+outputs are `viewgroup.G` ([F, S, S, 3] uint8 crops of group G, or [F, 3, S, S] float32 views from
+the fused CPU kernel) and the per-view uniforms `u` (`params.u` with params).
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nvidia.dali import types
+import torch
 
 
 @dataclass(frozen=True)
@@ -23,18 +35,17 @@ class GraphInputs:
     with_params: bool        # also return the random parameters (tests, visualizer)
 
 
-class ViewFamily(Protocol):
+class Pipeline(Protocol):
     name: str
 
     def graph(self, g: GraphInputs) -> dict[str, Any]:
         ...
 
-    def describe(self) -> dict:
-        """Plain-dict description of the options (stored in loader state, shown by the visualizer)."""
+    def postprocess(self, batch: dict) -> dict:
         ...
 
-    # Optional: `postprocess(batch) -> batch`, batch-level torch work on the loader's device, and
-    # `exhaustive = True` for evaluation families that must see every sample exactly once.
+    def describe(self) -> dict:
+        ...
 
 
-DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}

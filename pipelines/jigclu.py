@@ -6,23 +6,21 @@
     m["montages"]                          # [B, 3, 224, 224]
     m["image_id"], m["location"]           # [B, 4] int64 per quadrant (TL, TR, BL, BR)
 
-Patches (JigClu `JigCluTransform(cross=0.3)` + `main.py`, METHODS.md §4.1): the image is split into
-4 overlapping boxes, each (0.5 + cross) = 0.8 of each side, in the order TL, BL, TR, BR (location
-labels 0..3): TL at (0, 0), BL at (H - h, 0), TR at (0, W - w), BR at (H - h, W - w) as (y, x),
-h = round(0.8 H), w = round(0.8 W). Each box independently gets MoCo v2's augmentation: a
-RandomResizedCrop of the BOX to 112 at scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8,
-grayscale p = 0.2, Gaussian blur sigma in [0.1, 2] with p = 0.5, horizontal flip, ImageNet normalise.
+Patches (the JigClu repository's `JigCluTransform(cross=0.3)` and training script): the image is
+split into 4 overlapping boxes, each (0.5 + cross) = 0.8 of each side, in the order TL, BL, TR, BR
+(location labels 0..3): TL at (0, 0), BL at (H - h, 0), TR at (0, W - w), BR at (H - h, W - w) as
+(y, x), h = floor(0.8 H + 0.5), w = floor(0.8 W + 0.5). Each box independently gets MoCo v2's
+augmentation: a RandomResizedCrop of the BOX to 112 at scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4,
+0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma in [0.1, 2] with p = 0.5, horizontal flip,
+ImageNet normalise.
 
-The augmentation is the multi-crop machinery with another crop rule: the 4 crops are a
-`MultiCropSpec` group (4 x 112, scale (0.2, 1)) with the MoCo v2 `ColorRecipe`, every random draw
-after the crop comes from the sample's uniforms `u` [4, 9] (pipelines/spec.py), and the colour /
-blur / flip / normalise stage is the fused CPU kernel (`kernel="fused"`, CPU default) or DALI's own
-ops (`kernel="native"`, GPU default) -- the two are pinned to one reference by tests/test_pipelines.
-Only the windows differ: each one is drawn inside its box. With `with_params=True` the batch also
-holds params.boxes ([4, 4] (y, x, h, w) in source pixels), params.{k}.anchor / params.{k}.extent
-(patch k's window in source pixels), params.u and params.crops.0 (the uint8 crops).
+The augmentation is the multi-view machinery (pipelines/views.py): one crop group of 4 x 112 whose
+window rules are RandomResizedCrops of the four boxes (`ViewRule(box=0.8, box_y, box_x)`), the MoCo
+v2 `ColorRecipe`, and the same colour stage as multi-crop (fused CPU kernel or torch batch stage).
+With `with_params=True` the batch also holds params.windows ([B, 4, 4] (y, x, h, w) of each patch's
+window in source pixels), params.flips, params.u and params.crops.0 (the uint8 crops).
 
-Montages (`make_montages`, JigClu `_batch_gather_ddp`): the patches of the global batch (n images)
+Montages (`make_montages`, the JigClu repository's `_batch_gather_ddp`): the patches of the global batch (n images)
 are listed as [all TL, all BL, all TR, all BR] (index = location * n + image), shuffled by one
 permutation of 4n drawn on rank 0 and broadcast, and tiled 2x2: montage m gets shuffled[m] top-left,
 shuffled[n + m] top-right, shuffled[2n + m] bottom-left, shuffled[3n + m] bottom-right. Each rank
@@ -33,25 +31,24 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import nvidia.dali.math as dmath
 import torch
 import torch.distributed as dist
-from nvidia.dali import fn, types
 
-from . import augment as A
-from .family import DTYPES, GraphInputs
-from .kernels import fused_views
-from .multicrop import _native_view, _stack
-from .spec import ColorRecipe, CropGroup, MultiCropSpec, SpecError
+from sslkit.registry import register
+
+from .family import GraphInputs
+from .spec import ColorRecipe, SpecError, ViewRule
+from .views import Views
 
 LOCATIONS = ("TL", "BL", "TR", "BR")      # patch order in `patches`, = JigClu's location labels 0..3
 QUADRANTS = ("TL", "TR", "BL", "BR")      # label order of a montage (row-major 2x2, feature-map order)
-# MoCo v2's augmentation (JigClu main.py): ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2,
-# blur sigma [0.1, 2] p=0.5, flip 0.5.
+# MoCo v2's augmentation, as the JigClu repository's training script sets it: ColorJitter(0.4, 0.4,
+# 0.4, 0.1) p=0.8, grayscale 0.2, blur sigma [0.1, 2] p=0.5, flip 0.5.
 MOCO_V2 = ColorRecipe(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, gray_p=0.2, blur_p=0.5,
                       blur_sigma=(0.1, 2.0), flip_p=0.5)
 
 
+@register("pipeline", "jigclu")
 class JigClu:
     name = "jigclu"
 
@@ -59,55 +56,21 @@ class JigClu:
                  dtype: str = "float32", kernel: str | None = None):
         if not 0.0 <= cross < 0.5:
             raise SpecError(f"cross={cross}: expected 0 <= cross < 0.5 (each box covers 0.5 + cross of a side)")
-        if dtype not in DTYPES:
-            raise SpecError(f"dtype={dtype!r}: choose from {sorted(DTYPES)}")
-        if kernel not in (None, "fused", "native"):
-            raise SpecError(f"kernel={kernel!r}: choose 'fused' (CPU) or 'native' (DALI ops)")
-        self.spec = MultiCropSpec((CropGroup(len(LOCATIONS), size, tuple(scale)),), color=color).validate()
-        self.cross, self.dtype, self.kernel = cross, dtype, kernel
+        rules = [ViewRule(tuple(scale), box=0.5 + cross, box_y=int(loc[0] == "B"), box_x=int(loc[1] == "R"),
+                          flip_p=color.flip_p) for loc in LOCATIONS]
+        self.views = Views([(len(LOCATIONS), size)], rules, color, dtype=dtype, kernel=kernel)
+        self.size, self.scale, self.cross, self.color = size, tuple(scale), cross, color
 
     def describe(self) -> dict:
-        return {"family": self.name, "spec": asdict(self.spec), "cross": self.cross, "dtype": self.dtype,
-                "kernel": self.kernel}
-
-    def boxes(self, shape):
-        """Per location (TL, BL, TR, BR): (origin [y, x], integer size [h, w]) nodes, source pixels."""
-        h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
-        # Box size rounded to whole pixels (floor(x + 0.5): DALI's float->int cast itself rounds).
-        bh = fn.cast(dmath.floor(h * (0.5 + self.cross) + 0.5), dtype=types.INT32)
-        bw = fn.cast(dmath.floor(w * (0.5 + self.cross) + 0.5), dtype=types.INT32)
-        zero = h * 0.0
-        far_y, far_x = h - fn.cast(bh, dtype=types.FLOAT), w - fn.cast(bw, dtype=types.FLOAT)
-        origins = {"TL": (zero, zero), "BL": (far_y, zero), "TR": (zero, far_x), "BR": (far_y, far_x)}
-        return [(fn.stack(*origins[loc]), fn.stack(bh, bw)) for loc in LOCATIONS]
+        return {"pipeline": self.name, "size": self.size, "scale": self.scale, "cross": self.cross,
+                "color": asdict(self.color), "dtype": self.views.dtype, "kernel": self.views.kernel}
 
     def graph(self, g: GraphInputs) -> dict:
-        spec, group = self.spec, self.spec.groups[0]
-        kernel = self.kernel or ("fused" if g.device == "cpu" else "native")
-        if kernel == "fused" and g.device == "gpu":
-            raise SpecError("kernel='fused' is the CPU kernel; GPU pipelines use kernel='native'")
-        img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        u = fn.random.uniform(range=[0.0, 1.0], shape=[spec.num_views, 9])
-        out, crops, boxes = {}, [], []
-        for k, (origin, size) in enumerate(self.boxes(g.shape)):
-            # torchvision's RandomResizedCrop rule applied to the box, then moved into the image.
-            anchor, extent = A.crop_window(size, group.scale, group.ratio)
-            anchor = anchor + origin
-            crops.append(fn.resize(img, size=[group.size, group.size], roi_start=anchor, roi_end=anchor + extent,
-                                   antialias=True, interp_type=types.INTERP_LINEAR, device=g.device))
-            if g.with_params:
-                out[f"params.{k}.anchor"], out[f"params.{k}.extent"] = anchor, extent
-                boxes.append(fn.cat(origin, fn.cast(size, dtype=types.FLOAT)))
-        stack = _stack(crops)                                                   # [4, S, S, 3] uint8
-        if kernel == "fused":
-            patches = fused_views([stack], [group.count], u, spec.color.as_array(), spec.mean, spec.std)[0]
-        else:
-            patches = _stack([_native_view(c, u, k, spec, g.device) for k, c in enumerate(crops)])
-        out["patches"] = fn.cast(patches, dtype=DTYPES[self.dtype]) if self.dtype != "float32" else patches
-        if g.with_params:
-            out["params.boxes"] = fn.stack(*boxes)
-            out["params.u"], out["params.crops.0"] = u, stack
-        return out
+        return self.views.graph(g)
+
+    def postprocess(self, batch: dict) -> dict:
+        batch["patches"] = self.views.postprocess(batch)[0]                    # [B, 4, 3, S, S]
+        return batch
 
 
 def make_montages(patches: torch.Tensor, generator_or_seed, group=None) -> dict:

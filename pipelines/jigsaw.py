@@ -4,7 +4,7 @@
     batch["tiles"]  # [B, 9, 3, 64, 64] float32, in permuted order
     batch["perm"]   # [B] int64 in [0, |P|): the row of the permutation set that shuffled them
 
-Tile order convention (VISSL's `ImgPatchesFromTensor` + `ShuffleImgPatches`, METHODS.md §1.1):
+Tile order convention (VISSL's `ImgPatchesFromTensor` + `ShuffleImgPatches`):
 - the crop is cut into a 3x3 grid of `cell` px cells; the ORIGINAL index of the tile of the cell in
   column i (x from i*cell) and row j (y from j*cell) is c = 3*i + j -- column-major, so tile 1 is the
   middle-LEFT cell, tile 3 the top-middle one;
@@ -23,19 +23,20 @@ Geometries (`geometry=`):
   then every tile normalised by its own per-channel mean and std (this replaces the global
   ImageNet normalisation, which it would cancel anyway).
 
-Graph per image, identical on both devices (every random draw is a per-sample DALI random op):
-decode -> ONE antialiased ROI resize straight from the source to the crop (the shorter-side resize,
-the crop window and the flip are folded into it, so the full image is never resampled) -> ONE
-`multi_paste` that cuts the nine tiles and writes them, already permuted, into a [9 * tile, tile]
-strip: tile c is pasted at row tile * inv[c], inv = P[p]^-1, read from a constant table of all
-|P| inverses with the run-time index p = `fn.random.choice(|P|)` -> grayscale (conditional: only
-the samples that drew it) -> reshape to 9 frames -> normalisation (crop_mirror_normalize to FCHW;
-Noroozi: arithmetic + per-frame `fn.normalize`). No Python runs per sample. (The same result from
-9 `fn.slice` + `fn.stack` + `fn.sequence_rearrange(new_order=P[p])` costs ~1 ms more CPU per image.)
+Graph per image, identical on both devices: decode -> ONE uniform op (every random draw of the
+sample: window, flip, gray, permutation, tile offsets, Noroozi's jitter) -> ONE numba op
+(`_tiles_run`) that turns them into the crop window (`ViewRule(square=crop / resize)` of
+pipelines/spec.py, flip folded in), the permutation index p = floor(u |P|), each cell's tile
+position and where it goes: tile c is pasted at row tile * inv[c] of the output strip, inv = P[p]^-1
+read from a constant table of all |P| inverses -> ONE antialiased ROI resize straight from the source
+to the crop (the full image is never resampled) -> ONE `multi_paste` that cuts the nine tiles and
+writes them, already permuted, into a [9 * tile, tile] uint8 strip. `postprocess` then does the
+rest on the whole batch in torch: 9 frames, grayscale of the samples that drew it (luma, as VISSL
+converts the whole crop), normalisation (ImageNet's, or Noroozi's jitter + per-tile statistics).
 With `with_params=True` the batch also holds params.window ([y0, x0, h, w] of the crop in source
-pixels, before the flip), params.flip, params.gray, params.offsets ([9, 2] (oy, ox) per ORIGINAL
-cell c), params.order (the permutation row P[p]) and params.crop (the uint8 crop the tiles come from,
-flipped, before grayscale).
+pixels), params.flip, params.gray, params.offsets ([9, 2] (oy, ox) per ORIGINAL cell c),
+params.order (the permutation row P[p]), params.u and params.crop (the uint8 crop the tiles come
+from, flipped, before grayscale).
 """
 
 from __future__ import annotations
@@ -44,17 +45,26 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import nvidia.dali.math as dmath
+import torch
 from nvidia.dali import fn, types
+from nvidia.dali.pipeline import do_not_convert
 
 from sslkit import permutations as perm_sets
+from sslkit.registry import register
 
 from . import augment as A
-from .family import DTYPES, GraphInputs
-from .spec import IMAGENET_MEAN, IMAGENET_STD, SpecError
+from .family import TORCH_DTYPES, GraphInputs
+from .kernels import RULE_LEN, register_op, view_roi
+from .spec import IMAGENET_MEAN, IMAGENET_STD, N_VIEW_U, VIEW_U, SpecError, ViewRule, check_choice
 
 GRID = 3
 N_TILES = GRID * GRID
+# The sample's uniforms after the window's N_VIEW_U: the permutation, (oy, ox) per cell, and Noroozi's
+# jitter, scale then shift, per tile and channel.
+JIG_U = {"perm": N_VIEW_U, "offsets": N_VIEW_U + 1, "scale": N_VIEW_U + 1 + 2 * N_TILES,
+         "shift": N_VIEW_U + 1 + 5 * N_TILES}
+EXTRA_U = 1 + 8 * N_TILES
+_U_PERM, _U_OFFSETS = JIG_U["perm"], JIG_U["offsets"]
 
 
 @dataclass(frozen=True)
@@ -115,28 +125,50 @@ def load_permutations(permutations) -> np.ndarray:
     raise SpecError(f"permutations={permutations!r}: expected a number of permutations or a .npy path")
 
 
-def _to(node, device: str):
-    """A CPU-drawn random tensor as an operand of `device` arithmetic."""
-    return node.gpu() if device == "gpu" else node
+@do_not_convert
+def _tiles_run(start, end, in_anchors, out_anchors, shapes, perm, shape, u, prm, inverse):
+    """prm: the window's rule row, then cell, tile and jitter; inverse: [|P|, 9] int32, P[p]^-1."""
+    v = u[0]
+    view_roi(shape[0], shape[1], v, prm, start, end)
+    cell, t, jitter, n = int(prm[RULE_LEN]), int(prm[RULE_LEN + 1]), int(prm[RULE_LEN + 2]), inverse.shape[0]
+    p = min(int(v[_U_PERM] * n), n - 1)
+    perm[0] = p
+    for c in range(9):  # column-major cells: c = 3 * column + row
+        in_anchors[c, 0] = (c % 3) * cell + min(int(v[_U_OFFSETS + 2 * c] * jitter), jitter - 1)
+        in_anchors[c, 1] = (c // 3) * cell + min(int(v[_U_OFFSETS + 2 * c + 1] * jitter), jitter - 1)
+        out_anchors[c, 0], out_anchors[c, 1] = t * inverse[p, c], 0
+        shapes[c, 0], shapes[c, 1] = t, t
 
 
+@do_not_convert
+def _tiles_setup(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][0], outs[1][i][0], outs[5][i][0] = 2, 2, 1
+        for o in range(2, 5):
+            outs[o][i][0], outs[o][i][1] = 9, 2
+
+
+_tiles_op = register_op("tiles", _tiles_run, _tiles_setup,
+                        [types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT32, types.INT64],
+                        [types.INT64, types.FLOAT, types.FLOAT, types.INT32], [1, 1, 2, 2, 2, 1], [1, 2, 1, 2])
+
+
+@register("pipeline", "jigsaw")
 class Jigsaw:
     name = "jigsaw"
 
     def __init__(self, permutations=2000, geometry: str = "goyal", dtype: str = "float32"):
-        if geometry not in GEOMETRIES:
-            raise SpecError(f"geometry={geometry!r}: choose from {sorted(GEOMETRIES)}")
-        if dtype not in DTYPES:
-            raise SpecError(f"dtype={dtype!r}: choose from {sorted(DTYPES)}")
+        check_choice("geometry", geometry, tuple(GEOMETRIES))
+        check_choice("dtype", dtype, tuple(TORCH_DTYPES))
         self.geometry = GEOMETRIES[geometry].validate()
         self.geometry_name, self.dtype = geometry, dtype
         self.perms = load_permutations(permutations)
-        cell, t = self.geometry.cell, self.geometry.tile
-        # Top-left corner of each cell, in the original order c = 3 * column + row.
-        self._cells = np.array([[(c % GRID) * cell, (c // GRID) * cell] for c in range(N_TILES)], np.int32)
-        # For each permutation, where each original tile goes in the [9t, t] output strip: row t * inv[c].
-        inverse = np.argsort(self.perms, axis=1)
-        self._out_anchors = np.stack([inverse * t, np.zeros_like(inverse)], axis=-1).astype(np.int32)
+        geo = self.geometry
+        rule = ViewRule(square=geo.crop / geo.resize, flip_p=geo.flip_p).validate()
+        self._prm = np.array(rule.row(0) + [geo.cell, geo.tile, geo.jitter], np.float32)
+        self._inverse = np.argsort(self.perms, axis=1).astype(np.int32)       # P[p]^-1
+        cells = [[(c % GRID) * geo.cell, (c // GRID) * geo.cell] for c in range(N_TILES)]
+        self._cells = torch.tensor(cells, dtype=torch.int32)
         self.source = os.fspath(permutations) if isinstance(permutations, (str, os.PathLike)) else int(permutations)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
@@ -145,54 +177,54 @@ class Jigsaw:
         return len(self.perms)
 
     def describe(self) -> dict:
-        return {"family": self.name, "geometry": self.geometry_name, "spec": asdict(self.geometry),
+        return {"pipeline": self.name, "geometry": self.geometry_name, "spec": asdict(self.geometry),
                 "permutations": self.source, "num_permutations": self.num_classes, "dtype": self.dtype}
 
     def graph(self, g: GraphInputs) -> dict:
-        geo, t = self.geometry, self.geometry.tile
+        t = self.geometry.tile
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
-        anchor, extent = A.shorter_side_window(g.shape, geo.resize, geo.crop)
-        flip = A.coin(geo.flip_p)
-        crop = A.resized_crop(img, anchor, extent, geo.crop, flip, g.device)         # [crop, crop, 3] uint8
-
-        # Tile c comes from cell c (column c // 3, row c % 3) at its own offset; it is pasted into the
-        # output strip at position inv[c] (inv = P[p]^-1), so position k holds tile P[p][k]. One
-        # multi_paste cuts and permutes all nine; the crop is passed once per region because
-        # without `in_ids` each input supplies one region (DALI 2.4 semantics).
-        offsets = fn.random.choice(geo.jitter, shape=[N_TILES, 2])             # (oy, ox) per cell
-        p = fn.random.choice(self.num_classes)
-        strip = fn.multi_paste(*([crop] * N_TILES), in_anchors=offsets + types.Constant(self._cells),
-                               shapes=types.Constant(np.full((N_TILES, 2), t, np.int32)),
-                               out_anchors=types.Constant(self._out_anchors, device="cpu")[p],
-                               output_size=[N_TILES * t, t], device=g.device)   # [9t, t, 3] uint8
-
-        gray = fn.random.coin_flip(probability=geo.gray_p, dtype=types.BOOL)
-        if geo.gray_p > 0:
-            # Per pixel, so on the tiles it equals VISSL's grayscale of the whole crop (57% of the pixels).
-            if gray:  # RGB -> GRAY -> RGB: ~10x cheaper on the CPU than a 3x3 coord_transform
-                luma = fn.color_space_conversion(strip, image_type=types.RGB, output_type=types.GRAY,
-                                                 device=g.device)
-                strip = fn.color_space_conversion(luma, image_type=types.GRAY, output_type=types.RGB,
-                                                  device=g.device)
-        tiles = fn.reshape(strip, shape=[N_TILES, t, t, 3], layout="FHWC", device=g.device)
-
-        if geo.tile_norm:
-            x = fn.cast(tiles, dtype=types.FLOAT)
-            scale = _to(fn.random.uniform(range=list(geo.jitter_scale), shape=[N_TILES, 1, 1, 3]), g.device)
-            shift = _to(fn.random.uniform(range=list(geo.jitter_shift), shape=[N_TILES, 1, 1, 3]), g.device)
-            x = dmath.clamp(x * scale + shift, 0.0, 255.0)
-            # Per tile and channel over H and W; epsilon (in grey levels^2) keeps flat tiles finite.
-            x = fn.normalize(x, axes=[1, 2], epsilon=1.0, device=g.device)
-            out_tiles = fn.transpose(x, perm=[0, 3, 1, 2], output_layout="FCHW", device=g.device)
-            if self.dtype != "float32":
-                out_tiles = fn.cast(out_tiles, dtype=DTYPES[self.dtype])
-        else:
-            out_tiles = fn.crop_mirror_normalize(tiles, dtype=DTYPES[self.dtype], output_layout="FCHW",
-                                                 mean=[255.0 * m for m in self.mean],
-                                                 std=[255.0 * s for s in self.std], device=g.device)
-        out = {"tiles": out_tiles, "perm": fn.cast(p, dtype=types.INT64)}
+        u = A.uniforms(1, extra=EXTRA_U)
+        start, end, in_anchors, out_anchors, shapes, perm = _tiles_op()(
+            g.shape, u, types.Constant(self._prm, device="cpu"), types.Constant(self._inverse, device="cpu"))
+        crop = A.resized_crop(img, start, end, self.geometry.crop, g.device)               # [crop, crop, 3]
+        # Without `in_ids` each input of multi_paste supplies one region (DALI 2.4), so the crop is
+        # passed once per tile.
+        strip = fn.multi_paste(*([crop] * N_TILES), in_anchors=in_anchors, shapes=shapes, out_anchors=out_anchors,
+                               output_size=[N_TILES * t, t], device=g.device)           # [9t, t, 3] uint8
+        out = {"strip": strip, "perm": perm, ("params.u" if g.with_params else "u"): u}
         if g.with_params:
-            order = types.Constant(self.perms.astype(np.int32), device="cpu")[p]   # the row P[p]
-            out.update({"params.window": fn.cat(anchor, extent), "params.offsets": offsets, "params.order": order,
-                        "params.crop": crop, "params.flip": flip, "params.gray": gray})
+            out.update({"params.crop": crop, "params.roi.start": start, "params.roi.end": end,
+                        "params.in_anchors": in_anchors})
         return out
+
+    def postprocess(self, batch: dict) -> dict:
+        geo, strip = self.geometry, batch.pop("strip")
+        u = (batch.pop("u") if "u" in batch else batch["params.u"])[:, 0]
+        tiles = A.channels_first(strip.view(strip.shape[0], N_TILES, geo.tile, geo.tile, 3))   # [B, 9, 3, t, t]
+        gray = u[:, VIEW_U["gray"]] < geo.gray_p
+        if geo.gray_p > 0:
+            tiles = A.grayscale(tiles, gray)
+        if geo.tile_norm:
+            tiles = self._tile_norm(tiles, u)
+        else:
+            tiles = A.normalize(tiles, self.mean, self.std)
+        batch["tiles"] = tiles.to(TORCH_DTYPES[self.dtype])
+        batch["perm"] = batch["perm"].view(-1).long()
+        if "params.roi.start" in batch:
+            batch["params.window"], batch["params.flip"] = A.windows(batch.pop("params.roi.start"),
+                                                                     batch.pop("params.roi.end"))
+            batch["params.gray"] = gray
+            batch["params.offsets"] = batch.pop("params.in_anchors") - self._cells.to(tiles.device)
+            batch["params.order"] = torch.from_numpy(self.perms).to(tiles.device)[batch["perm"]]   # (params only)
+        return batch
+
+    def _tile_norm(self, tiles: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Noroozi: per tile and channel x * U(scale) + U(shift), clamped, then (x - mean) / sqrt(var + 1)
+        over the tile's pixels (the epsilon, in grey levels^2, keeps flat tiles finite)."""
+        geo, shape = self.geometry, (-1, N_TILES, 3, 1, 1)
+        (s0, s1), (h0, h1) = geo.jitter_scale, geo.jitter_shift
+        scale = s0 + (s1 - s0) * u[:, JIG_U["scale"]:JIG_U["scale"] + 3 * N_TILES].reshape(shape)
+        shift = h0 + (h1 - h0) * u[:, JIG_U["shift"]:JIG_U["shift"] + 3 * N_TILES].reshape(shape)
+        x = (tiles * scale + shift).clamp_(0.0, 255.0)
+        var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)
+        return (x - mean) / torch.sqrt(var + 1.0)

@@ -1,34 +1,26 @@
-"""The reader stage every graph shares: manifest -> `fn.readers.webdataset` -> (jpg, index, label).
+"""The reader stage every graph shares: manifest -> `fn.readers.webdataset` -> (jpg, index, label, intact).
 
 Contract with `sslkit.shard`: keys and the `index` component are 10-digit zero-padded decimal sample
-indices; `cls` is zero-padded decimal too. Fixed widths let the graph parse them with two
-arithmetic ops, so indices come out of DALI as int64 and are never invented by the loader.
+indices; `cls` is zero-padded decimal too. Fixed widths make them dense [10] uint8 outputs that the
+loader parses in torch (`parse_decimal`, one batched op), so indices are never invented by the loader
+and cost no DALI operator. The JPEG check and the placeholder swap are one numba operator
+(`pipelines.kernels.check_jpeg`): the whole stage is 3 operators (reader, check, header shape).
 """
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 
-import numpy as np
-from nvidia.dali import fn, types
+import torch
+from nvidia.dali import fn
 
 from sslkit.shard import manifest as mf
 
+from .kernels import check_jpeg
+
 READER_NAME = "Reader"
-_POW10 = (10 ** np.arange(mf.KEY_DIGITS - 1, -1, -1)).astype(np.int64)
-
-
-def _placeholder_jpeg() -> np.ndarray:
-    """A small mid-gray JPEG that stands in for a corrupt sample (counted and reported, see loader)."""
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (124, 116, 104)).save(buf, format="JPEG", quality=90)
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
-
-
-PLACEHOLDER_JPEG = _placeholder_jpeg()
+_POW10 = torch.tensor([10 ** k for k in range(mf.KEY_DIGITS - 1, -1, -1)], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -39,6 +31,7 @@ class ShardSet:
     indexes: tuple[str, ...]
     total: int
     classes: dict | None
+    identity: str            # sslkit.shard.manifest.identity: the same dataset wherever it lies
 
     @classmethod
     def open(cls, directory: str) -> "ShardSet":
@@ -49,11 +42,15 @@ class ShardSet:
         tars, idxs = mf.shard_paths(directory, m)
         for tar, idx in zip(tars, idxs):
             _check_index_header(tar, idx, m)
-        return cls(os.path.abspath(directory), tuple(tars), tuple(idxs), m["total"], m["classes"])
+        return cls(os.path.abspath(directory), tuple(tars), tuple(idxs), m["total"], m["classes"], mf.identity(m))
 
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes else None
 
 
 def _check_index_header(tar: str, idx: str, m: dict):
@@ -76,29 +73,16 @@ def _check_index_header(tar: str, idx: str, m: dict):
                                    "belong to this tar (sslkit.shard verify)")
 
 
-def parse_decimal(raw):
-    """Fixed-width ASCII decimal (uint8[10]) -> int64 scalar, inside the graph."""
-    digits = fn.cast(raw, dtype=types.INT64) - 48
-    return fn.reductions.sum(digits * types.Constant(_POW10), axes=0)
-
-
-def jpeg_is_intact(jpg):
-    """Per-sample bool: starts with SOI (FF D8) and ends with EOI (FF D9). Truncated or overwritten
-    files fail this; bit flips inside the entropy-coded data decode (with artefacts) and pass."""
-    long_enough = fn.cast(jpg.shape()[0] >= 4, dtype=types.BOOL)
-    # Indexing needs >= 4 bytes; short samples are padded first so the expression is always defined.
-    padded = fn.pad(jpg, shape=[4], fill_value=0)
-    soi = (padded[0] == 255) & (padded[1] == 216)
-    eoi = (padded[-2] == 255) & (padded[-1] == 217)
-    return long_enough & soi & eoi
+def parse_decimal(raw: torch.Tensor) -> torch.Tensor:
+    """Fixed-width ASCII decimals [B, 10] uint8 -> int64 [B] (a torch op on the whole batch)."""
+    return ((raw.to(torch.int64) - 48) * _POW10.to(raw.device)).sum(-1)
 
 
 def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, want_label: bool, seed: int,
          use_mmap: bool = True):
-    """Reader + index parsing + integrity check. Returns (jpg, index, label or None, intact).
-
-    The reader has its own explicit seed, so a reader-only pipeline with the same arguments replays
-    exactly the same sample order (the loader uses that to locate a sample that fails to decode)."""
+    """Reader + JPEG check. Returns (jpg, index, label or None, intact): jpg with the placeholder JPEG
+    in place of every sample that fails the check (`pipelines.kernels.jpeg_ok`), index / label the raw
+    10-byte ASCII fields (`parse_decimal`), intact [1] uint8 (0: replaced)."""
     exts = ["jpg", "index"] + (["cls"] if want_label else [])
     outs = fn.readers.webdataset(
         paths=list(shards.tars), index_paths=list(shards.indexes), ext=exts,
@@ -111,18 +95,5 @@ def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, w
         # stores) usually prefer plain reads
         dont_use_mmap=not use_mmap,
     )
-    jpg, index = outs[0], parse_decimal(outs[1])
-    label = parse_decimal(outs[2]) if want_label else None
-    intact = jpeg_is_intact(jpg)
-    return jpg, index, label, intact
-
-
-def replace_broken(jpg, intact):
-    """Swap samples that fail the integrity check for the placeholder JPEG (conditionals must be on:
-    only the broken samples take the `else` branch)."""
-    if intact:
-        out = jpg
-    else:
-        out = fn.constant(idata=PLACEHOLDER_JPEG.astype(np.int32).tolist(), shape=[len(PLACEHOLDER_JPEG)],
-                          dtype=types.UINT8)
-    return out
+    jpg, intact = check_jpeg(outs[0])
+    return jpg, outs[1], outs[2] if want_label else None, intact

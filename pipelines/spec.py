@@ -1,39 +1,62 @@
-"""Augmentation specs: plain frozen dataclasses that the DALI graphs, the numpy reference
-(tests/reference.py) and the PIL baseline (bench/) all read, so all of them implement one recipe.
+"""Augmentation specs: plain frozen dataclasses that the DALI graphs, the torch batch stage, the numba
+kernels, the numpy reference (tests/reference.py) and the PIL baseline (bench/) all read, so all of them
+implement one recipe.
 
 Semantics every implementation follows (written down once, here):
-- crop window: torchvision's RandomResizedCrop rule -- area fraction ~ U(scale), log aspect ratio
-  ~ U(log ratio), up to 10 attempts, else the whole image clamped to the ratio range; the window is
-  resized to size x size with an antialiased linear filter;
-- per view, 9 uniforms u[0..8] in [0, 1) drive everything random after the crop (`VIEW_U`):
-  jitter applied if u[0] < p; brightness b = 1 + B(2u[1]-1), contrast c = 1 + C(2u[2]-1),
-  saturation s = 1 + S(2u[3]-1), hue h = 360 H (2u[4]-1) degrees (all identity when not applied);
-  grayscale if u[5] < gray_p (s = 0); blur if u[6] < blur_p with sigma = lo + (hi-lo) u[7];
-  horizontal flip if u[8] < flip_p;
-- colour: ONE linear map in YIQ space on the uint8 crop x, then clamped to [0, 255]:
+- random draws: every view of a sample has N_VIEW_U uniforms u[0..30] in [0, 1), drawn by ONE DALI op
+  for all views of the sample (`VIEW_U` names them). Everything random about a view is a function of
+  its row: the crop window, the flip, the colour, grayscale and blur;
+- crop window (`ViewRule`): torchvision's RandomResizedCrop rule inside a region of the image -- the
+  whole image, or (JigClu) a box of floor(box H + 0.5) by floor(box W + 0.5) pixels in a corner. With
+  s0, s1 the scale bounds and l0, l1 the logs of the ratio bounds, for attempt a = 0..9: area = region
+  area x (s0 + (s1 - s0) u[area + 2a]), aspect = exp(l0 + (l1 - l0) u[area + 2a + 1]), width =
+  rint(sqrt(area x aspect)), height = rint(sqrt(area / aspect)) (rint: half to even, as Python's
+  round); the first attempt that fits gives the window, at y = floor(u[y] (region H - height + 1)),
+  x = floor(u[x] (region W - width + 1)) (integers, as torchvision's randint). If none fits: the whole
+  region clamped to the ratio range, centred ((H - height) // 2). Or, with `square` > 0, a square of
+  side square x min(H, W) at continuous offsets y = u[y] (H - side), x = u[x] (W - side) (VISSL's
+  Resize(shorter side) + RandomCrop). Rule parameters are float32 (DALI has no float64 constants), the
+  arithmetic float64. The window is resized to size x size by ONE antialiased linear resize straight
+  from the decoded image;
+- horizontal flip if u[flip] < flip_p, folded into that resize (the window's x ends are swapped), so
+  the colour stage never flips (flip commutes with the per-pixel colour map and the symmetric blur);
+- colour (`ColorRecipe`): jitter applied if u[apply] < p; brightness b = 1 + B(2u[brightness] - 1),
+  contrast c = 1 + C(2u[contrast] - 1), saturation s = 1 + S(2u[saturation] - 1), hue h = 360 H
+  (2u[hue] - 1) degrees (all identity when not applied); grayscale if u[gray] < gray_p (s = 0). ONE
+  linear map in YIQ space on the uint8 crop x, then clamped to [0, 255]:
   out = b c YIQ->RGB . Rot(h) . diag(1, s, s) . RGB->YIQ . x + b (128 - 128 c)
   (grayscale is the same map with s = 0, i.e. luma 0.299/0.587/0.114: one pass for all four ops);
-- blur: Gaussian, kernel radius ceil(3 sigma) (sized to sigma, not a fixed 23 taps), reflect-101
-  borders, applied after the colour map -- SwAV's order;
+- blur if u[blur] < blur_p with sigma = lo + (hi - lo) u[sigma]: Gaussian, kernel radius ceil(3 sigma)
+  (sized to sigma, not a fixed 23 taps), reflect-101 borders, applied after the colour map (SwAV's order);
 - normalise: (x/255 - mean) / std, channels first.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+
+from sslkit.errors import SslkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-# Indices into the per-view uniform vector (see the module docstring).
+# The per-view uniforms (see the module docstring): photometric draws, the window position, then one
+# (area, log-ratio) pair per RandomResizedCrop attempt.
+CROP_ATTEMPTS = 10
 VIEW_U = {"apply": 0, "brightness": 1, "contrast": 2, "saturation": 3, "hue": 4, "gray": 5, "blur": 6,
-          "sigma": 7, "flip": 8}
-N_VIEW_U = len(VIEW_U)
+          "sigma": 7, "flip": 8, "y": 9, "x": 10, "area": 11}   # u[area + 2a], u[area + 2a + 1]: attempt a
+N_VIEW_U = VIEW_U["area"] + 2 * CROP_ATTEMPTS
 
 
-class SpecError(ValueError):
-    """An augmentation recipe that cannot be built (one-line reason)."""
+class SpecError(SslkitError, ValueError):
+    """An augmentation recipe or pipeline option that cannot be built (one-line reason)."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """One-line SpecError unless `value` is one of `choices` (the pipelines' option checks)."""
+    if value not in choices:
+        raise SpecError(f"{name}={value!r}: choose from {', '.join(repr(c) for c in choices)}")
 
 
 def _check_range(name: str, lo_hi, lo: float, hi: float):
@@ -48,6 +71,36 @@ def _check_p(name: str, p: float):
 
 
 @dataclass(frozen=True)
+class ViewRule:
+    """How one view's crop window is drawn (module docstring): RandomResizedCrop at `scale` / `ratio`
+    inside a region covering `box` of each side (box_y / box_x: 0 top / left, 1 bottom / right), or,
+    with `square` > 0, a square of `square` x the shorter side; flipped with probability `flip_p`."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    box: float = 1.0
+    box_y: int = 0
+    box_x: int = 0
+    square: float = 0.0
+    flip_p: float = 0.5
+
+    def validate(self) -> "ViewRule":
+        _check_range("scale", self.scale, 1e-4, 1.0)
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise SpecError(f"ratio={self.ratio}: expected 0 < min <= max")
+        if not 0 < self.box <= 1 or self.box_y not in (0, 1) or self.box_x not in (0, 1):
+            raise SpecError(f"box={self.box} at ({self.box_y}, {self.box_x}): expected 0 < box <= 1 in a corner")
+        if not 0 <= self.square <= 1:
+            raise SpecError(f"square={self.square}: expected a fraction of the shorter side in (0, 1]")
+        _check_p("flip_p", self.flip_p)
+        return self
+
+    def row(self, view: int) -> list[float]:
+        """The rule as the window kernel reads it (`pipelines.kernels.RULE`)."""
+        return [view, self.ratio[0], self.ratio[1], self.scale[0], self.scale[1], self.box, self.box_y, self.box_x,
+                self.square, self.flip_p]
+
+
+@dataclass(frozen=True)
 class CropGroup:
     """`count` crops of `size` x `size` pixels, random-resized from `scale` of the image area."""
     count: int
@@ -58,9 +111,7 @@ class CropGroup:
     def validate(self):
         if self.count < 1 or self.size < 8:
             raise SpecError(f"crop group {self}: need count >= 1 and size >= 8")
-        _check_range("scale", self.scale, 1e-4, 1.0)
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise SpecError(f"ratio={self.ratio}: expected 0 < min <= max")
+        ViewRule(self.scale, self.ratio).validate()
 
 
 @dataclass(frozen=True)
@@ -86,11 +137,26 @@ class ColorRecipe:
             _check_p(name, getattr(self, name))
         _check_range("blur_sigma", self.blur_sigma, 0.0, 50.0)
 
+    @property
+    def blur_radius(self) -> int:
+        """The largest blur kernel radius the recipe can draw (0: never blurs)."""
+        return int(math.ceil(3 * self.blur_sigma[1])) if self.blur_p > 0 else 0
+
     def as_array(self):
-        """The recipe as the float32 vector the CPU kernel reads (order fixed here)."""
+        """The recipe as the float32 vector the fused CPU kernel reads (order fixed here)."""
         import numpy as np
         return np.array([self.p, self.brightness, self.contrast, self.saturation, self.hue, self.gray_p,
                          self.blur_p, self.blur_sigma[0], self.blur_sigma[1], self.flip_p], dtype=np.float32)
+
+
+# No colour jitter, grayscale or blur; flip with p = 0.5 (evaluation crops).
+FLIP_ONLY = ColorRecipe(p=0.0, gray_p=0.0, blur_p=0.0)
+
+
+def check_blur_fits(color: ColorRecipe, smallest: int):
+    """The reflect-101 border needs the blur radius below the crop side."""
+    if color.blur_radius >= smallest:
+        raise SpecError(f"blur_sigma={color.blur_sigma}: radius {color.blur_radius} does not fit a {smallest} px crop")
 
 
 @dataclass(frozen=True)
@@ -110,6 +176,7 @@ class MultiCropSpec:
         sizes = [g.size for g in self.groups]
         if sizes != sorted(sizes, reverse=True):
             raise SpecError(f"crop groups must be ordered largest first, got sizes {sizes}")
+        check_blur_fits(self.color, sizes[-1])
         return self
 
     @property
@@ -118,6 +185,10 @@ class MultiCropSpec:
 
     def view_sizes(self) -> list[int]:
         return [g.size for g in self.groups for _ in range(g.count)]
+
+    def rules(self) -> list[ViewRule]:
+        """One window rule per view, in output order."""
+        return [ViewRule(g.scale, g.ratio, flip_p=self.color.flip_p) for g in self.groups for _ in range(g.count)]
 
 
 MULTICROP_PRESETS: dict[str, MultiCropSpec] = {

@@ -1,18 +1,17 @@
-"""Colour utilities for the colorization pretext task (Zhang et al. 2016; Goyal et al. 2019).
+"""Colour utilities for the colorization pretext task (Zhang et al. 2016; Goyal et al. 2019), in torch:
+the same code runs on the loader's device (the trainer's GPU) and on the CPU in CI.
 
-What is here (see docs METHODS.md §2.3-2.4 for the reference facts):
-
-* `rgb_to_lab` / `lab_to_rgb` (numpy or torch, channels-last) and `rgb_to_lab_nchw` /
-  `lab_to_rgb_nchw` (torch batches, channels-first): CIE Lab, D65, exact sRGB transfer function.
-  L is in [0, 100], a and b are unshifted (roughly -128..127).
+* `rgb_to_lab_nchw` / `rgb_to_L_nchw` / `lab_to_rgb_nchw`: CIE Lab (D65, exact sRGB transfer function)
+  of [N, 3, H, W] batches. L is in [0, 100], a and b are unshifted (roughly -128..127).
 * `ab_bins`: Zhang's 313 in-gamut ab bin centres (grid step 10), in the standard order.
-* `quantize_ab`, `soft_encode`, `soft_encode_topk`, `expand_topk`: hard and soft (k nearest
-  bins, Gaussian weights) targets.
+* `NearestBins`: the soft targets (the k nearest bins, Gaussian weights), exact and the same on every
+  device; `soft_encode_topk` / `quantize_ab` are its functional forms, `expand_topk` makes them dense.
 * `rebalance_weights`, `pixel_weights`, `nongray_mask`: Zhang's class rebalancing and gray-image mask.
 * `ab_prior` and the CLI ``python -m sslkit.color prior --data DIR --out prior.npy``: the empirical
   prior over the 313 bins of a shard folder.
 
-The bins file lives at ``sslkit/data/ab_bins_313.npy`` (a copy of Zhang's ``pts_in_hull.npy``).
+The bins file lives at ``sslkit/data/ab_bins_313.npy`` (a copy of Zhang's ``pts_in_hull.npy``). Numpy
+versions of the conversions, and the exhaustive 313-bin encoder, live in tests/reference.py.
 """
 
 from __future__ import annotations
@@ -33,174 +32,25 @@ N_BINS = 313
 BINS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ab_bins_313.npy")
 
 # sRGB primaries -> CIE XYZ (D65), the matrix used by OpenCV and scikit-image.
-_RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423],
-                     [0.212671, 0.715160, 0.072169],
-                     [0.019334, 0.119193, 0.950227]], dtype=np.float64)
+RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423],
+                    [0.212671, 0.715160, 0.072169],
+                    [0.019334, 0.119193, 0.950227]], dtype=np.float64)
 # The D65 white is taken as the XYZ of RGB (1, 1, 1) (the row sums: 0.950456, 1, 1.088754, as in
-# OpenCV) so that white maps to exactly a = b = 0 instead of a ~1e-4 residue.
-_WHITE = _RGB2XYZ.sum(axis=1)
-_XYZ2RGB = np.linalg.inv(_RGB2XYZ)
-# Lab matrices with the white-point normalisation folded in: rgb_lin @ _M_FWD.T = XYZ / white.
-_M_FWD = _RGB2XYZ / _WHITE[:, None]
-_M_INV = _XYZ2RGB * _WHITE[None, :]
+# OpenCV) so that white maps to exactly a = b = 0 instead of a ~1e-4 residue. The matrices below have
+# the white-point normalisation folded in: rgb_lin @ M_FWD.T = XYZ / white.
+M_FWD = RGB2XYZ / RGB2XYZ.sum(axis=1)[:, None]
+M_INV = np.linalg.inv(RGB2XYZ) * RGB2XYZ.sum(axis=1)[None, :]
 
-_DELTA = 6.0 / 29.0              # CIE f(t) switches from the cube root to a line at t = delta^3
-_DELTA3 = _DELTA ** 3
-_LIN_SLOPE = 1.0 / (3.0 * _DELTA ** 2)
+DELTA = 6.0 / 29.0              # CIE f(t) switches from the cube root to a line at t = delta^3
+_DELTA3 = DELTA ** 3
+_LIN_SLOPE = 1.0 / (3.0 * DELTA ** 2)
 _LIN_OFFSET = 4.0 / 29.0
 
 # Float inputs above this are almost surely 0..255 data passed as float: refuse rather than clip.
 _RANGE_TOL = 1e-3
 
-# Rows per chunk when computing pixel-to-bin distances: bounds the [rows, 313] temporaries to ~80 MB.
-_CHUNK = 1 << 16
 
-
-# --------------------------------------------------------------------------------------------------
-# RGB <-> Lab
-# --------------------------------------------------------------------------------------------------
-
-def _check_channels_last(x: Array, what: str) -> None:
-    if x.ndim not in (3, 4) or x.shape[-1] != 3:
-        raise ValueError(f"{what}: expected HxWx3 or NxHxWx3 (channels last), got shape {tuple(x.shape)}")
-
-
-def _rgb_unit_np(rgb: np.ndarray) -> np.ndarray:
-    """uint8 0..255 or float 0..1 -> float64 in [0, 1] (tiny overshoot from resampling is clipped)."""
-    if rgb.dtype == np.uint8:
-        return rgb.astype(np.float64) / 255.0
-    if not np.issubdtype(rgb.dtype, np.floating):
-        raise TypeError(f"rgb_to_lab: expected uint8 or float RGB, got dtype {rgb.dtype}")
-    x = rgb.astype(np.float64)
-    if x.size and (not np.isfinite(x).all() or x.min() < -_RANGE_TOL or x.max() > 1 + _RANGE_TOL):
-        raise ValueError(f"rgb_to_lab: float RGB must lie in [0, 1], got range "
-                         f"[{np.nanmin(x):.4g}, {np.nanmax(x):.4g}] (0..255 data? pass uint8 or divide by 255)")
-    return np.clip(x, 0.0, 1.0)
-
-
-def _rgb_unit_torch(rgb: torch.Tensor, validate: bool) -> torch.Tensor:
-    """uint8 0..255 or float 0..1 tensor -> float (float32 unless float64) in [0, 1]."""
-    if rgb.dtype == torch.uint8:
-        return rgb.to(torch.float32) / 255.0
-    if not rgb.is_floating_point():
-        raise TypeError(f"rgb_to_lab: expected uint8 or float RGB, got dtype {rgb.dtype}")
-    x = rgb if rgb.dtype == torch.float64 else rgb.to(torch.float32)
-    if validate and x.numel():
-        # One device sync; callers in a hot GPU loop can pass validate=False.
-        lo, hi = torch.aminmax(x)
-        lo, hi = float(lo), float(hi)
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-            raise ValueError(f"rgb_to_lab: float RGB must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}] "
-                             "(0..255 data? pass uint8 or divide by 255)")
-    return x.clamp(0.0, 1.0)
-
-
-def _srgb_to_linear(c):
-    """Exact piecewise sRGB decoding (IEC 61966-2-1); works on numpy arrays and tensors."""
-    if isinstance(c, torch.Tensor):
-        return torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def _linear_to_srgb(c):
-    """Exact piecewise sRGB encoding; input must already be clipped to >= 0 (pow of negatives is NaN)."""
-    if isinstance(c, torch.Tensor):
-        return torch.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1.0 / 2.4) - 0.055)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1.0 / 2.4) - 0.055)
-
-
-def _f(t):
-    """CIE Lab companding: cube root above (6/29)^3, the tangent line below it."""
-    if isinstance(t, torch.Tensor):
-        # clamp_min keeps the discarded branch finite (cube root of tiny negatives from rounding).
-        return torch.where(t > _DELTA3, t.clamp_min(_DELTA3) ** (1.0 / 3.0), t * _LIN_SLOPE + _LIN_OFFSET)
-    return np.where(t > _DELTA3, np.cbrt(t), t * _LIN_SLOPE + _LIN_OFFSET)
-
-
-def _f_inv(f):
-    """Inverse of `_f`."""
-    if isinstance(f, torch.Tensor):
-        return torch.where(f > _DELTA, f ** 3, (f - _LIN_OFFSET) / _LIN_SLOPE)
-    return np.where(f > _DELTA, f ** 3, (f - _LIN_OFFSET) / _LIN_SLOPE)
-
-
-@functools.lru_cache(maxsize=8)
-def _srgb_lut(device: torch.device) -> torch.Tensor:
-    """Linear value of each of the 256 uint8 sRGB codes (float32, computed in float64)."""
-    return torch.from_numpy(_srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)).to(device)
-
-
-def _linear_rgb_torch(rgb: torch.Tensor, validate: bool) -> torch.Tensor:
-    """uint8 or [0, 1] float RGB tensor -> linear RGB. uint8 goes through a 256-entry table: a
-    gather instead of a pow per value, the bulk of the cost of Lab on a CPU."""
-    if rgb.dtype == torch.uint8:
-        return _srgb_lut(rgb.device)[rgb.long()]
-    return _srgb_to_linear(_rgb_unit_torch(rgb, validate))
-
-
-def _lab_from_unit_rgb(x, channel_dim: int, linear: bool = False):
-    """RGB in [0, 1] (numpy float64 or a float tensor; already linear if `linear`) -> Lab, channels
-    along `channel_dim`."""
-    lin = x if linear else _srgb_to_linear(x)
-    if isinstance(x, torch.Tensor):
-        m = torch.as_tensor(_M_FWD, dtype=x.dtype, device=x.device)
-        xyz = torch.movedim(torch.movedim(lin, channel_dim, -1) @ m.T, -1, channel_dim)
-        fx, fy, fz = _f(xyz).unbind(channel_dim)
-        return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=channel_dim)
-    xyz = np.moveaxis(np.moveaxis(lin, channel_dim, -1) @ _M_FWD.T, -1, channel_dim)
-    fx, fy, fz = np.moveaxis(_f(xyz), channel_dim, 0)
-    return np.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=channel_dim)
-
-
-def _rgb_from_lab(lab, channel_dim: int):
-    """Lab (float64 numpy or float tensor) -> RGB in [0, 1], channels along `channel_dim`."""
-    if isinstance(lab, torch.Tensor):
-        L, a, b = lab.unbind(channel_dim)
-        fy = (L + 16.0) / 116.0
-        f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=channel_dim)
-        m = torch.as_tensor(_M_INV, dtype=lab.dtype, device=lab.device)
-        lin = torch.movedim(torch.movedim(_f_inv(f), channel_dim, -1) @ m.T, -1, channel_dim)
-        return _linear_to_srgb(lin.clamp(0.0, 1.0))
-    L, a, b = np.moveaxis(lab, channel_dim, 0)
-    fy = (L + 16.0) / 116.0
-    f = np.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=channel_dim)
-    lin = np.moveaxis(np.moveaxis(_f_inv(f), channel_dim, -1) @ _M_INV.T, -1, channel_dim)
-    return _linear_to_srgb(np.clip(lin, 0.0, 1.0))
-
-
-def rgb_to_lab(rgb: Array, validate: bool = True) -> Array:
-    """sRGB -> CIE Lab (D65), channels last.
-
-    `rgb`: HxWx3 or NxHxWx3 numpy array or torch tensor, uint8 in 0..255 or float in [0, 1].
-    Returns the same container type (tensor on the same device), float32 (float64 tensors stay
-    float64): L in [0, 100], a and b unshifted. `validate=False` skips the float range check
-    (a device sync for CUDA tensors).
-    """
-    _check_channels_last(rgb, "rgb_to_lab")
-    if isinstance(rgb, torch.Tensor):
-        return _lab_from_unit_rgb(_linear_rgb_torch(rgb, validate), -1, linear=True)
-    if not isinstance(rgb, np.ndarray):
-        raise TypeError(f"rgb_to_lab: expected a numpy array or torch tensor, got {type(rgb).__name__}")
-    x = _rgb_unit_np(rgb) if validate or rgb.dtype == np.uint8 else np.clip(rgb.astype(np.float64), 0, 1)
-    return _lab_from_unit_rgb(x, -1).astype(np.float32)
-
-
-def lab_to_rgb(lab: Array) -> Array:
-    """CIE Lab (D65) -> sRGB float in [0, 1] (out-of-gamut colours clipped), channels last.
-
-    `lab`: HxWx3 or NxHxWx3 numpy array or float tensor (L in [0, 100], a/b unshifted).
-    Returns float32 (float64 tensors stay float64) of the same container type.
-    """
-    _check_channels_last(lab, "lab_to_rgb")
-    if isinstance(lab, torch.Tensor):
-        if not lab.is_floating_point():
-            raise TypeError(f"lab_to_rgb: expected a float tensor, got dtype {lab.dtype}")
-        x = lab if lab.dtype == torch.float64 else lab.to(torch.float32)
-        return _rgb_from_lab(x, -1)
-    if not isinstance(lab, np.ndarray):
-        raise TypeError(f"lab_to_rgb: expected a numpy array or torch tensor, got {type(lab).__name__}")
-    return _rgb_from_lab(lab.astype(np.float64), -1).astype(np.float32)
-
+# == RGB <-> Lab ===================================================================================
 
 def _check_nchw(x: torch.Tensor, what: str) -> None:
     if not isinstance(x, torch.Tensor):
@@ -209,34 +59,89 @@ def _check_nchw(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected [N, 3, H, W], got shape {tuple(x.shape)}")
 
 
+def _srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
+    """Exact piecewise sRGB decoding (IEC 61966-2-1)."""
+    return torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def _linear_to_srgb(c: torch.Tensor) -> torch.Tensor:
+    """Exact piecewise sRGB encoding; input must already be clipped to >= 0 (pow of negatives is NaN)."""
+    return torch.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1.0 / 2.4) - 0.055)
+
+
+def _f(t: torch.Tensor) -> torch.Tensor:
+    """CIE Lab companding: cube root above (6/29)^3, the tangent line below it."""
+    # clamp_min keeps the discarded branch finite (cube root of tiny negatives from rounding).
+    return torch.where(t > _DELTA3, t.clamp_min(_DELTA3) ** (1.0 / 3.0), t * _LIN_SLOPE + _LIN_OFFSET)
+
+
+def _f_inv(f: torch.Tensor) -> torch.Tensor:
+    return torch.where(f > DELTA, f ** 3, (f - _LIN_OFFSET) / _LIN_SLOPE)
+
+
+@functools.lru_cache(maxsize=8)
+def _srgb_lut(device: torch.device) -> torch.Tensor:
+    """Linear value of each of the 256 uint8 sRGB codes (float32, computed in float64)."""
+    return _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0).float().to(device)
+
+
+def _linear_rgb(rgb: torch.Tensor, validate: bool) -> torch.Tensor:
+    """uint8 0..255 or float [0, 1] RGB -> linear RGB (float32; float64 stays float64). uint8 goes
+    through a 256-entry table: a gather instead of a pow per value, the bulk of the cost on a CPU."""
+    if rgb.dtype == torch.uint8:
+        return _srgb_lut(rgb.device)[rgb.long()]
+    if not rgb.is_floating_point():
+        raise TypeError(f"rgb_to_lab: expected uint8 or float RGB, got dtype {rgb.dtype}")
+    x = rgb if rgb.dtype == torch.float64 else rgb.to(torch.float32)
+    if validate and x.numel():
+        # One device sync; callers in a hot GPU loop pass validate=False.
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+            raise ValueError(f"rgb_to_lab: float RGB must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}] "
+                             "(0..255 data? pass uint8 or divide by 255)")
+    return _srgb_to_linear(x.clamp(0.0, 1.0))
+
+
+def _mix(m: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """m (3x3) applied to the channels of x [N, 3, H, W]: elementwise sums, not a matmul, so a GPU
+    computes what a CPU does (no TF32, no FMA reordering in a GEMM)."""
+    c = x.unbind(1)
+    return torch.stack([float(m[i, 0]) * c[0] + float(m[i, 1]) * c[1] + float(m[i, 2]) * c[2] for i in range(3)], 1)
+
+
 def rgb_to_lab_nchw(x: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """Batched sRGB -> Lab on channels-first tensors (any device): [N, 3, H, W] uint8 or float
     in [0, 1] -> [N, 3, H, W] float32 (float64 stays float64), L in [0, 100], a/b unshifted.
     `validate=False` skips the float range check and its device sync."""
     _check_nchw(x, "rgb_to_lab_nchw")
-    return _lab_from_unit_rgb(_linear_rgb_torch(x, validate), 1, linear=True)
+    lin = _linear_rgb(x, validate)
+    fx, fy, fz = _f(_mix(M_FWD, lin)).unbind(1)
+    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
 
 
 def rgb_to_L_nchw(x: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """Only the lightness of `rgb_to_lab_nchw`: [N, 3, H, W] -> [N, 1, H, W], L in [0, 100]. L depends
     on the luminance Y alone, so this skips two of the three companding passes."""
     _check_nchw(x, "rgb_to_L_nchw")
-    lin = _linear_rgb_torch(x, validate)
-    w = torch.as_tensor(_M_FWD[1], dtype=lin.dtype, device=lin.device).view(1, 3, 1, 1)
-    return 116.0 * _f((lin * w).sum(dim=1, keepdim=True)) - 16.0
+    lin = _linear_rgb(x, validate)
+    c = lin.unbind(1)
+    y = float(M_FWD[1, 0]) * c[0] + float(M_FWD[1, 1]) * c[1] + float(M_FWD[1, 2]) * c[2]
+    return 116.0 * _f(y.unsqueeze(1)) - 16.0
 
 
 def lab_to_rgb_nchw(lab: torch.Tensor) -> torch.Tensor:
-    """Batched Lab -> sRGB in [0, 1] (clipped) on channels-first tensors: [N, 3, H, W] -> [N, 3, H, W]."""
+    """Batched Lab -> sRGB in [0, 1] (out-of-gamut colours clipped): [N, 3, H, W] -> [N, 3, H, W]."""
     _check_nchw(lab, "lab_to_rgb_nchw")
     if not lab.is_floating_point():
         raise TypeError(f"lab_to_rgb_nchw: expected a float tensor, got dtype {lab.dtype}")
-    return _rgb_from_lab(lab if lab.dtype == torch.float64 else lab.to(torch.float32), 1)
+    lab = lab if lab.dtype == torch.float64 else lab.to(torch.float32)
+    L, a, b = lab.unbind(1)
+    fy = (L + 16.0) / 116.0
+    f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=1)
+    return _linear_to_srgb(_mix(M_INV, _f_inv(f)).clamp(0.0, 1.0))
 
 
-# --------------------------------------------------------------------------------------------------
-# Bins, quantisation, soft encoding
-# --------------------------------------------------------------------------------------------------
+# == Bins and soft encoding ========================================================================
 
 @functools.lru_cache(maxsize=1)
 def _bins_cached() -> np.ndarray:
@@ -256,94 +161,32 @@ def ab_bins() -> np.ndarray:
     return _bins_cached().copy()
 
 
-def _bins_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(_bins_cached().copy()).to(device=x.device, dtype=x.dtype)
-
-
-def _as_ab_tensor(ab: Array, what: str) -> tuple[torch.Tensor, bool]:
-    """ab [..., 2] -> (float tensor, was_numpy). float64 stays float64, anything else -> float32."""
-    was_numpy = isinstance(ab, np.ndarray)
-    if was_numpy:
-        t = torch.from_numpy(np.ascontiguousarray(ab))
-    elif isinstance(ab, torch.Tensor):
-        t = ab
-    else:
-        raise TypeError(f"{what}: expected a numpy array or torch tensor, got {type(ab).__name__}")
-    if t.ndim < 1 or t.shape[-1] != 2:
-        raise ValueError(f"{what}: expected ab with last dimension 2, got shape {tuple(t.shape)}")
-    if t.dtype != torch.float64:
-        t = t.to(torch.float32)
-    return t, was_numpy
-
-
-def _sq_dist_chunks(flat: torch.Tensor, bins: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Squared distances [rows, 313] from ab rows to the bins, in chunks.
-
-    Computed as exact differences rather than |x|^2 + |y|^2 - 2xy (what torch.cdist does for big
-    inputs): with ab values ~100 the expanded form loses ~1e-3 in float32, enough to flip near-ties.
-    """
-    for start in range(0, flat.shape[0], _CHUNK):
-        rows = flat[start:start + _CHUNK]
-        d2 = (rows[:, :1] - bins[:, 0]) ** 2 + (rows[:, 1:] - bins[:, 1]) ** 2
-        yield slice(start, start + rows.shape[0]), d2
-
-
-def quantize_ab(ab: Array) -> Array:
-    """Index of the nearest of the 313 bins for each ab pair: [..., 2] -> [...] int64 (numpy or torch)."""
-    t, was_numpy = _as_ab_tensor(ab, "quantize_ab")
-    flat = t.reshape(-1, 2)
-    out = torch.empty(flat.shape[0], dtype=torch.int64, device=t.device)
-    bins = _bins_like(t)
-    for sl, d2 in _sq_dist_chunks(flat, bins):
-        out[sl] = d2.argmin(dim=1)
-    out = out.reshape(t.shape[:-1])
-    return out.numpy() if was_numpy else out
-
-
-def soft_encode_topk(ab: Array, k: int = 10, sigma: float = 5.0) -> tuple[Array, Array]:
-    """Zhang's soft targets in compact form: for each ab pair, the `k` nearest bins (nearest first)
-    and Gaussian weights exp(-d^2 / (2 sigma^2)) normalised to sum 1.
-
-    Returns (indices [..., k] int64, weights [..., k] float32; float64 for float64 input), numpy in
-    -> numpy out, tensors stay on their device.
-    """
-    if not 1 <= k <= N_BINS:
-        raise ValueError(f"soft_encode_topk: k must be in 1..{N_BINS}, got {k}")
-    if not sigma > 0:
-        raise ValueError(f"soft_encode_topk: sigma must be > 0, got {sigma}")
-    t, was_numpy = _as_ab_tensor(ab, "soft_encode_topk")
-    flat = t.reshape(-1, 2)
-    idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=t.device)
-    w = torch.empty(flat.shape[0], k, dtype=t.dtype, device=t.device)
-    bins = _bins_like(t)
-    for sl, d2 in _sq_dist_chunks(flat, bins):
-        d2k, ik = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-        # Subtracting the nearest distance cancels in the normalisation but keeps far
-        # out-of-gamut pixels from underflowing to 0/0.
-        e = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * sigma * sigma))
-        idx[sl] = ik
-        w[sl] = e / e.sum(dim=1, keepdim=True)
-    idx = idx.reshape(*t.shape[:-1], k)
-    w = w.reshape(*t.shape[:-1], k)
-    return (idx.numpy(), w.numpy()) if was_numpy else (idx, w)
+SNAP = 1024.0  # ab is snapped to multiples of 1/SNAP before the bins are searched (see NearestBins)
 
 
 class NearestBins:
-    """The k nearest of Zhang's 313 ab bins and their Gaussian weights, exactly, from a short list
-    of candidate bins per pixel.
+    """The k nearest of Zhang's 313 ab bins and their Gaussian weights exp(-d^2 / (2 sigma^2)),
+    normalised to sum 1, nearest first -- exactly, from a short list of candidate bins per pixel.
 
     The ab plane is cut into 10 x 10 cells (the bins' grid step). For a point x in a cell with
     centre c, the k-th nearest bin is at most d_k(c) + 5 sqrt(2) away (triangle inequality), so
     only bins whose distance to the cell is within that bound can be among x's k nearest: for
-    k = 10 that is at most 37 bins. Distances are computed as in `soft_encode_topk` (exact differences,
-    float32), so the weights are bit-identical to `soft_encode_topk`'s. Cells cover a and b in
-    [-125, 125), which holds every sRGB colour (a in [-86.2, 98.3], b in [-107.9, 94.5]); a point
-    outside would be searched in the nearest border cell's list, which is not guaranteed exact.
+    k = 10 that is at most 37 bins. Cells cover a and b in [-125, 125), which holds every sRGB colour
+    (a in [-86.2, 98.3], b in [-107.9, 94.5]); a point outside is searched in the nearest border
+    cell's list, which is not guaranteed exact.
+
+    The same bins on every device: ab is first snapped to multiples of 1/1024 (far below the bins'
+    spacing of 10, far above the ~3e-5 by which float32 Lab differs between a CPU and a GPU), so points
+    on a tie stay exactly on it -- gray pixels, a = b = 0 up to rounding, are equally far from four
+    bins -- and exact ties go to the lower bin index (a stable sort over the candidates in bin order).
+    Distances are exact differences in float32, never |x|^2 + |y|^2 - 2xy.
     """
 
     LO, STEP, CELLS = -125.0, 10.0, 25
 
     def __init__(self, k: int = 10):
+        if not 1 <= k <= N_BINS:
+            raise ValueError(f"NearestBins: k must be in 1..{N_BINS}, got {k}")
         bins = ab_bins().astype(np.float64)
         centres = self.LO + self.STEP * (np.arange(self.CELLS) + 0.5)
         c = np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 1, 2)
@@ -360,14 +203,14 @@ class NearestBins:
         self._on_device: dict[torch.device, tuple] = {}   # the two tables, copied once per device
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._on_device:
-            self._on_device[device] = (self.candidates.to(device), self.coords.to(device))
+        if device not in self._on_device:   # candidates in bin order: the stable sort breaks ties by it
+            self._on_device[device] = (self.candidates.sort(dim=1).values.to(device), self.coords.to(device))
         return self._on_device[device]
 
     def __call__(self, ab: torch.Tensor, sigma: float, chunk: int = 1 << 16):
         """ab [..., 2] float tensor -> (indices [..., k] int64, nearest first; weights [..., k] float32)."""
         cand_all, coords = self._tables(ab.device)
-        flat = ab.reshape(-1, 2).float()
+        flat = torch.round(ab.reshape(-1, 2).float() * SNAP) / SNAP
         idx = torch.empty(flat.shape[0], self.k, dtype=torch.int64, device=ab.device)
         w = torch.empty(flat.shape[0], self.k, dtype=torch.float32, device=ab.device)
         for start in range(0, flat.shape[0], chunk):  # bounds the [rows, M] temporaries
@@ -375,12 +218,35 @@ class NearestBins:
             cell = ((x - self.LO) / self.STEP).floor().long().clamp_(0, self.CELLS - 1)
             cand = cand_all[cell[:, 0] * self.CELLS + cell[:, 1]]                    # [rows, M]
             d2 = (x[:, :1] - coords[:, 0][cand]) ** 2 + (x[:, 1:] - coords[:, 1][cand]) ** 2
-            d2k, j = torch.topk(d2, self.k, dim=1, largest=False, sorted=True)
-            # Relative to the nearest distance, as sslkit.color does: no 0/0 far from every bin.
+            d2k, j = (t[:, :self.k] for t in torch.sort(d2, dim=1, stable=True))
+            # Relative to the nearest distance: no 0/0 far from every bin.
             e = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * sigma * sigma))
             idx[start:start + chunk] = cand.gather(1, j)
             w[start:start + chunk] = e / e.sum(dim=1, keepdim=True)
         return idx.reshape(*ab.shape[:-1], self.k), w.reshape(*ab.shape[:-1], self.k)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(k: int) -> NearestBins:
+    return NearestBins(k)
+
+
+def soft_encode_topk(ab: Array, k: int = 10, sigma: float = 5.0) -> tuple[Array, Array]:
+    """`NearestBins(k)(ab, sigma)` for numpy or torch ab [..., 2]: (indices [..., k] int64, weights
+    [..., k] float32), numpy in -> numpy out, tensors stay on their device."""
+    if not sigma > 0:
+        raise ValueError(f"soft_encode_topk: sigma must be > 0, got {sigma}")
+    was_numpy = isinstance(ab, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(ab)) if was_numpy else ab
+    if t.ndim < 1 or t.shape[-1] != 2:
+        raise ValueError(f"soft_encode_topk: expected ab with last dimension 2, got shape {tuple(t.shape)}")
+    idx, w = _encoder(k)(t, sigma)
+    return (idx.numpy(), w.numpy()) if was_numpy else (idx, w)
+
+
+def quantize_ab(ab: Array) -> Array:
+    """Index of the nearest of the 313 bins for each ab pair: [..., 2] -> [...] int64 (numpy or torch)."""
+    return soft_encode_topk(ab, k=1)[0][..., 0]
 
 
 def expand_topk(indices: Array, weights: Array, n_bins: int = N_BINS) -> Array:
@@ -390,22 +256,17 @@ def expand_topk(indices: Array, weights: Array, n_bins: int = N_BINS) -> Array:
     w = torch.from_numpy(np.ascontiguousarray(weights)) if isinstance(weights, np.ndarray) else weights
     if i.shape != w.shape:
         raise ValueError(f"expand_topk: indices {tuple(i.shape)} and weights {tuple(w.shape)} differ in shape")
-    if i.dtype != torch.int64:
-        i = i.to(torch.int64)
     dense = torch.zeros(*i.shape[:-1], n_bins, dtype=w.dtype, device=w.device)
-    dense.scatter_(-1, i.to(w.device), w)
+    dense.scatter_(-1, i.to(device=w.device, dtype=torch.int64), w)
     return dense.numpy() if was_numpy else dense
 
 
 def soft_encode(ab: Array, k: int = 10, sigma: float = 5.0) -> Array:
-    """Zhang's dense soft targets: [..., 2] -> [..., 313], k non-zeros per row summing to 1
-    (see `soft_encode_topk`; prefer that compact form for big batches: dense is 313 floats a pixel)."""
+    """Zhang's dense soft targets: [..., 2] -> [..., 313] (313 floats a pixel; prefer the compact form)."""
     return expand_topk(*soft_encode_topk(ab, k, sigma))
 
 
-# --------------------------------------------------------------------------------------------------
-# Class rebalancing and gray mask
-# --------------------------------------------------------------------------------------------------
+# == Class rebalancing and gray mask ===============================================================
 
 def rebalance_weights(prior: Array, gamma: float = 0.5, alpha: float = 1.0) -> np.ndarray:
     """Zhang's per-bin rebalancing factors (PriorBoostLayer), float64 [313].
@@ -472,68 +333,49 @@ def nongray_mask(ab: Array, threshold: float = 5.0) -> Array:
     return big.reshape(*big.shape[:-3], -1).any(axis=-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Empirical prior
-# --------------------------------------------------------------------------------------------------
-
-def _downscale(rgb: np.ndarray, size: int | None) -> np.ndarray:
-    """Shrink so that the longer side is at most `size` (area averaging; aspect kept)."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    if not size or max(h, w) <= size:
-        return rgb
-    s = size / max(h, w)
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-
+# == Empirical prior ===============================================================================
 
 def ab_prior(images: Iterable[np.ndarray], size: int | None = 64) -> np.ndarray:
     """Empirical prior over the 313 bins: normalised histogram of the nearest-bin index of every
     pixel of every image. float64 [313], sums to 1.
 
-    `images`: HxWx3 RGB arrays (uint8, or float in [0, 1]). Each image is first shrunk to at most
-    `size` pixels on its longer side (INTER_AREA; `None` or 0 keeps full resolution) for speed;
-    area averaging slightly desaturates edges, comparable to Goyal's 256x256 global resize.
-    Every image counts per pixel, so large images weigh more, as in Zhang's and Goyal's scripts.
+    `images`: HxWx3 uint8 RGB arrays. Each image is first shrunk to at most `size` pixels on its longer
+    side (INTER_AREA; `None` or 0 keeps full resolution) for speed; area averaging slightly desaturates
+    edges, comparable to Goyal's 256x256 global resize. Every image counts per pixel, so large images
+    weigh more, as in Zhang's and Goyal's scripts.
     """
+    import cv2
+
     counts = np.zeros(N_BINS, dtype=np.int64)
     for n, rgb in enumerate(images):
         rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[-1] != 3:
-            raise ValueError(f"ab_prior: image {n} has shape {rgb.shape}, expected HxWx3 RGB")
-        lab = rgb_to_lab(_downscale(rgb, size))
-        counts += np.bincount(quantize_ab(lab[..., 1:]).ravel(), minlength=N_BINS)
+        if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"ab_prior: image {n} is {rgb.dtype} {rgb.shape}, expected HxWx3 uint8 RGB")
+        (h, w), s = rgb.shape[:2], (size or 0) / max(rgb.shape[:2])
+        if 0 < s < 1:  # shrink: longer side `size`, area averaging, aspect kept
+            rgb = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+        ab = rgb_to_lab_nchw(x)[0, 1:].permute(1, 2, 0)
+        counts += np.bincount(quantize_ab(ab).flatten().numpy(), minlength=N_BINS)
     total = counts.sum()
     if total == 0:
         raise ValueError("ab_prior: no pixels (empty image iterable?)")
     return counts / total
 
 
-def iter_shard_images(directory: str, limit: int | None = None) -> Iterator[np.ndarray]:
-    """Decode the `jpg` member of each sample of a shard folder, in order, as HxWx3 uint8 RGB."""
+def shard_images(directory: str, limit: int | None = None) -> Iterator[np.ndarray]:
+    """The `jpg` of the first `limit` samples of a shard folder (by index), decoded to HxWx3 uint8 RGB."""
     import cv2
 
-    from .shard import load, shard_paths
-    from .shard.tarwriter import read_index
+    from .shard.access import SampleReader
 
-    m = load(directory)
-    tars, idxs = shard_paths(directory, m)
-    done = 0
-    for tar, idx in zip(tars, idxs):
-        with open(tar, "rb") as f:
-            for sample in read_index(idx):
-                if limit is not None and done >= limit:
-                    return
-                if "jpg" not in sample:
-                    raise ValueError(f"{tar}: sample without a jpg member ({sorted(sample)})")
-                offset, size, name = sample["jpg"]
-                f.seek(offset)
-                data = f.read(size)
-                bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-                if bgr is None or len(data) != size:
-                    raise ValueError(f"{tar}: cannot decode {name or 'jpg'} at offset {offset}")
-                done += 1
-                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    reader = SampleReader(directory)
+    total = reader.manifest["total"]
+    for i in range(total if limit is None else min(limit, total)):
+        bgr = cv2.imdecode(np.frombuffer(reader.component(i, "jpg"), dtype=np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{directory}: sample {i} does not decode (python -m sslkit.shard verify --full)")
+        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _prior_cli(args: argparse.Namespace) -> int:
@@ -545,15 +387,13 @@ def _prior_cli(args: argparse.Namespace) -> int:
     n = total if args.limit is None else min(args.limit, total)
     if n == 0:
         raise ValueError(f"{args.data}: no samples")
-    images = tqdm(iter_shard_images(args.data, args.limit), total=n, unit="img", desc="ab prior")
-    prior = ab_prior(images, size=args.size or None)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+    prior = ab_prior(tqdm(shard_images(args.data, args.limit), total=n, unit="img", desc="ab prior"),
+                     size=args.size or None)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(args.out, prior)
     p = prior[prior > 0]
-    entropy = float(-(p * np.log2(p)).sum())
     print(f"{args.out}: prior over {N_BINS} ab bins from {n} images; {len(p)} non-zero bins, "
-          f"max {prior.max():.4f} (bin {int(prior.argmax())}), entropy {entropy:.2f} bits")
+          f"max {prior.max():.4f} (bin {int(prior.argmax())}), entropy {float(-(p * np.log2(p)).sum()):.2f} bits")
     return 0
 
 

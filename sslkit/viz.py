@@ -1,8 +1,9 @@
 """python -m sslkit.viz --pipeline multicrop --data DIR --out views.png
 
 A PNG grid of real samples pushed through a pipeline, to eyeball an augmentation recipe: one row
-per sample with the source image (crop windows drawn on it when the family reports them) followed
-by every view, de-normalised. Each pipeline family plugs in a row renderer here.
+per sample with the source image (crop windows drawn on it when the pipeline reports them) followed
+by every view, de-normalised. Each pipeline has a row renderer here, registered in sslkit.registry
+under kind "renderer".
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ import ast
 import io
 import os
 import sys
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from . import registry
+from .errors import SslkitError
+
+if __name__ == "__main__":
+    # `python -m sslkit.viz` runs this file as __main__; registering its renderers here AND again when
+    # the registry imports sslkit.viz would be a double registration. Run the real module instead.
+    from sslkit.viz import main as _main
+    sys.exit(_main())
 
 CELL = 224
 PAD = 6
@@ -63,11 +72,11 @@ def grid(rows: list[list[Image.Image]], captions: list[str]) -> Image.Image:
 
 
 def _window(batch, k: int, i: int) -> tuple:
-    """Crop window (y, x, h, w) of view k of sample i, from the family's params outputs."""
-    a, e = batch[f"params.{k}.anchor"][i].tolist(), batch[f"params.{k}.extent"][i].tolist()
-    return a[0], a[1], e[0], e[1]
+    """Crop window (y, x, h, w) of view k of sample i, from the pipeline's params outputs."""
+    return tuple(batch["params.windows"][i, k].tolist())
 
 
+@registry.register("renderer", "multicrop")
 def _multicrop_rows(batch, loader, reader, n) -> tuple[list, list]:
     spec = loader.family.spec
     rows, captions = [], []
@@ -82,12 +91,14 @@ def _multicrop_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
+@registry.register("renderer", "eval_val")
+@registry.register("renderer", "eval_train")
 def _eval_rows(batch, loader, reader, n) -> tuple[list, list]:
     spec = loader.family.spec
     rows, captions = [], []
     for i in range(n):
         index = int(batch["index"][i])
-        boxes = [_window(batch, 0, i)] if "params.0.anchor" in batch else []
+        boxes = [_window(batch, 0, i)] if "params.windows" in batch else []
         rows.append([source_with_boxes(reader.component(index, "jpg"), boxes),
                      Image.fromarray(denormalize(batch["views"][0][i], spec.mean, spec.std))])
         captions.append(f"sample {index}: source, then the {loader.family.name} crop")
@@ -105,6 +116,7 @@ def _tile_grid(tiles: list[np.ndarray], gap: int = 4) -> Image.Image:
     return Image.fromarray(board)
 
 
+@registry.register("renderer", "jigsaw")
 def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
     fam = loader.family
     rows, captions = [], []
@@ -127,7 +139,7 @@ def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
                      Image.fromarray(batch["params.crop"][i].numpy()).resize((CELL, CELL)),
                      fit(_tile_grid(shown)), fit(_tile_grid(original))])
         gray = " gray" if bool(batch["params.gray"][i]) else ""
-        flip = " flipped" if float(batch["params.flip"][i]) > 0 else ""
+        flip = " flipped" if bool(batch["params.flip"][i]) else ""
         captions.append(f"sample {index}: crop{flip}{gray}; tiles as fed (perm {p} = {order.tolist()}); "
                         "un-permuted")
     return rows, captions
@@ -136,10 +148,15 @@ def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
 ANNEALED_T = 0.38  # Zhang's deploy-time temperature (logits x 2.606)
 
 
+@registry.register("renderer", "colorization")
 def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
     import torch
 
-    from .color import ab_bins, lab_to_rgb
+    from .color import ab_bins, lab_to_rgb_nchw
+
+    def lab_to_rgb(lab):  # [S, S, 3] -> [S, S, 3]
+        return lab_to_rgb_nchw(lab.permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+
     bins = torch.from_numpy(ab_bins())
     rows, captions = [], []
     for i in range(n):
@@ -161,17 +178,16 @@ def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
+@registry.register("renderer", "jigclu")
 def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
     from pipelines.jigclu import LOCATIONS, QUADRANTS, make_montages
-    spec = loader.family.spec
+    spec = loader.family.views
     m = make_montages(batch["patches"], 0)
     rows, captions = [], []
     for i in range(n):
         index = int(batch["index"][i])
-        boxes = []  # each patch's window (inside its 0.8 x 0.8 box), colours in TL, BL, TR, BR order
-        for k in range(4):
-            a, e = batch[f"params.{k}.anchor"][i].tolist(), batch[f"params.{k}.extent"][i].tolist()
-            boxes.append((a[0], a[1], e[0], e[1]))
+        # each patch's window (inside its 0.8 x 0.8 box), colours in TL, BL, TR, BR order
+        boxes = [_window(batch, k, i) for k in range(4)]
         row = [source_with_boxes(reader.component(index, "jpg"), boxes)]
         row += [Image.fromarray(denormalize(v, spec.mean, spec.std)) for v in batch["patches"][i]]
         row.append(Image.fromarray(denormalize(m["montages"][i], spec.mean, spec.std)))
@@ -183,44 +199,49 @@ def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
-# Row renderers per pipeline family; later families register theirs with `register_renderer`.
-RENDERERS: dict[str, Callable] = {"multicrop": _multicrop_rows, "eval_val": _eval_rows, "eval_train": _eval_rows,
-                                  "jigsaw": _jigsaw_rows, "colorization": _colorization_rows,
-                                  "jigclu": _jigclu_rows}
-
-
-def register_renderer(name: str, fn: Callable):
-    RENDERERS[name] = fn
-
-
 def render(pipeline: str, data: str, out: str, n: int = 6, seed: int = 0, **options) -> str:
     from pipelines import make_loader
 
     from .shard.access import SampleReader
-    if pipeline not in RENDERERS:
-        raise ValueError(f"no visualizer for pipeline {pipeline!r}; choose from {sorted(RENDERERS)}")
+    draw = registry.entry("renderer", pipeline).factory
+    print(f"building the {pipeline} pipeline (DALI graph and numba kernels: a few seconds) ...", file=sys.stderr,
+          flush=True)
     loader = make_loader(pipeline, data, batch_size=n, seed=seed, with_params=True, shuffle_buffer=256,
                          **options)
     batch = next(iter(loader))
-    rows, captions = RENDERERS[pipeline](batch, loader, SampleReader(data), n)
+    rows, captions = draw(batch, loader, SampleReader(data), n)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(rows, captions).save(out)
     return out
 
 
+def _with_presets() -> list[str]:
+    """The pipelines that take a `preset` option."""
+    return [p for p in registry.names("pipeline")
+            if "preset" in (registry.accepted_options(registry.entry("pipeline", p).factory) or [])]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sslkit.viz", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pipeline", default="multicrop", help=f"one of: {', '.join(sorted(RENDERERS))}")
+    p.add_argument("--pipeline", default="multicrop", help=f"one of: {', '.join(registry.names('renderer'))}")
     p.add_argument("--data", required=True, help="shard folder (with manifest.json)")
     p.add_argument("--out", default="views.png", help="PNG to write")
     p.add_argument("--n", type=int, default=6, help="samples (rows)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default=None, help="multicrop preset, e.g. 2x224+6x96, 2x160+4x96, 2x224, tiny")
+    p.add_argument("--preset", default=None,
+                   help="a preset of the pipelines that have them (multicrop: 2x224+6x96, 2x160+4x96, 2x224, small, "
+                        "tiny)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any option of the pipeline family, e.g. permutations=100, geometry=noroozi, size=176")
+                   help="any option of the pipeline, e.g. permutations=100, geometry=noroozi, size=176")
     args = p.parse_args(argv)
-    options = {"preset": args.preset} if args.preset else {}
+    options = {}
+    if args.preset:
+        if args.pipeline not in _with_presets():
+            print(f"error: --preset: the {args.pipeline} pipeline has no presets (only {', '.join(_with_presets())} "
+                  "has them); set its options with --option KEY=VALUE", file=sys.stderr)
+            return 2
+        options["preset"] = args.preset
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:
@@ -232,12 +253,12 @@ def main(argv=None) -> int:
             options[key] = value  # a plain string, e.g. a path
     try:
         path = render(args.pipeline, args.data, args.out, n=args.n, seed=args.seed, **options)
+    except SslkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - one line for the user, whatever went wrong
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

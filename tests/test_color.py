@@ -1,4 +1,7 @@
-"""Tests for sslkit.color: Lab conversion, 313 ab bins, soft encoding, rebalancing, prior CLI."""
+"""Tests for sslkit.color: Lab conversion, 313 ab bins, soft encoding, rebalancing, prior CLI.
+
+sslkit.color is torch only; its numpy twins live in tests/reference.py and are checked here too
+(against OpenCV), since the pipeline tests use them as the reference."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
+import reference
 from sslkit import color
 
 REFERENCE_BINS = "/work/shared/reference/colorization_ab_bins_313.npy"
@@ -32,40 +36,58 @@ def _random_ab(n: int, seed: int = 0, lo: float = -110.0, hi: float = 110.0) -> 
 
 
 def _brute_sq_dist(ab: np.ndarray) -> np.ndarray:
+    """float64 squared distances to the reference bins of ab as the encoder sees it (snapped to 1/SNAP)."""
     bins = np.load(REFERENCE_BINS)
-    return ((ab.astype(np.float64)[:, None, :] - bins[None]) ** 2).sum(-1)
+    snapped = np.round(ab.astype(np.float64) * color.SNAP) / color.SNAP
+    return ((snapped[:, None, :] - bins[None]) ** 2).sum(-1)
+
+
+def lab_t(rgb) -> torch.Tensor:
+    """sslkit.color's Lab of channels-last data (numpy or torch), channels last."""
+    x = torch.as_tensor(rgb)
+    batch = x if x.ndim == 4 else x[None]
+    lab = color.rgb_to_lab_nchw(batch.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return lab if x.ndim == 4 else lab[0]
+
+
+def rgb_t(lab) -> torch.Tensor:
+    x = torch.as_tensor(lab)
+    batch = x if x.ndim == 4 else x[None]
+    rgb = color.lab_to_rgb_nchw(batch.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return rgb if x.ndim == 4 else rgb[0]
 
 
 # ------------------------------------------------------------------------------------------ Lab
 
 def test_known_values():
     rgb = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0]]], dtype=np.uint8)
-    lab = color.rgb_to_lab(rgb)
+    lab = reference.rgb_to_lab(rgb)
     assert lab.dtype == np.float32 and lab.shape == (1, 3, 3)
     np.testing.assert_allclose(lab[0, 0], [100.0, 0.0, 0.0], atol=1e-4)
     np.testing.assert_allclose(lab[0, 1], [0.0, 0.0, 0.0], atol=1e-4)
     np.testing.assert_allclose(lab[0, 2], [53.24, 80.09, 67.20], atol=0.01)
-    lab_t = color.rgb_to_lab(torch.from_numpy(rgb))
-    assert isinstance(lab_t, torch.Tensor) and lab_t.dtype == torch.float32
-    np.testing.assert_allclose(lab_t.numpy(), lab, atol=1e-3)
+    lab_torch = lab_t(torch.from_numpy(rgb))
+    assert isinstance(lab_torch, torch.Tensor) and lab_torch.dtype == torch.float32
+    np.testing.assert_allclose(lab_torch.numpy(), lab, atol=1e-3)
 
 
 def test_round_trip_in_gamut():
     rng = np.random.default_rng(1)
     rgb = rng.uniform(0, 1, size=(4, 32, 32, 3)).astype(np.float32)
-    back = color.lab_to_rgb(color.rgb_to_lab(rgb))
+    back = reference.lab_to_rgb(reference.rgb_to_lab(rgb))
     assert back.dtype == np.float32 and back.shape == rgb.shape
     assert np.abs(back - rgb).max() < 1e-3
-    back_t = color.lab_to_rgb(color.rgb_to_lab(torch.from_numpy(rgb)))
+    back_t = rgb_t(lab_t(torch.from_numpy(rgb)))
     assert torch.is_tensor(back_t) and (back_t - torch.from_numpy(rgb)).abs().max() < 1e-3
     # Including the dark linear segments of both sRGB and f(t).
     dark = np.linspace(0, 0.06, 61, dtype=np.float32)[:, None, None].repeat(3, -1)
-    assert np.abs(color.lab_to_rgb(color.rgb_to_lab(dark)) - dark).max() < 1e-4
+    assert np.abs(reference.lab_to_rgb(reference.rgb_to_lab(dark)) - dark).max() < 1e-4
+    assert (rgb_t(lab_t(dark)) - torch.from_numpy(dark)).abs().max() < 1e-4
 
 
 def test_lab_to_rgb_clips_out_of_gamut():
     lab = np.array([[[50.0, 120.0, -120.0], [100.0, 0.0, 100.0]]], dtype=np.float32)
-    for rgb in (color.lab_to_rgb(lab), color.lab_to_rgb(torch.from_numpy(lab)).numpy()):
+    for rgb in (reference.lab_to_rgb(lab), rgb_t(torch.from_numpy(lab)).numpy()):
         assert np.isfinite(rgb).all() and rgb.min() >= 0.0 and rgb.max() <= 1.0
 
 
@@ -75,18 +97,18 @@ def test_agrees_with_opencv_on_photos(photos, backend, dtype):
     for name, img in photos.items():
         x = img if dtype == "uint8" else img.astype(np.float32) / 255.0
         if backend == "torch":
-            lab = color.rgb_to_lab(torch.from_numpy(x)).numpy()
+            lab = lab_t(torch.from_numpy(np.ascontiguousarray(x))).numpy()
         else:
-            lab = color.rgb_to_lab(x)
+            lab = reference.rgb_to_lab(x)
         mad = np.abs(lab - _cv2_lab(img)).mean(axis=(0, 1))
         assert (mad < 0.5).all(), f"{name}: per-channel MAD {mad}"
 
 
 def test_nchw_and_batches_match_numpy(photos):
     imgs = np.stack([photos["astronaut"][:256, :256], photos["coffee"][:256, :256]])
-    ref = color.rgb_to_lab(imgs)                        # NxHxWx3 numpy
+    ref = reference.rgb_to_lab(imgs)                    # NxHxWx3 numpy
     assert ref.shape == imgs.shape
-    np.testing.assert_allclose(ref[1], color.rgb_to_lab(imgs[1]), atol=1e-5)
+    np.testing.assert_allclose(ref[1], reference.rgb_to_lab(imgs[1]), atol=1e-5)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
     lab = color.rgb_to_lab_nchw(x)
     assert lab.shape == x.shape and lab.dtype == torch.float32
@@ -97,13 +119,11 @@ def test_nchw_and_batches_match_numpy(photos):
 
 def test_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        color.rgb_to_lab(np.full((2, 2, 3), 200.0, dtype=np.float32))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         color.rgb_to_lab_nchw(torch.full((1, 3, 2, 2), 200.0))
-    with pytest.raises(ValueError, match="channels last"):
-        color.rgb_to_lab(np.zeros((3, 4, 4), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         color.rgb_to_lab_nchw(torch.zeros(1, 4, 4, 3))
+    with pytest.raises(TypeError, match="torch tensor"):
+        color.rgb_to_lab_nchw(np.zeros((1, 3, 4, 4), dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------------------- bins
@@ -207,10 +227,10 @@ def test_pixel_weights():
 
 def test_nongray_mask():
     gray = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, -1)
-    assert not color.nongray_mask(color.rgb_to_lab(gray)[..., 1:])
+    assert not color.nongray_mask(lab_t(gray)[..., 1:])
     colour = gray.copy()
     colour[10, 10] = (255, 0, 0)                        # one coloured pixel is enough
-    batch = color.rgb_to_lab(np.stack([gray, colour]))[..., 1:]
+    batch = lab_t(np.stack([gray, colour]))[..., 1:].numpy()
     np.testing.assert_array_equal(color.nongray_mask(batch), [False, True])
     # Same answer for channels-first torch batches, and the threshold is strict (> 5).
     nchw = torch.from_numpy(batch).permute(0, 3, 1, 2)
@@ -234,7 +254,7 @@ def test_ab_prior_in_memory(photos):
         h, w = img.shape[:2]
         s = 64 / max(h, w)
         small = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        counts += np.bincount(color.quantize_ab(color.rgb_to_lab(small)[..., 1:]).ravel(), minlength=313)
+        counts += np.bincount(color.quantize_ab(lab_t(small)[..., 1:]).flatten().numpy(), minlength=313)
     np.testing.assert_allclose(prior, counts / counts.sum())
     with pytest.raises(ValueError, match="no pixels"):
         color.ab_prior([])
@@ -263,7 +283,7 @@ def test_prior_cli(shard_dir, tmp_path):
     assert prior.shape == (313,) and prior.dtype == np.float64
     assert abs(prior.sum() - 1.0) < 1e-12 and (prior >= 0).all()
     # The CLI reads the same images as the in-process iterator (across both shards).
-    images = list(color.iter_shard_images(shard_dir, limit=40))
+    images = list(color.shard_images(shard_dir, limit=40))
     assert len(images) == 40 and all(im.dtype == np.uint8 and im.shape[-1] == 3 for im in images)
     np.testing.assert_allclose(prior, color.ab_prior(images, size=32))
 
@@ -285,3 +305,32 @@ def test_lightness_only_and_uint8_table_match_the_full_conversion():
     # the uint8 lookup table and the float path agree (float path: pow per value)
     lab_float = rgb_to_lab_nchw(x.float() / 255.0)
     assert (lab - lab_float).abs().max() < 1e-3
+
+
+def test_nearest_bins_break_exact_ties_by_bin_order_whatever_the_candidate_order():
+    """The bins are chosen the same way on every device: points on exact ties (gray at (0, 0): four bins
+    at 10; (5, 5): four at 5 sqrt 2; bisectors a = 5, b = 15), and the same points moved by the ~1e-5
+    a GPU's float32 Lab differs by, give the lower bin index first -- also with every cell's candidate
+    list shuffled -- and equal the exhaustive search over all 313 bins."""
+    ties = torch.tensor([[0.0, 0.0], [5.0, 5.0], [5.0, 0.0], [0.0, -5.0], [-5.0, 15.0], [35.0, -25.0]])
+    wiggled = ties + torch.tensor([[1e-5, -2e-5], [-3e-5, 1e-5], [2e-5, 3e-5], [-1e-5, -1e-5], [3e-5, -3e-5],
+                                   [-2e-5, 2e-5]])
+    bins = torch.from_numpy(color.ab_bins())
+    for k in (1, 2, 4, 5, 9, 10, 13):
+        idx, w = color.NearestBins(k)(ties, 5.0)
+        ref_idx, ref_w = reference.soft_encode_exhaustive(ties, k, 5.0)
+        assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w), k
+        assert torch.equal(color.NearestBins(k)(wiggled, 5.0)[0], idx), k
+        shuffled = color.NearestBins(k)
+        g = torch.Generator().manual_seed(k)
+        shuffled.candidates = torch.stack([row[torch.randperm(len(row), generator=g)] for row in shuffled.candidates])
+        assert torch.equal(shuffled(ties, 5.0)[0], idx), k
+        # within every run of equal distances the bin indices increase
+        d2 = ((ties[:, None] - bins[idx]) ** 2).sum(-1)
+        same = d2[:, 1:] == d2[:, :-1]
+        assert (idx[:, 1:][same] > idx[:, :-1][same]).all()
+    # gray: the nearest is bin (0, 0), then its four neighbours at distance 10 in index order
+    idx, _ = color.NearestBins(5)(ties[:1], 5.0)
+    assert tuple(bins[idx[0, 0]].tolist()) == (0.0, 0.0)
+    assert idx[0, 1:].tolist() == sorted(idx[0, 1:].tolist())
+    assert sorted(map(tuple, bins[idx[0, 1:]].tolist())) == [(-10.0, 0.0), (0.0, -10.0), (0.0, 10.0), (10.0, 0.0)]

@@ -1,8 +1,10 @@
 """pipelines: multi-crop and evaluation loaders on CPU -- shapes, sharding, epochs, resume, parity
-with the numpy reference, corrupt samples, clear errors."""
+with the numpy reference (crop windows exactly, the colour stage of both kernels to 1e-4), corrupt
+and undecodable samples, clear errors."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -11,14 +13,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import LoaderError, SpecError, list_families, make_loader
-from pipelines.spec import VIEW_U, CropGroup, MultiCropSpec, multicrop_spec
+from pipelines.spec import N_VIEW_U, VIEW_U, CropGroup, MultiCropSpec, multicrop_spec
+from sslkit.errors import SslkitError
 from sslkit.shard import ManifestError, load
+from sslkit.shard.access import SampleReader
 from sslkit.shard.tarwriter import read_index
 
-from conftest import build_small
-from reference import crop_window, render, view_params
+from conftest import build_small, jpeg_bytes
+from reference import crop_window, render, view_params, window_from_uniforms
 
 TINY = multicrop_spec("tiny")
 
@@ -94,23 +99,76 @@ def test_fused_kernel_matches_reference(tiny_batch):
             k += 1
 
 
-def test_native_dali_ops_match_reference(sample_shards):
-    """The GPU graph's DALI ops (color_twist, clamp, gaussian_blur, crop_mirror_normalize), run on the
-    CPU, give the reference's views too: the two kernels implement one spec."""
-    loader = make_loader("multicrop", sample_shards, batch_size=16, preset="tiny", seed=4, kernel="native",
+def test_torch_stage_matches_reference_and_the_fused_kernel(sample_shards, tiny_batch):
+    """The torch batch stage (the GPU path, run here on the CPU) gives the reference's views to the
+    same 1e-4 as the fused kernel, and the two loaders, same seed, give the same views."""
+    loader = make_loader("multicrop", sample_shards, batch_size=32, preset="tiny", seed=1, kernel="torch",
                          with_params=True)
     b = next(iter(loader))
+    _, fused = tiny_batch
+    assert torch.equal(b["index"], fused["index"]) and torch.equal(b["params.u"], fused["params.u"])
     crops = [b["params.crops.0"].numpy(), b["params.crops.1"].numpy()]
     u = b["params.u"].numpy()
-    k, errors = 0, []
+    k = 0
     for g, group in enumerate(TINY.groups):
         for j in range(group.count):
-            for i in range(16):
+            for i in range(32):
                 ref = render(crops[g][i, j], u[i, k], TINY.color, TINY.mean, TINY.std)
-                errors.append(np.abs(b["views"][k][i].numpy() - ref))
+                np.testing.assert_allclose(b["views"][k][i].numpy(), ref, atol=1e-4)
+            np.testing.assert_allclose(b["views"][k].numpy(), fused["views"][k].numpy(), atol=2e-4)
             k += 1
-    # DALI's float colour twist uses slightly rounded YIQ constants: ~1 grey level at most
-    assert max(e.max() for e in errors) < 0.05 and np.mean([e.mean() for e in errors]) < 0.01
+
+
+def test_photometric_stage_on_synthetic_crops(photos):
+    """augment.photometric (the torch batch stage) = the numpy/OpenCV reference to 1e-4 on real photo
+    crops for every kind of draw (jitter on / off, gray, blur at the largest radius, one-pixel-wide
+    structure at the borders), on both of its blur paths: the CPU one (blurred views only) and the GPU
+    one (every view, the identity kernel where there is no blur) run here on the CPU."""
+    from pipelines import augment as A
+    from pipelines.spec import ColorRecipe
+    rng = np.random.default_rng(0)
+    recipe = ColorRecipe()
+    crops = np.stack([photos[name][y:y + 24, x:x + 24] for name in ("cat", "astronaut", "coffee", "rocket")
+                      for y, x in ((0, 0), (37, 51), (100, 9))])                             # [12, 24, 24, 3]
+    u = rng.random((len(crops), N_VIEW_U), dtype=np.float32)
+    u[0, [VIEW_U["blur"], VIEW_U["sigma"]]] = (0.0, 0.9999)      # the largest sigma: radius 6
+    u[1, VIEW_U["apply"]], u[2, VIEW_U["gray"]], u[3, VIEW_U["blur"]] = 0.99, 0.0, 0.99
+    got = A.photometric(torch.from_numpy(crops), torch.from_numpy(u), recipe, TINY.mean, TINY.std)
+    for i in range(len(crops)):
+        np.testing.assert_allclose(got[i].numpy(), render(crops[i], u[i], recipe, TINY.mean, TINY.std), atol=1e-4)
+    x = A.channels_first(torch.from_numpy(crops))
+    sigma = A.blur_sigma(torch.from_numpy(u), recipe)
+    assert (sigma > 0).any() and (sigma == 0).any()
+    torch.testing.assert_close(A._blur(x, sigma, recipe.blur_radius), A.gaussian_blur(x, sigma, recipe.blur_radius),
+                               atol=1e-4, rtol=0)
+
+
+def test_crop_windows_follow_the_rule_exactly(tiny_batch, sample_shards):
+    """Every view's window and flip are the reference rule (tests/reference.py) applied to the view's own
+    uniforms, equal to the pixel; and each crop is its window resized (mirrored when flipped), checked
+    against PIL's antialiased bilinear resize of the source window (grey levels, decoders and filters
+    differ slightly)."""
+    _, b = tiny_batch
+    reader = SampleReader(sample_shards)
+    rules = TINY.rules()
+    assert b["params.windows"].shape == (32, 4, 4) and b["params.flips"].shape == (32, 4)
+    match, other = [], []
+    for i, index in enumerate(b["index"].tolist()):
+        w, h = json.loads(reader.component(index, "json"))["size"]
+        src = Image.open(io.BytesIO(reader.component(index, "jpg"))).convert("RGB")
+        for k, rule in enumerate(rules):
+            want, flip = window_from_uniforms(h, w, rule, b["params.u"][i, k].numpy())
+            assert tuple(b["params.windows"][i, k].tolist()) == tuple(float(v) for v in want), (i, k)
+            assert bool(b["params.flips"][i, k]) == flip
+            y, x, ch, cw = want
+            size = TINY.view_sizes()[k]
+            ref = np.asarray(src.crop((x, y, x + cw, y + ch)).resize((size, size), Image.Resampling.BILINEAR), float)
+            crop = b[f"params.crops.{0 if k < 2 else 1}"][i, k % 2].numpy().astype(float)
+            match.append(np.abs(crop - (ref[:, ::-1] if flip else ref)).mean())
+            other.append(np.abs(crop - (ref if flip else ref[:, ::-1])).mean())
+    assert b["params.flips"].any() and not b["params.flips"].all()
+    assert np.median(match) < 2.0 and max(match) < 8.0, sorted(match)[-5:]
+    assert np.mean(np.array(match) < np.array(other)) > 0.9
 
 
 def test_crop_windows_follow_the_reference_distribution(sample_shards):
@@ -128,7 +186,7 @@ def test_crop_windows_follow_the_reference_distribution(sample_shards):
                 for i, idx in enumerate(b["index"].tolist()):
                     meta = json.loads(reader.component(idx, "json"))
                     w, h = meta["size"]
-                    ch, cw = b[f"params.{k}.extent"][i].tolist()
+                    ch, cw = b["params.windows"][i, k, 2:].tolist()
                     dali_area.append(ch * cw / (w * h))
                     dali_ratio.append(math.log(cw / ch))
                     for _ in range(10):  # a larger reference sample: the KS noise is DALI's side
@@ -150,7 +208,7 @@ def _ks(a, b) -> float:
 def test_augmentation_rates_match_the_spec(sample_shards):
     """Flip / grayscale / blur / jitter rates drawn in the graph match the recipe's probabilities."""
     loader = make_loader("multicrop", sample_shards, batch_size=96, preset="tiny", with_params=True, seed=11)
-    u = torch.cat([b["params.u"] for _ in range(4) for b in loader]).reshape(-1, 9).numpy()
+    u = torch.cat([b["params.u"] for _ in range(4) for b in loader]).reshape(-1, N_VIEW_U).numpy()
     params = [view_params(row, TINY.color) for row in u]
     n = len(params)
     for key, p in [("flip", 0.5), ("gray", 0.2), ("blur", 0.5), ("applied", 0.8)]:
@@ -225,6 +283,28 @@ def test_resume_continues_the_sequence(sample_shards):
         other.load_state_dict(state)
 
 
+def test_resume_after_the_shards_moved(sample_shards, tmp_path):
+    """The state names the dataset by its identity, not its folder: it resumes on a moved copy (same
+    sample order), and is refused by a dataset with other content."""
+    run = make_loader("multicrop", sample_shards, batch_size=16, preset="tiny", seed=3)
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    want = [b["index"] for b in it]
+    moved = str(tmp_path / "elsewhere" / "shards")
+    shutil.copytree(sample_shards, moved)
+    resumed = make_loader("multicrop", moved, batch_size=16, preset="tiny", seed=3)
+    resumed.load_state_dict(state)
+    got = [b["index"] for b in resumed]
+    assert len(got) == len(want) == 5 and all(torch.equal(a, b) for a, b in zip(want, got))
+    assert resumed.describe()["dataset"]["identity"] == run.describe()["dataset"]["identity"]
+    assert resumed.dataset_size == 96 and resumed.num_classes == 12
+    other = str(tmp_path / "other")
+    build_small(other, sources=("sample:96",), seed=1)
+    with pytest.raises(LoaderError, match="dataset"):
+        make_loader("multicrop", other, batch_size=16, preset="tiny", seed=3).load_state_dict(state)
+
+
 def test_eval_pipelines(sample_shards):
     val = make_loader("eval_val", sample_shards, batch_size=40)
     batches = list(val)
@@ -237,8 +317,8 @@ def test_eval_pipelines(sample_shards):
     train = make_loader("eval_train", sample_shards, batch_size=32, with_params=True)
     b = next(iter(train))
     assert b["views"][0].shape == (32, 3, 224, 224) and b["label"].shape == (32,)
-    area = (b["params.0.extent"][:, 0] * b["params.0.extent"][:, 1]).numpy()
-    assert area.min() > 0
+    area = (b["params.windows"][:, 0, 2] * b["params.windows"][:, 0, 3]).numpy()
+    assert area.min() > 0 and b["params.flips"][:, 0].any() and not b["params.flips"][:, 0].all()
 
 
 def _corrupt_copy(src: str, dst: str) -> list[int]:
@@ -271,9 +351,10 @@ def test_corrupt_jpeg_does_not_stop_an_epoch(sample_shards, tmp_path):
     assert loader.corrupt_total == 2 and loader.epoch == 1
 
 
-def test_undecodable_header_is_quarantined_and_the_epoch_completes(sample_shards, tmp_path):
-    """A JPEG that passes the marker check but cannot be decoded: the loader names it, swaps it for a
-    placeholder and rebuilds the pipeline from the checkpoint taken before the failing batch."""
+def test_damaged_header_is_replaced_by_the_placeholder(sample_shards, tmp_path):
+    """A JPEG with valid SOI / EOI markers but a damaged header (a frame header too short for its
+    fields) fails the reader's structure check, so it is served as the placeholder, counted, and the
+    epoch completes."""
     d = str(tmp_path / "badheader")
     shutil.copytree(sample_shards, d)
     m = load(d)
@@ -283,21 +364,114 @@ def test_undecodable_header_is_quarantined_and_the_epoch_completes(sample_shards
         f.seek(off + 2)
         f.write(b"\xff\xc0\x00\x02" + b"\x00" * 64)  # garbage frame header right after SOI
     loader = make_loader("multicrop", d, batch_size=16, preset="tiny", seed=0, shuffle_buffer=0)
-    seen = [i for b in loader for i in b["index"].tolist()]
+    seen, broken = [], []
+    for b in loader:
+        seen += b["index"].tolist()
+        broken += b["index"][~b["intact"]].tolist()
     assert sorted(seen) == list(range(96))
-    assert len(loader.quarantined) == 1 and loader.corrupt_total == 1
+    assert broken == [shard["first_index"] + 5] and loader.corrupt_total == 1
+
+
+def _segments(jpg: bytes) -> dict:
+    """Offset of the first segment of each marker before the first scan."""
+    out, i = {}, 2
+    while i < len(jpg):
+        m = jpg[i + 1]
+        out.setdefault(m, i)
+        if m == 0xDA:
+            return out
+        i += 2 + int.from_bytes(jpg[i + 2:i + 4], "big")
+    return out
+
+
+def test_jpeg_structure_check(photos, sample_shards):
+    """The reader's check (pipelines.kernels.jpeg_ok) passes every real encoding -- no valid image may
+    become a placeholder -- and fails truncation and each header damage that makes libjpeg give up."""
+    from pipelines.kernels import PLACEHOLDER_JPEG, jpeg_ok
+
+    def ok(data: bytes) -> bool:
+        return bool(jpeg_ok(np.frombuffer(data, np.uint8)))
+
+    cat = photos["cat"]
+    good = [jpeg_bytes(cat, quality=q, subsampling=s) for q in (30, 95) for s in (0, 2)]
+    good += [jpeg_bytes(cat, progressive=True), jpeg_bytes(cat, optimize=True), jpeg_bytes(cat[..., 0]),
+             jpeg_bytes(Image.fromarray(cat).convert("CMYK")), bytes(PLACEHOLDER_JPEG)]
+    reader = SampleReader(sample_shards)
+    good += [reader.component(i, "jpg") for i in range(96)]
+    assert all(ok(g) for g in good)
+    base = jpeg_bytes(cat[:64, :64])
+    seg = _segments(base)
+
+    def patched(marker: int, offset: int, data: bytes) -> bytes:
+        i = seg[marker] + offset
+        return base[:i] + data + base[i + len(data):]
+
+    bad = {"truncated": base[: len(base) // 2], "no EOI": base[:-2] + b"\0\0", "empty": b"",
+           "short frame header": patched(0xC0, 2, b"\x00\x02"),
+           "zero height": patched(0xC0, 5, b"\x00\x00"),
+           "12-bit": patched(0xC0, 4, b"\x0c"),
+           "sampling factor 0": patched(0xC0, 11, b"\x00"),
+           "Huffman counts": patched(0xC4, 5, b"\xff" * 16),
+           "quantisation table 9": patched(0xC0, 12, b"\x09"),
+           "scan component 9": patched(0xDA, 5, b"\x09"),
+           "scan table 7": patched(0xDA, 6, b"\x77"),
+           "segment past the end": patched(0xE0, 2, b"\xff\xff"),
+           "no start of scan": base[:seg[0xDA]] + b"\xff\xd9"}
+    assert ok(base) and not [name for name, data in bad.items() if ok(data)]
+
+
+def _progressive_shards(root: str, photos: dict) -> tuple[str, int]:
+    """Shards of progressive JPEGs (they pass the builder untouched); the second Huffman table of
+    sample 3 -- after the first scan, where the reader's check does not look -- is made impossible."""
+    src = os.path.join(root, "src")
+    os.makedirs(src)
+    for k, name in enumerate(["astronaut", "coffee", "cat", "rocket", "motorcycle", "flower"] * 2):
+        with open(os.path.join(src, f"{k:02d}.jpg"), "wb") as f:
+            f.write(jpeg_bytes(photos[name][: 160 + 8 * k, : 200], quality=85, progressive=True))
+    out = os.path.join(root, "shards")
+    build_small(out, sources=(src,), max_count=6, shuffle=False)
+    m = load(out)
+    shard = m["shards"][0]
+    off, size, _ = read_index(os.path.join(out, shard["index"]))[3]["jpg"]
+    with open(os.path.join(out, shard["path"]), "r+b") as f:
+        f.seek(off)
+        data = bytearray(f.read(size))
+        sos = data.index(b"\xff\xda")
+        dht = data.index(b"\xff\xc4", sos)
+        data[dht + 5:dht + 21] = b"\xff" * 16         # 16 x 255 codes: "Bogus Huffman table definition"
+        f.seek(off)
+        f.write(data)
+    return out, shard["first_index"] + 3
+
+
+def test_undecodable_sample_is_a_one_line_loader_error(photos, tmp_path):
+    """A sample whose header is sound up to the first scan but which still cannot be decoded is not
+    swapped (the check cannot see it): the loader stops with ONE line that names rank, epoch, batch, the
+    sample's shard and key (DALI's decoder error carries its source), and the command that checks the
+    shards."""
+    d, bad = _progressive_shards(str(tmp_path), photos)
+    loader = make_loader("eval_val", d, batch_size=4, shuffle_buffer=0)
+    with pytest.raises(LoaderError) as e:
+        list(loader)
+    msg, tar = str(e.value), os.path.join(d, load(d)["shards"][0]["path"])
+    assert "\n" not in msg and "rank 0, epoch 0" in msg and "decode" in msg
+    assert f"{tar}:" in msg and f"{bad:010d}" in msg, msg
+    assert f"python -m sslkit.shard verify --full {d}" in msg
 
 
 def test_clear_errors(sample_shards, tmp_path):
-    with pytest.raises(SpecError, match="unknown pipeline"):
+    with pytest.raises(SslkitError, match="unknown pipeline 'nope'; choose from colorization, eval_train"):
         make_loader("nope", sample_shards, batch_size=4)
     with pytest.raises(SpecError, match="unknown multi-crop preset"):
         make_loader("multicrop", sample_shards, batch_size=4, preset="3x300")
     with pytest.raises(SpecError, match="scale"):
         make_loader("multicrop", sample_shards, batch_size=4,
                     spec=MultiCropSpec((CropGroup(2, 64, (0.5, 0.2)),)))
-    with pytest.raises(SpecError, match="unexpected keyword"):
+    # an option the pipeline does not take: one line listing the ones it does
+    with pytest.raises(SslkitError, match="unknown option.*colour_jitter; accepted: preset, spec, dtype, kernel$"):
         make_loader("multicrop", sample_shards, batch_size=4, colour_jitter=0.4)
+    with pytest.raises(SpecError, match="kernel='fast': choose from"):
+        make_loader("multicrop", sample_shards, batch_size=4, kernel="fast")
     with pytest.raises(ManifestError, match="no such shard folder"):
         make_loader("multicrop", str(tmp_path / "missing"), batch_size=4)
     with pytest.raises(LoaderError, match="less than one batch"):
@@ -324,8 +498,26 @@ def test_clear_errors(sample_shards, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_graph_matches_cpu(sample_shards):
-    a = next(iter(make_loader("multicrop", sample_shards, batch_size=16, preset="tiny", seed=4, kernel="native")))
-    g = next(iter(make_loader("multicrop", sample_shards, batch_size=16, preset="tiny", seed=4, device="gpu")))
-    assert torch.equal(a["index"], g["index"].cpu())
+    """Same seed on both devices: the random draws (uniforms, windows, flips) are EXACTLY equal (they are
+    CPU ops in both graphs); the pixels differ by the decoders (nvJPEG vs libjpeg-turbo) and resize
+    kernels only: 99.9% of crop pixels within 6 grey levels, and the views' colour stage (the same torch
+    code) within 0.1 (normalised units, ~6 grey levels) on 99.9% of values."""
+    kw = dict(batch_size=16, preset="tiny", seed=4, with_params=True, kernel="torch")
+    a = next(iter(make_loader("multicrop", sample_shards, **kw)))
+    g = next(iter(make_loader("multicrop", sample_shards, device="gpu", **kw)))
+    assert all(t.is_cuda for t in g["views"]) and g["index"].is_cuda
+    for key in ("index", "label", "params.u", "params.windows", "params.flips"):
+        assert torch.equal(a[key], g[key].cpu()), key
+    for key in ("params.crops.0", "params.crops.1"):
+        diff = (a[key].int() - g[key].cpu().int()).abs()
+        assert (diff <= 6).float().mean() > 0.999, (key, diff.float().mean())
     for va, vg in zip(a["views"], g["views"]):
-        assert (va - vg.cpu()).abs().mean() < 0.02
+        assert ((va - vg.cpu()).abs() <= 0.1).float().mean() > 0.999
+    # the colour stage alone, on the same crops: the same torch code on both devices
+    from pipelines.multicrop import MultiCrop
+    fam = MultiCrop(preset="tiny", kernel="torch")
+    batch = {"u": a["params.u"], "viewgroup.0": a["params.crops.0"], "viewgroup.1": a["params.crops.1"]}
+    on_cpu = fam.postprocess(dict(batch))["views"]
+    on_gpu = fam.postprocess({k: v.cuda() for k, v in batch.items()})["views"]
+    for c, v in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(v.cpu(), c, atol=1e-4, rtol=0)

@@ -27,9 +27,9 @@ PY = sys.executable
 # 192 images: 12 steps per epoch at 2 ranks x 8 or 1 rank x 16.
 TINY = ["--method", "deepclusterv2", "--preset", "tiny", "--set", "method_options.n_prototypes=[8,8,8]",
         "--set", "shuffle_buffer=64", "--set", "log_every=3", "--epochs", "2",
-        # DALI's own ops instead of the numba kernel: identical views (tests/test_pipelines.py), and no
-        # kernel compilation in every test process
-        "--set", "method_options.kernel=native"]
+        # the torch colour stage instead of the fused numba kernel: identical views
+        # (tests/test_pipelines.py), and one numba compilation less in every test process
+        "--set", "method_options.kernel=torch"]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ class DCv2Options:
     hidden_dim: int = 2048
     crops_for_assign: tuple[int, ...] = (0, 1)
     kmeans_iters: int = 10
-    kernel: str | None = None                           # multi-crop CPU kernel: None (auto), fused, native
+    kernel: str | None = None                           # colour stage: None (fused on CPU, torch on GPU), fused, torch
 
 
 def dcv2_loss(z: torch.Tensor, prototypes: list[torch.Tensor], targets: torch.Tensor, n_views: int,
