@@ -10,7 +10,18 @@ Favaro (2016), with the same rules as VISSL's `extra_scripts/generate_jigsaw_per
   minimum (`max_min`) Hamming distance to the picks so far; ties go to the lowest pool position.
 
 For a 3x3 grid and 100 permutations, max_avg gives min/mean pairwise distance 2 / 8.08 and max_min
-gives min 6. Files are 0-based; `load` also reads the published 1-based Noroozi files.
+gives min 6. Files are 0-based; `load` also reads the published 1-based Noroozi files. `resolve`
+turns a set's spec (a count, or a .npy path) into the table, as the jigsaw pipeline and method do.
+
+Tile order convention -- stated here once; the jigsaw pipeline, the jigsaw method, the visualizer and
+the tests follow it (VISSL's `ImgPatchesFromTensor` + `ShuffleImgPatches`):
+
+- the crop is cut into a 3x3 grid; the ORIGINAL index of the cell in column i and row j is
+  c = 3 * i + j (column-major: tile 1 is the middle-LEFT cell, tile 3 the top-middle one);
+  `cell_position(c)` gives (row, column);
+- with P the set (0-based rows) and p the label, position k of the shuffled tiles holds original
+  tile P[p][k]:   tiles[k] = original[P[p][k]]        (`permute_tiles(original, P[p])`)
+  and undoing it: original[P[p][k]] = tiles[k]        (`unpermute_tiles(tiles, P[p])`).
 
     python -m sslkit.permutations --n 2000 --out perms.npy
 """
@@ -297,6 +308,69 @@ def load(path: str | os.PathLike) -> np.ndarray:
         arr.close()
         raise ValueError(f"{path}: expected a single .npy array, got an archive")
     return _validate(arr, str(path))
+
+
+def resolve(spec, n_tiles: int = 9) -> np.ndarray:
+    """A permutation set from its spec: an int n -> `generate(n, "max_avg", seed=0, n_tiles)` (the
+    sets every recipe here uses), a path -> `load(path)`. 0-based int64 [n, n_tiles]; ValueError if
+    the spec is neither or the rows do not permute `n_tiles` tiles."""
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        return generate(int(spec), "max_avg", seed=0, n_tiles=n_tiles)
+    if isinstance(spec, (str, os.PathLike)):
+        table = load(spec)
+        if table.shape[1] != n_tiles:
+            raise ValueError(f"{os.fspath(spec)}: rows permute {table.shape[1]} tiles, expected {n_tiles}")
+        return table
+    raise ValueError(f"permutations={spec!r}: expected a number of permutations or a .npy path")
+
+
+# ---- tile order convention (see the module docstring) -------------------------------------------
+
+GRID = 3
+
+
+def cell_position(c: int, grid: int = GRID) -> tuple[int, int]:
+    """(row, column) of the cell whose ORIGINAL tile index is c: column-major, c = grid * column + row."""
+    if not 0 <= c < grid * grid:
+        raise ValueError(f"tile index {c} outside 0..{grid * grid - 1}")
+    column, row = divmod(int(c), grid)
+    return row, column
+
+
+def _gather_tiles(tiles, index, what: str):
+    """tiles[..., index[..., k], ...] along the tile axis (axis index.ndim - 1), numpy or torch alike."""
+    if isinstance(tiles, np.ndarray):
+        index = np.asarray(index)
+    else:
+        import torch
+        index = torch.as_tensor(index, device=tiles.device).long()
+    if tuple(tiles.shape[:index.ndim]) != tuple(index.shape) or index.ndim == 0:
+        raise ValueError(f"{what}: tiles of shape {tuple(tiles.shape)} must start with the order's shape "
+                         f"{tuple(index.shape)} (tiles [..., n, *tile], order [..., n])")
+    idx = index.reshape(*index.shape, *([1] * (tiles.ndim - index.ndim)))
+    if isinstance(tiles, np.ndarray):
+        return np.take_along_axis(tiles, np.broadcast_to(idx, tiles.shape), axis=index.ndim - 1)
+    return torch.gather(tiles, index.ndim - 1, idx.expand(tiles.shape))
+
+
+def permute_tiles(original, order):
+    """Shuffle tiles by a permutation row: out[..., k, ...] = original[..., order[..., k], ...].
+
+    `original`: [..., n, *tile] tiles in ORIGINAL (column-major cell) order, numpy or torch;
+    `order`: [..., n], a row of the set (P[p]) or rows for a batch (P[labels]), same leading shape.
+    """
+    return _gather_tiles(original, order, "permute_tiles")
+
+
+def unpermute_tiles(tiles, order):
+    """Undo `permute_tiles` (same arguments): out[..., order[..., k], ...] = tiles[..., k, ...], the
+    tiles back in ORIGINAL cell order."""
+    if isinstance(tiles, np.ndarray):
+        inverse = np.argsort(np.asarray(order), axis=-1)
+    else:
+        import torch
+        inverse = torch.argsort(torch.as_tensor(order), dim=-1)
+    return _gather_tiles(tiles, inverse, "unpermute_tiles")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
