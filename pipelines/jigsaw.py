@@ -4,19 +4,18 @@
     batch["tiles"]  # [B, 9, 3, 64, 64] float32, in permuted order
     batch["perm"]   # [B] int64 in [0, |P|): the row of the permutation set that shuffled them
 
-Tile order convention (VISSL's `ImgPatchesFromTensor` + `ShuffleImgPatches`):
-- the crop is cut into a 3x3 grid of `cell` px cells; the ORIGINAL index of the tile of the cell in
-  column i (x from i*cell) and row j (y from j*cell) is c = 3*i + j -- column-major, so tile 1 is the
-  middle-LEFT cell, tile 3 the top-middle one;
-- each cell gives one `tile` x `tile` patch at a random offset (oy, ox), drawn independently per
-  cell and per axis ([0, 20] for "goyal", [0, 11] for "noroozi");
-- with P the permutation set (0-based rows) and p = batch["perm"], output position k holds original
-  tile P[p][k]:  tiles[k] = original[P[p][k]];  to undo it, original[P[p][k]] = tiles[k].
+Tile order: the convention stated in `sslkit.permutations` (VISSL's `ImgPatchesFromTensor` +
+`ShuffleImgPatches`: cells numbered column-major, c = 3 * column + row; output position k holds
+original tile P[p][k]; `sslkit.permutations.unpermute_tiles` undoes it). Each cell gives one `tile` x
+`tile` patch at a random offset (oy, ox), drawn independently per cell and per axis ([0, 20] for
+"goyal", [0, 11] for "noroozi").
 
 Geometries (`geometry=`):
 - "goyal" (default; VISSL jigsaw_8gpu_resnet.yaml): resize the shorter side to 256, horizontal
   flip, random 255x255 crop, grayscale with p = 0.66 on the whole crop, ImageNet normalisation of the
   whole crop, 85 px cells, 64 px tiles, offsets in [0, 20];
+- "small" (data of 28-96 px such as Fashion-MNIST or CIFAR): goyal's recipe at a quarter of the size:
+  shorter side 64, a 63 px crop, 21 px cells, 16 px tiles, offsets in [0, 5];
 - "noroozi" (the paper's 225/75/64): resize the shorter side to 256, random 225x225 crop, no flip
   and no grayscale, 75 px cells, 64 px tiles (a RandomCrop of the cell: offsets in [0, 11]); per
   tile and per channel a colour jitter x * U(0.8, 1.2) + U(-5, 5) grey levels (clamped to 0..255),
@@ -98,6 +97,8 @@ class JigsawGeometry:
 GEOMETRIES = {
     # VISSL ImgPatchesFromTensor: patch_jitter 21, offsets np.random.randint(0, 21) -> [0, 20]
     "goyal": JigsawGeometry(resize=256, crop=255, tile=64, jitter=21, flip_p=0.5, gray_p=0.66, tile_norm=False),
+    # the same recipe for small images (28-96 px): a quarter of goyal's sizes
+    "small": JigsawGeometry(resize=64, crop=63, tile=16, jitter=6, flip_p=0.5, gray_p=0.66, tile_norm=False),
     # a 64 px RandomCrop of each 75 px cell (torchvision: offsets [0, 75 - 64] = [0, 11])
     "noroozi": JigsawGeometry(resize=256, crop=225, tile=64, jitter=12, flip_p=0.0, gray_p=0.0, tile_norm=True,
                               jitter_scale=(0.8, 1.2), jitter_shift=(-5.0, 5.0)),
@@ -105,24 +106,12 @@ GEOMETRIES = {
 
 
 def load_permutations(permutations) -> np.ndarray:
-    """An int N (generated: max_avg, seed 0) or a path to a .npy set -> 0-based int64 [|P|, 9]."""
-    if isinstance(permutations, (int, np.integer)) and not isinstance(permutations, bool):
-        try:
-            return perm_sets.generate(int(permutations), "max_avg", seed=0)
-        except ValueError as e:
-            raise SpecError(f"permutations={permutations}: {e}") from None
-    if isinstance(permutations, (str, os.PathLike)):
-        path = os.fspath(permutations)
-        if not os.path.isfile(path):
-            raise SpecError(f"permutations={path!r}: no such file")
-        try:
-            table = perm_sets.load(path)
-        except ValueError as e:
-            raise SpecError(f"permutations: {e}") from None
-        if table.shape[1] != N_TILES:
-            raise SpecError(f"permutations={path!r}: rows permute {table.shape[1]} tiles, a 3x3 jigsaw needs {N_TILES}")
-        return table
-    raise SpecError(f"permutations={permutations!r}: expected a number of permutations or a .npy path")
+    """An int N (generated: max_avg, seed 0) or a path to a .npy set -> 0-based int64 [|P|, 9]
+    (`sslkit.permutations.resolve`, which the jigsaw method uses too)."""
+    try:
+        return perm_sets.resolve(permutations, n_tiles=N_TILES)
+    except (ValueError, OSError) as e:
+        raise SpecError(f"permutations: {e}") from None
 
 
 @do_not_convert

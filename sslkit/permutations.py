@@ -317,9 +317,11 @@ def resolve(spec, n_tiles: int = 9) -> np.ndarray:
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
         return generate(int(spec), "max_avg", seed=0, n_tiles=n_tiles)
     if isinstance(spec, (str, os.PathLike)):
+        if not os.path.isfile(spec):
+            raise ValueError(f"{os.fspath(spec)}: no such file")
         table = load(spec)
         if table.shape[1] != n_tiles:
-            raise ValueError(f"{os.fspath(spec)}: rows permute {table.shape[1]} tiles, expected {n_tiles}")
+            raise ValueError(f"{os.fspath(spec)}: rows permute {table.shape[1]} tiles, the puzzle needs {n_tiles}")
         return table
     raise ValueError(f"permutations={spec!r}: expected a number of permutations or a .npy path")
 

@@ -180,9 +180,9 @@ def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
 
 @registry.register("renderer", "jigclu")
 def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
-    from pipelines.jigclu import LOCATIONS, QUADRANTS, make_montages
+    from sslkit.methods.jigclu import LOCATIONS, QUADRANTS, make_montages, montage_permutation
     spec = loader.family.views
-    m = make_montages(batch["patches"], 0)
+    m = make_montages(batch["patches"], montage_permutation(len(batch["patches"]), 0, 0))
     rows, captions = [], []
     for i in range(n):
         index = int(batch["index"][i])

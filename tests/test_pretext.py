@@ -1,12 +1,11 @@
 """Pretext pipelines on CPU: jigsaw (tiles + permutation label), colorization (L + soft ab targets),
-jigsaw clustering (4 patches + montages) -- shapes, geometry, fidelity to the reference functions."""
+jigsaw clustering (4 patches; the montages are tested with the method) -- shapes, geometry, fidelity to the reference functions."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 
 import reference
 from pipelines import SpecError, list_families, make_loader
-from pipelines.jigclu import LOCATIONS, MOCO_V2, make_montages
+from pipelines.jigclu import LOCATIONS, MOCO_V2
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, ViewRule
 from sslkit import color
 from sslkit import permutations as perm_sets
@@ -370,62 +369,6 @@ def test_jigclu_patches_follow_the_moco_recipe(jigclu):
         for k in range(4):
             ref = render(crops[i, k], u[i, k], MOCO_V2, IMAGENET_MEAN, IMAGENET_STD)
             np.testing.assert_allclose(b["patches"][i, k].numpy(), ref, atol=1e-4)
-
-
-def _check_montages(everything: torch.Tensor, out: dict, rank: int, n_local: int):
-    """Quadrant blocks of each montage equal the patch its labels name."""
-    m, h = out["montages"], everything.shape[-1]
-    for i in range(n_local):
-        for q in range(4):
-            row, col = divmod(q, 2)  # quadrant order TL, TR, BL, BR
-            block = m[i, :, row * h:(row + 1) * h, col * h:(col + 1) * h]
-            assert torch.equal(block, everything[out["image_id"][i, q], out["location"][i, q]])
-        slots = (rank * n_local + i) + everything.shape[0] * torch.arange(4)
-        assert torch.equal(out["image_id"][i] + everything.shape[0] * out["location"][i], out["perm"][slots])
-
-
-def test_make_montages_single_process():
-    n = 6
-    patches = torch.randn(n, 4, 3, 8, 8)
-    out = make_montages(patches, 123)
-    assert out["montages"].shape == (n, 3, 16, 16)
-    assert out["image_id"].dtype == torch.int64 and out["location"].shape == (n, 4)
-    used = sorted(zip(out["image_id"].flatten().tolist(), out["location"].flatten().tolist()))
-    assert used == [(i, loc) for i in range(n) for loc in range(4)]  # every patch exactly once
-    _check_montages(patches, out, 0, n)
-    assert sorted(out["perm"].tolist()) == list(range(4 * n))
-    # same seed or generator state -> same montages; another seed -> another shuffle
-    assert torch.equal(make_montages(patches, torch.Generator().manual_seed(123))["perm"], out["perm"])
-    assert not torch.equal(make_montages(patches, 124)["perm"], out["perm"])
-    with pytest.raises(ValueError, match=r"\[N, 4, C, h, w\]"):
-        make_montages(patches[:, :3], 0)
-
-
-def _montage_worker(rank: int, world: int, init: str, out_dir: str):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        n_local = 3
-        patches = torch.randn(n_local, 4, 3, 4, 4, generator=torch.Generator().manual_seed(rank))
-        out = make_montages(patches, 7 + rank, group=dist.group.WORLD)  # rank 0's draw wins
-        torch.save({"patches": patches, **out}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_make_montages_two_processes_gloo(tmp_path):
-    import torch.multiprocessing as mp
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_montage_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert torch.equal(res[0]["perm"], res[1]["perm"])  # one permutation, broadcast from rank 0
-    assert torch.equal(res[0]["perm"], torch.randperm(24, generator=torch.Generator().manual_seed(7)))
-    everything = torch.cat([r["patches"] for r in res])  # global image id = rank * 3 + i
-    used = []
-    for rank, r in enumerate(res):
-        _check_montages(everything, r, rank, 3)
-        used += zip(r["image_id"].flatten().tolist(), r["location"].flatten().tolist())
-    assert sorted(used) == [(i, loc) for i in range(6) for loc in range(4)]
 
 
 # -- all three ------------------------------------------------------------------------------------

@@ -72,6 +72,18 @@ class Method(nn.Module):
         self.ctx = ctx
         self.trunk_spec: dict = {}
 
+    def count_steps(self):
+        """Count training steps (`step_taken()` at each training forward) in a buffer, so the count is
+        saved in every checkpoint, identical on every rank and exact after a resume; `self.steps_taken`
+        mirrors it as a Python int that can be read without waiting for the device."""
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.steps_taken = 0
+        self.register_load_state_dict_post_hook(_read_steps)
+
+    def step_taken(self):
+        self.steps_taken += 1
+        self.steps.fill_(self.steps_taken)
+
     def make_backbone(self, arch: str, input: str = "rgb", **kwargs) -> nn.Module:
         """The trunk (no classifier), remembered with how to rebuild it: {"arch", "kwargs", "input"},
         input "rgb" (normalised RGB) or "L" (the L channel of Lab minus 50)."""
@@ -101,6 +113,10 @@ class Method(nn.Module):
 
     def load_rank_state_dict(self, state: dict):
         pass
+
+
+def _read_steps(module, _incompatible_keys):
+    module.steps_taken = int(module.steps)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
