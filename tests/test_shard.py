@@ -452,7 +452,7 @@ def test_a_malformed_manifest_in_out_is_a_one_line_error(tmp_path):
     assert sorted(os.listdir(out)) == ["manifest.json"]
 
 
-def test_limit_takes_the_first_items_of_the_sources(tmp_path):
+def test_skip_and_limit_take_contiguous_items_of_the_sources(tmp_path):
     d = fashion_mnist_dir()
     out = str(tmp_path / "fm100")
     run_cli("build", os.path.join(d, "train-images-idx3-ubyte.gz"), "--out", out, "--limit", "100", "--shuffle",
@@ -463,5 +463,11 @@ def test_limit_takes_the_first_items_of_the_sources(tmp_path):
         labels = np.frombuffer(f.read(), np.uint8, offset=8)[:100]
     got = {int(s["json"]["source"].rsplit("#", 1)[1]): s["cls"] for s in read_with_webdataset(out)}
     assert sorted(got) == list(range(100)) and all(got[i] == labels[i] for i in got)
+    # --skip + --limit: the next items, disjoint from the first split
+    out2 = str(tmp_path / "fm-next")
+    run_cli("build", os.path.join(d, "train-images-idx3-ubyte.gz"), "--out", out2, "--skip", "100", "--limit", "50",
+            "--workers", "1", "--no-progress")
+    got = sorted(int(s["json"]["source"].rsplit("#", 1)[1]) for s in read_with_webdataset(out2))
+    assert got == list(range(100, 150))
     r = run_cli("build", "sample:10", "--out", str(tmp_path / "x"), "--limit", "0", check=False)
     assert r.returncode == 1 and "--limit 0" in r.stderr

@@ -67,9 +67,12 @@ def parser() -> argparse.ArgumentParser:
                    help="file lists: column with image paths, a header name or a 0-based number (no header)")
     b.add_argument("--label-column", default=None, help="file lists: column with class names")
     b.add_argument("--root", default=None, help="file lists: base of relative paths (default: the list's folder)")
+    b.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the first N items of the sources, in source order (before --shuffle); with "
+                        "--limit, disjoint splits of one source (e.g. --limit 1000, then --skip 1000 --limit 10000)")
     b.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="only the first N items of the sources, in source order (before --shuffle): a quick, "
-                        "deterministic subset")
+                   help="only the first N items of the sources (after --skip), in source order (before --shuffle): "
+                        "a quick, deterministic subset")
     b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
                    help="build only the I-th (0-based) of N disjoint slices; combine with `merge`")
     b.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: one per core)")
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
         if args.cmd == "build":
             opts = BuildOptions(
                 sources=tuple(args.sources), out=args.out, prefix=args.prefix, max_count=args.max_count,
-                max_size=args.max_size, shuffle=args.shuffle, seed=args.seed, part=args.part, limit=args.limit,
+                max_size=args.max_size, shuffle=args.shuffle, seed=args.seed, part=args.part, skip=args.skip, limit=args.limit,
                 source=SourceOptions(labels=args.labels, path_column=args.path_column,
                                      label_column=args.label_column, root=args.root, seed=args.seed),
                 image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,

@@ -55,7 +55,8 @@ class BuildOptions:
     part: tuple[int, int] = (0, 1)
     source: SourceOptions = field(default_factory=SourceOptions)
     image: ImageOptions = field(default_factory=ImageOptions)
-    limit: int | None = None  # only the first N items of the sources (in source order, before shuffling)
+    skip: int = 0             # leave out the first N items of the sources (in source order, before shuffling)
+    limit: int | None = None  # then take at most N items
     workers: int = 0          # 0: one per CPU core; does not change the output
     progress: bool = True     # does not change the output
 
@@ -80,6 +81,8 @@ class BuildOptions:
             raise BuildError("--max-count and --max-size must be positive")
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"--limit {self.limit}: must be positive")
+        if self.skip < 0:
+            raise BuildError(f"--skip {self.skip}: must be >= 0")
         if not 1 <= self.image.quality <= 100:
             raise BuildError(f"--quality {self.image.quality}: expected 1..100")
         if self.image.resize_max is not None and self.image.resize_max < max(self.image.min_size, 1):
@@ -102,7 +105,8 @@ def _class_order(names) -> list[str]:
 def make_plan(opts: BuildOptions, state: str) -> dict:
     """Enumerate every source into state/plan.jsonl; return the plan summary (cached by fingerprint)."""
     summary_path = os.path.join(state, "plan.json")
-    key = BuildOptions(opts.sources, "", source=opts.source, seed=opts.seed, limit=opts.limit).fingerprint()
+    key = BuildOptions(opts.sources, "", source=opts.source, seed=opts.seed, skip=opts.skip,
+                       limit=opts.limit).fingerprint()
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
@@ -119,8 +123,12 @@ def make_plan(opts: BuildOptions, state: str) -> dict:
     with open(tmp, "w") as f, tqdm(desc="planning", unit=" items", disable=not opts.progress,
                                      mininterval=1.0, file=sys.stderr) as bar:
         pos = 0
+        seen = 0
         for source in sources:
             for item in source.items():
+                seen += 1
+                if seen <= opts.skip:
+                    continue
                 if opts.limit is not None and count >= opts.limit:
                     break
                 line = json.dumps([item.kind, item.ref, item.label]) + "\n"
