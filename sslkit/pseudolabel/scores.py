@@ -1,0 +1,290 @@
+"""The teacher pass: every image's top-P classes and scores, per rank, in committed chunks.
+
+Each rank runs the `eval_val` pipeline over its own slice of the shards (`make_loader(rank=r,
+world_size=w)`, stored order, shuffle_buffer=1) and writes under
+
+    <work>/scores-<key>/w<W>-b<B>-c<C>/rank<r>/chunk-NNNNNN.npz   index, classes [n,P], scores [n,P], intact
+                                             /state.pt            chunks done + the loader's DALI state
+                                             /DONE                written after the last chunk (JSON stats)
+    <work>/scores-<key>/w<W>-b<B>-c<C>/COMPLETE                   every rank DONE (rank 0 writes it)
+
+`key` hashes what the scores depend on (teacher weights, the data's identity, P, the crop, the device
+and precision), so scores are reused by any later run that needs the same ones (another --top-k, say).
+A chunk file is written to a temporary name and renamed, then `state.pt` is replaced: a kill at any
+moment leaves the chunks named in `state.pt` complete, and a re-run restores the loader from the DALI
+state saved with them and continues with the next chunk. The layout folder is named after the world
+size, batch size and chunk length, which fix the chunk boundaries; a re-run with other values starts a
+new layout (finished chunks of the old one are then not reused).
+
+Ranks never wait for each other in a collective: rank 0 polls the DONE files (the work folder must be
+on a file system every rank sees, as the output is), so a rank that finishes hours before a resumed
+one cannot time out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..shard import manifest as mf
+from .select import top_p
+from .teacher import PseudolabelError, Teacher
+
+log = logging.getLogger("sslkit.pseudolabel")
+
+SCORES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    size: int
+    resize: int
+    top_p: int
+    batch_size: int = 256
+    chunk: int = 50_000            # images per committed chunk (rounded up to whole batches)
+    device: str = "cpu"            # "cpu" | "cuda"
+    loader_threads: int = 0        # DALI threads (0: this rank's share of the cores)
+    progress: bool = True
+    amp: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+
+    @property
+    def chunk_batches(self) -> int:
+        return max(1, -(-self.chunk // self.batch_size))
+
+    @property
+    def precision(self) -> str:
+        if self.amp == "auto":
+            return "bf16" if self.device == "cuda" else "fp32"
+        return self.amp
+
+
+def scores_key(teacher: Teacher, data_identity: str, o: PassOptions) -> str:
+    blob = json.dumps({"teacher": teacher.identity, "data": data_identity, "top_p": o.top_p, "size": o.size,
+                       "resize": o.resize, "device": o.device, "precision": o.precision,
+                       "version": SCORES_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def layout_name(world_size: int, o: PassOptions) -> str:
+    return f"w{world_size}-b{o.batch_size}-c{o.chunk_batches}"
+
+
+def find_complete(scores_dir: str) -> str | None:
+    """A layout folder whose every rank finished (any world size), or None."""
+    if not os.path.isdir(scores_dir):
+        return None
+    for name in sorted(os.listdir(scores_dir)):
+        d = os.path.join(scores_dir, name)
+        if os.path.exists(os.path.join(d, "COMPLETE")):
+            return d
+    return None
+
+
+def rank_slice(total: int, rank: int, world_size: int) -> int:
+    """Samples rank `rank` reads: DALI splits the stored order into contiguous, near-equal slices."""
+    return total * (rank + 1) // world_size - total * rank // world_size
+
+
+def _atomic(path: str, write):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _chunk_path(rdir: str, i: int) -> str:
+    return os.path.join(rdir, f"chunk-{i:06d}.npz")
+
+
+def _read_state(rdir: str) -> dict | None:
+    path = os.path.join(rdir, "state.pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable state only means: start this rank over
+        log.warning("%s: unreadable (%s); this rank starts over", path, type(e).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("version") != SCORES_VERSION:
+        return None
+    missing = [i for i in range(state["chunks"]) if not os.path.exists(_chunk_path(rdir, i))]
+    if missing:
+        log.warning("%s: chunk %d is missing; this rank starts over", rdir, missing[0])
+        return None
+    return state
+
+
+def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank: int, world_size: int,
+             local_rank: int = 0, max_chunks: int | None = None) -> dict | None:
+    """This rank's part of the teacher pass (resuming after its last committed chunk). Returns the
+    rank's DONE record, or None when `max_chunks` new chunks were written first (a time-boxed run)."""
+    from pipelines import LoaderError, make_loader   # DALI only when there is work to do
+
+    rdir = os.path.join(layout, f"rank{rank}")
+    done_path = os.path.join(rdir, "DONE")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            return json.loads(f.read())
+    os.makedirs(rdir, exist_ok=True)
+    state = _read_state(rdir)
+    done = state["chunks"] if state else 0
+    for name in os.listdir(rdir):   # chunks after the committed ones, and half-written files
+        if name.endswith(".tmp") or (name.startswith("chunk-") and int(name[6:12]) >= done):
+            os.remove(os.path.join(rdir, name))
+
+    on_gpu = o.device == "cuda"
+    threads = o.loader_threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                           else os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        loader = make_loader("eval_val", data_dir, batch_size=o.batch_size, device="gpu" if on_gpu else "cpu",
+                             rank=rank, world_size=world_size, seed=0, shuffle_buffer=1, size=o.size,
+                             resize=o.resize, num_threads=threads, **({"device_id": local_rank} if on_gpu else {}))
+    except LoaderError as e:
+        raise PseudolabelError(f"{data_dir}: {e}") from None
+    per_chunk = o.chunk_batches
+    skip = 0
+    if state is not None:
+        try:
+            loader.load_state_dict(state["loader"])
+        except (LoaderError, KeyError) as e:
+            # a loader state this version cannot restore: replay the order, run nothing on it
+            log.warning("rank %d: cannot restore the loader (%s); replaying %d batches", rank, e, done * per_chunk)
+            skip = done * per_chunk
+    total = rank_slice(len_total(data_dir), rank, world_size)
+    start = min(done * per_chunk * o.batch_size, total)
+    if done and rank == 0:
+        log.info("rank 0: resuming the teacher pass after %d committed chunk(s) (%d of %d images)", done, start, total)
+
+    model = teacher.model
+    device = next(model.parameters()).device
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if o.precision == "bf16"
+                else contextlib.nullcontext)
+    cls_dtype = torch.int16 if teacher.num_classes <= np.iinfo(np.int16).max else torch.int32
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=start, unit="img", desc=f"teacher (rank 0 of {world_size})",
+               disable=not (o.progress and rank == 0), file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+               mininterval=0.5 if tty else 30.0)
+    buf: list[tuple] = []
+    written, n_new, corrupt = 0, 0, state.get("corrupt", 0) if state else 0
+    t0 = time.perf_counter()
+    steady = None   # (time, images) when the first batch was done: throughput without the start-up
+
+    def flush():
+        nonlocal done, corrupt
+        index = torch.cat([b[0] for b in buf]).cpu().numpy().astype(np.int64)
+        arrays = {"index": index, "classes": torch.cat([b[1] for b in buf]).cpu().numpy(),
+                  "scores": torch.cat([b[2] for b in buf]).cpu().numpy(),
+                  "intact": torch.cat([b[3] for b in buf]).cpu().numpy()}
+        corrupt += int((~arrays["intact"]).sum())
+        _atomic(_chunk_path(rdir, done), lambda f: np.savez(f, **arrays))
+        done += 1
+        _atomic(os.path.join(rdir, "state.pt"),
+                lambda f: torch.save({"version": SCORES_VERSION, "chunks": done, "corrupt": corrupt,
+                                      "loader": loader.state_dict()}, f))
+        buf.clear()
+
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                if skip:
+                    skip -= 1
+                    continue
+                x = batch["views"][0]
+                if x.device != device:
+                    x = x.to(device, non_blocking=True)
+                if on_gpu:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    logits = model(x)
+                scores, classes = top_p(torch.softmax(logits.float(), dim=1), o.top_p)
+                buf.append((batch["index"], classes.to(cls_dtype), scores, batch["intact"]))
+                n_new += x.shape[0]
+                if steady is None:
+                    if on_gpu:
+                        torch.cuda.synchronize(device)
+                    steady = (time.perf_counter(), n_new)
+                bar.update(x.shape[0])
+                if len(buf) == per_chunk:
+                    flush()
+                    written += 1
+                    if max_chunks is not None and written >= max_chunks:
+                        return None
+            if buf:
+                flush()
+    finally:
+        bar.close()
+        getattr(loader, "close", lambda: None)()
+    t_end = time.perf_counter()
+    seconds = t_end - t0
+    # images/s after the first batch (pipeline start-up and kernel compilation excluded)
+    rate = ((n_new - steady[1]) / max(t_end - steady[0], 1e-9) if steady and n_new > steady[1]
+            else n_new / max(seconds, 1e-9))
+    rec = {"rank": rank, "samples": total, "chunks": done, "corrupt": corrupt, "new_samples": n_new,
+           "seconds": seconds, "img_per_s": rate}
+    _atomic(done_path, lambda f: f.write(json.dumps(rec).encode()))
+    return rec
+
+
+def len_total(data_dir: str) -> int:
+    return mf.load(data_dir, check_files=False)["total"]
+
+
+def wait_for_ranks(layout: str, world_size: int, poll_s: float = 2.0) -> list[dict]:
+    """Rank 0: every rank's DONE record, waiting for the ones still running (no timeout: torchrun ends
+    the job if a rank dies)."""
+    last_note = time.time()
+    while True:
+        missing = [r for r in range(world_size) if not os.path.exists(os.path.join(layout, f"rank{r}", "DONE"))]
+        if not missing:
+            break
+        if time.time() - last_note > 60:
+            log.info("waiting for rank(s) %s to finish the teacher pass", missing[:8])
+            last_note = time.time()
+        time.sleep(poll_s)
+    recs = []
+    for r in range(world_size):
+        with open(os.path.join(layout, f"rank{r}", "DONE")) as f:
+            recs.append(json.loads(f.read()))
+    return recs
+
+
+def mark_complete(layout: str, recs: list[dict]):
+    wall = max(r["seconds"] for r in recs)
+    rec = {"ranks": len(recs), "samples": sum(r["samples"] for r in recs), "corrupt": sum(r["corrupt"] for r in recs),
+           "img_per_s": sum(r["img_per_s"] for r in recs), "wall_s": wall}
+    _atomic(os.path.join(layout, "COMPLETE"), lambda f: f.write(json.dumps(rec).encode()))
+    return rec
+
+
+def iter_chunks(layout: str):
+    """(path, arrays) of every committed chunk of a complete layout, rank by rank, in order."""
+    with open(os.path.join(layout, "COMPLETE")) as f:
+        world = json.loads(f.read())["ranks"]
+    for r in range(world):
+        rdir = os.path.join(layout, f"rank{r}")
+        with open(os.path.join(rdir, "DONE")) as f:
+            chunks = json.loads(f.read())["chunks"]
+        for i in range(chunks):
+            path = _chunk_path(rdir, i)
+            try:
+                with np.load(path) as z:
+                    arrays = {k: z[k] for k in ("index", "classes", "scores", "intact")}
+            except Exception as e:  # noqa: BLE001 - any unreadable chunk is the same problem
+                raise PseudolabelError(f"{path}: unreadable ({type(e).__name__}: {e}); delete {rdir} and "
+                                       f"{os.path.join(layout, 'COMPLETE')} and re-run to recompute that rank"
+                                       ) from None
+            yield path, arrays

@@ -1,0 +1,415 @@
+"""Writing labelled shard folders from other shard folders, copying every image byte for byte.
+
+- `write_student`: the pseudo-labelled set, one sample per selected (image, class) record, in the
+  shard builder's format (`jpg`, `index`, `cls`, `json`; DALI indices; manifest with the teacher's
+  classes), which `python -m sslkit.shard verify --full` accepts and `train.py` trains on;
+- `random_labels`: the same samples with their labels permuted over the whole set (the control:
+  same images, same class counts, labels that carry no information).
+
+Both are resumable like `sslkit.shard build`: a shard is written under a temporary name, renamed into
+place when full, then recorded (fsync'd) in a journal; a re-run replays the journal, checks the files,
+and continues with the next shard. Shard boundaries depend only on the sample sequence, so the result is
+byte-identical to an uninterrupted run. Source images are read by their DALI index offsets (no tar
+walk), a few source shards at a time in a thread pool, and the `index` component of every source sample
+is checked against the sample asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from ..shard import manifest as mf
+from ..shard.build import format_rejects
+from ..shard.tarwriter import ShardWriter, read_index
+from .teacher import PseudolabelError
+
+JPEG_SOI = b"\xff\xd8"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading source samples by index
+# ------------------------------------------------------------------------------------------------
+
+def _parse_index_line(line: str, where: str) -> dict[str, tuple[int, int]]:
+    f = line.split()
+    if not f or len(f) % 4:
+        raise PseudolabelError(f"{where}: malformed DALI index line")
+    return {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+
+
+class SourceSamples:
+    """Random access to the components of chosen samples of a shard folder, located once through the
+    DALI index files of the shards that hold them (only their lines are parsed)."""
+
+    def __init__(self, directory: str, manifest: dict, indices: np.ndarray, components=("jpg", "index", "json")):
+        self.directory, self.components = directory, tuple(components)
+        self.tars, idxs = mf.shard_paths(directory, manifest)
+        self.indices = np.unique(np.asarray(indices, np.int64))
+        starts = np.array([s["first_index"] for s in manifest["shards"]], np.int64)
+        counts = np.array([s["count"] for s in manifest["shards"]], np.int64)
+        if self.indices.size and (self.indices[0] < 0 or self.indices[-1] >= manifest["total"]):
+            raise PseudolabelError(f"{directory}: sample {int(self.indices[-1])} asked for, the folder holds "
+                                   f"0..{manifest['total'] - 1}")
+        self.shard = (np.searchsorted(starts, self.indices, side="right") - 1).astype(np.int64)
+        # per wanted sample and component: (offset, size)
+        self.loc = np.zeros((self.indices.size, len(self.components), 2), np.int64)
+        for k in np.unique(self.shard):
+            rows = np.flatnonzero(self.shard == k)
+            with open(idxs[k]) as f:
+                lines = f.read().splitlines()
+            if len(lines) - 1 != counts[k]:
+                raise PseudolabelError(f"{idxs[k]}: {len(lines) - 1} samples, the manifest says {counts[k]}")
+            for row in rows:
+                j = int(self.indices[row] - starts[k])
+                where = f"{idxs[k]}:{j + 2}"
+                entry = _parse_index_line(lines[j + 1], where)
+                for c, comp in enumerate(self.components):
+                    if comp not in entry:
+                        raise PseudolabelError(f"{self.tars[k]}: sample {mf.key_for(int(self.indices[row]))} has no "
+                                               f"{comp!r} component")
+                    self.loc[row, c] = entry[comp]
+
+    def fetch(self, indices: np.ndarray, threads: int = 8) -> dict[int, dict[str, bytes]]:
+        """{sample index: {component: bytes}} for `indices` (each a wanted sample), read shard by shard."""
+        rows = np.unique(np.searchsorted(self.indices, np.asarray(indices, np.int64)))
+        by_shard: dict[int, list[int]] = {}
+        for row in rows:
+            by_shard.setdefault(int(self.shard[row]), []).append(int(row))
+
+        def read_shard(item):
+            k, shard_rows = item
+            out = {}
+            tar = self.tars[k]
+            shard_rows.sort(key=lambda r: self.loc[r, 0, 0])   # increasing offsets in the file
+            try:
+                fd = os.open(tar, os.O_RDONLY)
+            except OSError as e:
+                raise PseudolabelError(f"{tar}: cannot open ({e.strerror})") from None
+            try:
+                for r in shard_rows:
+                    i = int(self.indices[r])
+                    comps = {}
+                    for c, comp in enumerate(self.components):
+                        off, size = (int(v) for v in self.loc[r, c])
+                        data = os.pread(fd, size, off)
+                        if len(data) != size:
+                            raise PseudolabelError(f"{tar}: sample {mf.key_for(i)}.{comp} is cut short (the shard is "
+                                                   "truncated; run python -m sslkit.shard verify)")
+                        comps[comp] = data
+                    if "index" in comps and comps["index"] != mf.key_for(i).encode():
+                        raise PseudolabelError(f"{tar}: sample {i} holds index {comps['index'][:20]!r}; its DALI index "
+                                               "does not match the tar (python -m sslkit.shard verify)")
+                    if "jpg" in comps and not comps["jpg"].startswith(JPEG_SOI):
+                        raise PseudolabelError(f"{tar}: sample {mf.key_for(i)}.jpg is not a JPEG")
+                    out[i] = comps
+            finally:
+                os.close(fd)
+            return out
+
+        result: dict[int, dict[str, bytes]] = {}
+        items = sorted(by_shard.items())
+        if threads > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(threads, len(items))) as pool:
+                for part in pool.map(read_shard, items):
+                    result.update(part)
+        else:
+            for item in items:
+                result.update(read_shard(item))
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# A resumable, journalled shard sequence
+# ------------------------------------------------------------------------------------------------
+
+def _sample_bytes(comps) -> int:
+    return sum(512 + -(-len(d) // 512) * 512 for _, d in comps)
+
+
+class JournalledShards:
+    """Writes `prefix-NNNNNN.tar/.idx` into `out`, one journal line per finished shard."""
+
+    def __init__(self, out: str, journal: str, prefix: str, max_count: int, max_size: int):
+        self.out, self.journal, self.prefix = out, journal, prefix
+        self.max_count, self.max_size = max_count, max_size
+        self.done = self._replay()
+        self.writer: ShardWriter | None = None
+        self.extra: dict = {}
+        self.first_index = self.position = self.done[-1]["end"] if self.done else 0
+        self.new_shards = 0
+
+    def _replay(self) -> list[dict]:
+        """Finished shards whose files are intact; the journal is cut at the first bad record. Without a
+        journal, leftover shard files of this prefix (an earlier, abandoned attempt) are removed."""
+        good = []
+        if os.path.exists(self.journal):
+            with open(self.journal) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line from a kill mid-write
+                    tar = os.path.join(self.out, rec["path"])
+                    if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
+                            and os.path.exists(os.path.join(self.out, rec["index"]))):
+                        break
+                    good.append(rec)
+        # journals of other options in this output folder describe shards that are deleted below
+        folder = os.path.dirname(self.journal)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith("write-") and name.endswith(".jsonl") and name != os.path.basename(self.journal):
+                os.remove(os.path.join(folder, name))
+        keep = {r["path"] for r in good} | {r["index"] for r in good}
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
+        for name in os.listdir(self.out):
+            if pattern.match(name) and name not in keep:
+                os.remove(os.path.join(self.out, name))
+        os.makedirs(os.path.dirname(self.journal), exist_ok=True)
+        with open(self.journal, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in good))
+        return good
+
+    def add(self, comps: list[tuple[str, bytes]], **extra):
+        """Append the sample at `self.position` (its key and index are the position)."""
+        w = self.writer
+        if w is not None and w.count and w.bytes_written + _sample_bytes(comps) > self.max_size:
+            self.close()
+        if self.writer is None:
+            name = f"{self.prefix}-{len(self.done):06d}"
+            self.writer = ShardWriter(os.path.join(self.out, name + ".tar"), os.path.join(self.out, name + ".idx"))
+            self.first_index = self.position
+        self.writer.add(mf.key_for(self.position), comps)
+        self.position += 1
+        for k, v in extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+        if self.writer.count >= self.max_count:
+            self.close()
+
+    def close(self):
+        if self.writer is None:
+            return
+        info = self.writer.commit()
+        name = f"{self.prefix}-{len(self.done):06d}"
+        rec = {"path": name + ".tar", "index": name + ".idx", "count": info["count"], "bytes": info["bytes"],
+               "sha256": info["sha256"], "first_index": self.first_index, "end": self.position, **self.extra}
+        with open(self.journal, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.append(rec)
+        self.writer, self.extra = None, {}
+        self.new_shards += 1
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def shard_entries(self) -> list[dict]:
+        return [{k: r[k] for k in ("path", "index", "count", "bytes", "sha256", "first_index")} for r in self.done]
+
+
+def check_out(out: str, fingerprint: str) -> dict | None:
+    """The manifest of a finished run with this fingerprint (nothing to do), None for a fresh or
+    unfinished output folder, an error for a folder that holds something else."""
+    path = os.path.join(out, mf.MANIFEST)
+    if os.path.isdir(os.path.join(out, ".build")):
+        raise PseudolabelError(f"{out} holds an unfinished `sslkit.shard build`; use another --out")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            existing = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PseudolabelError(f"{path}: not a readable manifest ({e}); delete it or use another --out") from None
+    if isinstance(existing, dict) and existing.get("build", {}).get("fingerprint") == fingerprint:
+        return existing
+    raise PseudolabelError(f"{out} already holds a different dataset (manifest.json with other options); use "
+                           "another --out or delete it")
+
+
+def manifest_for(total: int, classes: list[str], class_counts: np.ndarray, shards: list[dict], build: dict) -> dict:
+    return {
+        "format_version": mf.FORMAT_VERSION,
+        "created_by": f"sslkit {__version__}",
+        "total": total,
+        "rejected": 0,
+        "ignored": 0,
+        "inputs": total,
+        "classes": {c: i for i, c in enumerate(classes)},
+        "class_counts": {c: int(class_counts[i]) for i, c in enumerate(classes)},
+        "components": ["jpg", "index", "cls", "json"],
+        "part": [0, 1],
+        "shards": shards,
+        "build": build,
+    }
+
+
+def finish(out: str, manifest: dict, journal: str):
+    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects([]))
+    mf.write(out, manifest)
+    os.remove(journal)
+
+
+def _shard_index(idx: str, shard: dict) -> list[dict]:
+    try:
+        entries = read_index(idx)
+    except ValueError as e:
+        raise PseudolabelError(str(e)) from None
+    if len(entries) != shard["count"]:
+        raise PseudolabelError(f"{idx}: {len(entries)} samples, the manifest says {shard['count']}")
+    return entries
+
+
+def _cls(c: int) -> bytes:
+    return f"{c:0{mf.CLS_DIGITS}d}".encode()
+
+
+# ------------------------------------------------------------------------------------------------
+# The student dataset
+# ------------------------------------------------------------------------------------------------
+
+def write_student(out: str, data_dir: str, data_manifest: dict, selection, classes: list[str],
+                  build: dict, *, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
+                  max_count: int = 10_000, max_size: int = 1_000_000_000, io_threads: int = 8,
+                  progress: bool = True, max_shards: int | None = None) -> dict | None:
+    """Write the selected records (cls, score, index; canonical order from the selector) as a shard
+    folder. Returns the manifest, or None after `max_shards` new shards (a time-boxed run)."""
+    cls, score, index = selection
+    n = cls.size
+    if n == 0:
+        raise PseudolabelError("the selection is empty: no image has any class in its top-P")
+    # rank of each record within its class (the selection comes sorted by class, score, index)
+    starts = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
+    class_rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    cls, score, index, class_rank = cls[order], score[order], index[order], class_rank[order]
+
+    # the journal lives in the output folder (a --work folder can serve several outputs)
+    journal = os.path.join(out, ".pseudolabel", f"write-{build['fingerprint']}.jsonl")
+    shards = JournalledShards(out, journal, prefix, max_count, max_size)
+    pos = shards.position
+    if pos:
+        print(f"{out}: resuming after {len(shards.done)} complete shard(s), at sample {pos} of {n}", file=sys.stderr)
+    source = SourceSamples(data_dir, data_manifest, index[pos:])
+    known = set(classes)
+    bar = tqdm(total=n, initial=pos, unit="img", desc="write", disable=not progress, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    block = max(1, min(max_count, 4096))
+    try:
+        for b0 in range(pos, n, block):
+            b1 = min(n, b0 + block)
+            data = source.fetch(index[b0:b1], io_threads)
+            for p in range(b0, b1):
+                i, c = int(index[p]), int(cls[p])
+                src = data[i]
+                meta = json.loads(src["json"])
+                extra = {}
+                if "label" in meta:
+                    meta["source_label"] = meta.pop("label")
+                    if meta["source_label"] in known:   # a pool labelled with the teacher's classes
+                        extra = {"with_source_label": 1, "agree": int(meta["source_label"] == classes[c])}
+                meta.update(label=classes[c], source_index=i, score=float(score[p]), class_rank=int(class_rank[p]))
+                comps = [("jpg", src["jpg"]), ("index", mf.key_for(p).encode()), ("cls", _cls(c)),
+                         ("json", json.dumps(meta, sort_keys=True).encode())]
+                before = shards.new_shards
+                shards.add(comps, **extra)
+                bar.update(1)
+                if max_shards is not None and shards.new_shards > before and shards.new_shards >= max_shards:
+                    return None
+        shards.close()
+    except BaseException:
+        shards.abort()
+        raise
+    finally:
+        bar.close()
+    labelled = sum(r.get("with_source_label", 0) for r in shards.done)
+    agree = sum(r.get("agree", 0) for r in shards.done)
+    build = dict(build)
+    if labelled:
+        build["pseudolabel"] = {**build["pseudolabel"], "source_label_agreement": agree / labelled,
+                                "with_source_label": labelled}
+    counts = np.bincount(cls, minlength=len(classes))
+    manifest = manifest_for(n, classes, counts, shards.shard_entries(), build)
+    finish(out, manifest, journal)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# The random-label control
+# ------------------------------------------------------------------------------------------------
+
+def random_labels(src: str, out: str, seed: int = 0, progress: bool = True,
+                  max_shards: int | None = None) -> dict | None:
+    """A copy of the labelled shard folder `src` whose labels are a random permutation (by `seed`) of
+    its labels: the same images in the same order and the same class counts, but labels that say
+    nothing about the images. Shard boundaries follow `src`."""
+    m = mf.load(src)
+    if not m["classes"]:
+        raise PseudolabelError(f"{src}: unlabelled; --random-labels permutes the labels of a labelled set")
+    names = sorted(m["classes"], key=m["classes"].get)
+    fingerprint = hashlib.sha256(json.dumps({"random_labels": mf.identity(m), "seed": seed}).encode()).hexdigest()[:16]
+    os.makedirs(out, exist_ok=True)
+    existing = check_out(out, fingerprint)
+    if existing is not None:
+        print(f"{out}: already complete ({existing['total']} samples); nothing to do", file=sys.stderr)
+        return existing
+    work = os.path.join(out, ".pseudolabel")
+    journal = os.path.join(work, f"write-{fingerprint}.jsonl")
+    tars, idxs = mf.shard_paths(src, m)
+    labels = np.empty(m["total"], np.int64)
+    for s, tar, idx in zip(m["shards"], tars, idxs):     # only the 10-byte cls fields: cheap
+        with open(tar, "rb") as f:
+            for j, entry in enumerate(_shard_index(idx, s)):
+                f.seek(entry["cls"][0])
+                labels[s["first_index"] + j] = int(f.read(entry["cls"][1]))
+    new = labels[np.random.default_rng(seed).permutation(labels.size)]
+    # one output shard per source shard: the same boundaries
+    shards = JournalledShards(out, journal, m.get("build", {}).get("prefix", "shard"), max_count=1 << 62,
+                              max_size=1 << 62)
+    bar = tqdm(total=m["total"], initial=shards.position, unit="img", desc="random labels", disable=not progress,
+               file=sys.stderr)
+    try:
+        for s, tar, idx in zip(m["shards"], tars, idxs):
+            if s["first_index"] + s["count"] <= shards.position:
+                continue
+            with open(tar, "rb") as f:
+                for j, entry in enumerate(_shard_index(idx, s)):
+                    i = s["first_index"] + j
+                    comps = {}
+                    for comp, (off, size, _) in entry.items():
+                        f.seek(off)
+                        comps[comp] = f.read(size)
+                    if comps.get("index") != mf.key_for(i).encode():
+                        raise PseudolabelError(f"{tar}: sample {j} holds index {comps.get('index')!r}, expected {i}")
+                    meta = json.loads(comps["json"])
+                    meta.update(label=names[new[i]], original_label=names[labels[i]], random_labels_seed=seed)
+                    comps["cls"] = _cls(int(new[i]))
+                    comps["json"] = json.dumps(meta, sort_keys=True).encode()
+                    shards.add(list(comps.items()))
+                    bar.update(1)
+            shards.close()
+            if max_shards is not None and shards.new_shards >= max_shards:
+                return None
+    except BaseException:
+        shards.abort()
+        raise
+    finally:
+        bar.close()
+    counts = np.bincount(new, minlength=len(names))
+    build = {"fingerprint": fingerprint, "prefix": shards.prefix,
+             "random_labels": {"source": os.path.abspath(src), "source_identity": mf.identity(m), "seed": seed},
+             "source_build": m.get("build")}
+    manifest = manifest_for(m["total"], names, counts, shards.shard_entries(), build)
+    finish(out, manifest, journal)
+    print(f"{out}: {m['total']} samples of {src} with permuted labels (seed {seed})", file=sys.stderr)
+    return manifest
