@@ -207,8 +207,9 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None) -> R
     if info.is_main:
         log.info("building the %s pipeline over %s (%s)", cls.pipeline, cfg.data, "GPU" if on_gpu else "CPU")
     # DALI threads: the setting, or this rank's share of the machine's cores (torchrun says how many
-    # ranks share it)
-    threads = cfg.loader_threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # ranks share it; GPU pipelines need few, see pipelines.loader.GPU_THREADS)
+    threads = cfg.loader_threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                                    "gpu" if on_gpu else "cpu")
     loader = make_loader(cls.pipeline, cfg.data, batch_size=cfg.batch_size, device="gpu" if on_gpu else "cpu",
                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                          num_threads=threads, shuffle_buffer=cfg.shuffle_buffer,

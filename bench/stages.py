@@ -108,11 +108,11 @@ def decode_stage(args, cfg):
     """The DALI decode-only pipeline: the shared reader stage and the decoder, nothing after it.
     Reader options are the loader's defaults, so it does exactly the reading a pipeline does."""
     shards, defaults = ShardSet.open(args.data), LoaderConfig(batch_size=1)
-    hw = cfg["hw_decoder_load"] if cfg["hw_decoder_load"] is not None else defaults.hw_decoder_load
+    hw = cfg["hw_decoder_load"]  # GPU rows always carry one (the loader's default unless swept)
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def
     def decode_only():
-        jpg, _, _, intact = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
+        jpg, _, _, _ = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
                                  want_label=False, seed=args.seed)
         return decode(jpg, args.device, hw)  # read() already swapped damaged samples for the placeholder
 

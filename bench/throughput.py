@@ -46,7 +46,8 @@ sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
 
 import torch  # noqa: E402
 
-from pipelines import LoaderConfig, ShardSet, list_families  # noqa: E402
+from pipelines import ShardSet, list_families  # noqa: E402
+from pipelines.loader import default_hw_decoder_load  # noqa: E402
 from report import (add_ratios, cfg_label, configs, cpus, data_info, environment, format_table,  # noqa: E402
                     plot, write_json)
 from sslkit.shard import ManifestError  # noqa: E402
@@ -110,13 +111,13 @@ def parse_args(argv=None):
         args.options = _options(args.option)
         if args.hw_decoder_load is not None and args.device != "gpu":
             raise BenchError("--hw-decoder-load applies to --device gpu only")
+        if args.device == "gpu" and not torch.cuda.is_available():
+            raise BenchError("--device gpu: torch sees no CUDA device")
         args.hw_list = [None] if args.device == "cpu" else (
-            [LoaderConfig(batch_size=1).hw_decoder_load] if args.hw_decoder_load is None
+            [default_hw_decoder_load(0)] if args.hw_decoder_load is None
             else [_share(x) for x in args.hw_decoder_load.split(",")])
         if min(args.rounds, args.batches) < 1 or args.warmup < 0:
             raise BenchError("--rounds and --batches must be >= 1, --warmup >= 0")
-        if args.device == "gpu" and not torch.cuda.is_available():
-            raise BenchError("--device gpu: torch sees no CUDA device")
     except BenchError as e:
         p.error(str(e))
     return args

@@ -24,7 +24,7 @@ from .spec import N_VIEW_U, VIEW_U, ColorRecipe, ViewRule
 # == DALI graph ======================================================================================
 
 
-def decode(jpg, device: str, hw_decoder_load: float = 0.65):
+def decode(jpg, device: str, hw_decoder_load: float | None = 0.65):
     """JPEG bytes -> HWC uint8 RGB; nvJPEG (`mixed`, with the hardware decoder share) on GPU."""
     if device == "gpu":
         # Padding sized so nvJPEG buffers do not reallocate for ImageNet-sized images.

@@ -31,7 +31,7 @@ class GraphInputs:
     jpg: Any                 # encoded bytes (CPU node), corrupt samples already replaced
     shape: Any               # (H, W, C) from the JPEG header (CPU node)
     device: str              # "cpu" | "gpu"
-    hw_decoder_load: float
+    hw_decoder_load: float | None   # GPU pipelines: the resolved share; None on CPU
     with_params: bool        # also return the random parameters (tests, visualizer)
 
 

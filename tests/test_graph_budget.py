@@ -43,7 +43,7 @@ def trace_gpu_graph(name: str, data: str, **options) -> list[tuple[str, str]]:
         mp.setattr(torch.cuda, "is_available", lambda: True)
         mp.setattr(dali_pipeline.Pipeline, "build", build)
         try:
-            make_loader(name, data, batch_size=8, device="gpu", device_id=0, **options)
+            make_loader(name, data, batch_size=8, device="gpu", device_id=0, hw_decoder_load=1.0, **options)
         except _Traced as t:
             return t.ops
     raise AssertionError(f"{name}: the pipeline was not built")
