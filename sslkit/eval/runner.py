@@ -1,0 +1,182 @@
+"""One evaluation run: the trunks to compare, their features, the metric, the report.
+
+`run(opts)` evaluates the trunk named by `opts.ckpt` and, unless `opts.baseline` is False, the same
+architecture at its seeded initialisation (`random`), so that every number is read beside what
+the architecture gives without training. `--ckpt pixels` evaluates raw pixels instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..trunk import load_trunk, random_trunk
+from . import features as feats
+from . import knn, layers, linear, lowshot, svm
+from .encoders import PixelEncoder, TrunkEncoder
+from .errors import EvalError
+
+KINDS = ("knn", "linear", "svm", "lowshot")
+
+
+@dataclass
+class EvalOptions:
+    kind: str
+    ckpt: str
+    train: str
+    val: str
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    input: str | None = None
+    seed: int = 0
+    layer: str | None = None
+    size: int = 224
+    resize: int = 256
+    device: str = "cpu"
+    batch_size: int = 256
+    threads: int = 0
+    cache_dir: str | None = feats.DEFAULT_CACHE
+    baseline: bool = True
+    progress: bool = True
+    # knn
+    ks: tuple[int, ...] = knn.DEFAULT_KS
+    temperature: float = knn.DEFAULT_TEMPERATURE
+    # linear
+    epochs: int = linear.PROTOCOL_EPOCHS
+    lr: float = linear.BASE_LR
+    weight_decay: float | None = None
+    fast: bool = False
+    train_scale: float = 0.08
+    # svm / lowshot
+    costs: tuple[float, ...] = svm.DEFAULT_COSTS
+    folds: int = svm.FOLDS
+    jobs: int = 1
+    shots: tuple[int, ...] = lowshot.DEFAULT_SHOTS
+    draws: int = lowshot.DEFAULT_DRAWS
+    classifier: str = "svm"
+    lowshot_k: int = 20
+    extra: dict = field(default_factory=dict)   # recorded in the report as given (e.g. the command)
+
+
+def subjects(o: EvalOptions) -> dict:
+    """name -> encoder: the checkpoint (or pixels / a random trunk) and, by default, its random init."""
+    if o.ckpt == "pixels":
+        return {"pixels": PixelEncoder(o.device)}
+    model, spec = load_trunk(o.ckpt, o.device, o.arch, o.arch_kwargs, o.input, o.seed)
+    name = "random" if o.ckpt == "random" else "ckpt"
+    out = {name: TrunkEncoder(model, spec, o.layer, o.size)}
+    if o.baseline and name != "random":
+        rmodel, rspec = random_trunk(spec.arch, spec.kwargs, spec.input, o.seed, o.device)
+        out["random"] = TrunkEncoder(rmodel, rspec, o.layer, o.size)
+    return out
+
+
+def _features(o: EvalOptions, encoder, data_dir: str) -> feats.FeatureSet:
+    return feats.extract(encoder, data_dir, size=o.size, resize=o.resize, device=o.device, batch_size=o.batch_size,
+                         cache_dir=o.cache_dir, num_threads=o.threads, progress=o.progress)
+
+
+def _weight_decay(o: EvalOptions, encoder) -> float:
+    if o.weight_decay is not None:
+        return o.weight_decay
+    fam = layers.family(encoder.model) if isinstance(encoder, TrunkEncoder) else "resnet"
+    return linear.WEIGHT_DECAY[fam]
+
+
+def _augmented_batches(o: EvalOptions, encoder):
+    """(epoch -> batches, steps/epoch): the eval_train pipeline, the frozen trunk under no_grad."""
+    from pipelines import make_loader
+    loader = make_loader("eval_train", o.train, batch_size=o.batch_size, device="gpu" if o.device == "cuda" else "cpu",
+                         seed=o.seed, size=o.size, resize=o.resize, scale=(o.train_scale, 1.0), num_threads=o.threads)
+
+    def batches(_epoch):
+        for batch in loader:
+            yield encoder(batch["views"][0]), batch["label"]
+
+    return batches, len(loader)
+
+
+def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: feats.FeatureSet) -> dict:
+    if o.fast:
+        batches, steps = linear.cached_batches(train.x, train.labels, o.batch_size, o.seed)
+    else:
+        batches, steps = _augmented_batches(o, encoder)
+    torch.manual_seed(o.seed)
+    probe = linear.LinearProbe(val.x.shape[1], val.channels, val.num_classes).to(o.device)
+    lr, wd = linear.scaled_lr(o.lr, o.batch_size), _weight_decay(o, encoder)
+    bar = tqdm(total=o.epochs, unit="epoch", desc="linear probe", disable=None if o.progress else True,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def on_epoch(_epoch, loss):
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(1)
+
+    losses = linear.train_probe(probe, batches, o.epochs, steps, lr, wd, on_epoch=on_epoch)
+    bar.close()
+    mode = ("fast: cached centre-crop features, no augmentation (not the protocol)" if o.fast else
+            f"protocol: eval_train RandomResizedCrop {o.size} (scale {o.train_scale}-1) + flip, trunk frozen")
+    return {**linear.evaluate(probe, val.x, val.labels), "mode": mode, "epochs": o.epochs,
+            "schedule": linear.epochs_note(o.epochs), "lr": lr, "weight_decay": wd, "batch_size": o.batch_size,
+            "steps_per_epoch": steps, "train_loss": losses}
+
+
+def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
+    t0 = time.perf_counter()
+    need_train = not (o.kind == "linear" and not o.fast)
+    train = _features(o, encoder, o.train) if need_train else None
+    val = _features(o, encoder, o.val)
+    if train is not None and train.classes != val.classes:
+        raise EvalError(f"{o.train} and {o.val} have different classes; evaluate on folders built with the same "
+                        "labels")
+    t1 = time.perf_counter()
+    if o.kind == "knn":
+        res = knn.knn_eval(train.x, train.labels, val.x, val.labels, val.num_classes, o.ks, o.temperature, o.device)
+    elif o.kind == "linear":
+        res = eval_linear(o, encoder, train, val)
+    elif o.kind == "svm":
+        res = svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                           val.num_classes, o.costs, o.folds, o.jobs)
+    elif o.kind == "lowshot":
+        res = lowshot.lowshot_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                                   val.num_classes, o.shots, o.draws, o.seed, o.classifier, o.costs, o.folds,
+                                   o.lowshot_k, o.temperature, o.jobs)
+    else:
+        raise EvalError(f"unknown evaluation {o.kind!r}; choose from {', '.join(KINDS)}")
+    timings[name] = {"features": t1 - t0, "eval": time.perf_counter() - t1}
+    res["dims"] = int(val.x.shape[1])
+    res["caches"] = [fs.meta.get("cache") for fs in (train, val) if fs is not None]
+    return res
+
+
+def run(o: EvalOptions) -> dict:
+    """Evaluate every subject; returns the report (also what `--out` writes)."""
+    if o.kind not in KINDS:
+        raise EvalError(f"unknown evaluation {o.kind!r}; choose from {', '.join(KINDS)}")
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda but torch sees no CUDA device; use --device cpu")
+    t0 = time.perf_counter()
+    encs = subjects(o)
+    timings: dict = {}
+    results = {name: evaluate(o, enc, timings, name) for name, enc in encs.items()}
+    val_info = feats.data_info(o.val)
+    opts = {k: v for k, v in asdict(o).items() if k not in ("extra",)}
+    return {"eval": o.kind, "results": results, "subjects": {n: e.describe() for n, e in encs.items()},
+            "train": {k: v for k, v in feats.data_info(o.train).items() if k != "classes"},
+            "val": {k: v for k, v in val_info.items() if k != "classes"}, "classes": val_info["classes"],
+            "crop": {"size": o.size, "resize": o.resize, "pipeline": "eval_val (resize shorter side, centre crop)"},
+            "options": opts, "seconds": {"total": time.perf_counter() - t0, **timings}, **o.extra}
+
+
+def title(report: dict) -> str:
+    o = report["options"]
+    subj = next(iter(report["subjects"].values()))
+    what = {"knn": f"kNN (weighted votes, T={o['temperature']})", "svm": "linear SVMs (one per class)",
+            "lowshot": f"low-shot {o['classifier']} ({o['draws']} draws)", "linear": "linear probe"}[report["eval"]]
+    first = next(iter(report["results"].values()))
+    extra = f"; {first['mode']}" if report["eval"] == "linear" else ""
+    return (f"{what}: train {report['train']['total']} / val {report['val']['total']} images, "
+            f"layer {subj.get('layer')} ({first['dims']} dims), crop {o['size']} of {o['resize']}{extra}")
