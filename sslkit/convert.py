@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SslkitError
-from .trunk import (INPUTS, SAFETENSORS_EXT, TrunkError, TrunkSpec, infer_kwargs, build_trunk, load_trunk,
+from .trunk import (INPUTS, SAFETENSORS_EXT, TrunkSpec, infer_kwargs, build_trunk, load_trunk,
                     load_weights, weights_identity)
 
 VISSL_NESTING = ("classy_state_dict", "base_model", "model", "trunk")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             kw = f" {json.dumps(spec.kwargs)}" if spec.kwargs else ""
             print(f"wrote {out}: {spec.arch}{kw}, input {spec.input}, "
                   f"{len(model.state_dict())} tensors, {n:,} values (identity {spec.identity})")
-    except (SslkitError, TrunkError) as e:
+    except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
