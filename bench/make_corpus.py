@@ -1,6 +1,6 @@
 """Build the realistic benchmark corpus: ImageNet-like JPEGs cut from large real photographs.
 
-The photographs come from Debian wallpaper/game packages (see ../shared/reference/DATA.md §2),
+The photographs come from Debian wallpaper/game packages (the packages bench/fetch_debian_data.sh downloads),
 fetched with `apt-get download` (no installation) into .cache/data. Each output image is a random
 crop (log-uniform area 5..100%, aspect 3:5..5:3), resized so the longer side is 500 px and saved
 at JPEG quality 90 -- the same recipe as the embedded `sample` corpus, on ~40 large photos.
@@ -28,7 +28,7 @@ from sslkit.shard.sample_corpus import imagenet_like_crop  # noqa: E402
 
 PACKAGES = ["plasma-workspace-wallpapers", "mate-backgrounds", "lomiri-wallpapers-16.04",
             "lomiri-wallpapers-20.04", "palapeli-data"]
-# Photographs only (the packages also hold rendered art); paths as listed in DATA.md §2.1.
+# Photographs only (the packages also hold rendered art).
 PHOTOS = (
     [f"usr/share/wallpapers/{n}/contents/images/2560x1600.jpg" for n in
      "BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite OneStandsOut Path "

@@ -1,4 +1,4 @@
-"""Distributed spherical k-means as DeepClusterV2 runs it at the start of every epoch (METHODS 3.2).
+"""Distributed spherical k-means as DeepClusterV2 runs it at the start of every epoch (swav's main_deepclusterv2.py).
 
 Each rank holds its own slice of the memory bank: `x` [n_local, d], rows L2-normalised. Then:
 

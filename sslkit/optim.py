@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the recipes (METHODS 1.4 jigsaw, 3.3 DeepClusterV2).
+"""Optimisers and learning-rate schedules of the recipes (VISSL's jigsaw, swav's DeepClusterV2).
 
 - `param_groups`: split a model's trainable parameters into a decayed group and a group of biases
   and normalisation parameters (no weight decay, flagged so LARS can leave them unadapted).
@@ -233,7 +233,7 @@ def warmup_cosine(base_lr: float, final_lr: float, epochs: int, iters_per_epoch:
 
 def multistep(base_lr: float, milestones: Sequence[int], epochs: int, iters_per_epoch: int, gamma: float = 0.1,
               warmup_epochs: int = 0, start_warmup_lr: float = 0.0, per_epoch: bool = False) -> np.ndarray:
-    """Per-iteration lr [epochs * iters_per_epoch] float64 for the jigsaw recipe (METHODS 1.4).
+    """Per-iteration lr [epochs * iters_per_epoch] float64 for the jigsaw recipe (VISSL jigsaw_8gpu_resnet.yaml).
 
     In epoch e the lr is base_lr * gamma ** (number of milestones <= e), e.g. 0.1, 0.01, ... 1e-5 for
     base 0.1 and milestones [30, 60, 90, 100]. An optional linear warm-up replaces the first

@@ -1,5 +1,4 @@
-"""Distributed Sinkhorn-Knopp as SwAV computes its codes (swav `main_swav.py::distributed_sinkhorn`,
-METHODS.md §3.3).
+"""Distributed Sinkhorn-Knopp as SwAV computes its codes (swav `main_swav.py::distributed_sinkhorn`).
 
 Given the prototype scores of this rank's rows, `scores` [B_local, K] (cosines of L2-normalised
 embeddings and prototypes), the codes are the transport plan between the B = B_local x world rows

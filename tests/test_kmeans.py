@@ -1,4 +1,4 @@
-"""Spherical k-means (DeepClusterV2, METHODS 3.2): parity with the float64 numpy reference, cluster
+"""Spherical k-means (DeepClusterV2): parity with the float64 numpy reference, cluster
 recovery, empty clusters, determinism, chunking, the global assignment table, and a real 2-process
 gloo run that must equal the single-process run on the concatenated data.
 """

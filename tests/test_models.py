@@ -1,5 +1,5 @@
 """Model zoo: shapes, exact parameter counts, torchvision/VISSL key names, checkpoint round trips,
-feature maps against the Goyal'19 linear-probe table (METHODS 6.1), and the registry.
+feature maps against the Goyal'19 linear-probe table (VISSL's eval_mlp pools), and the registry.
 
 Big models are built on the meta device wherever only shapes or counts matter, so the whole file
 stays well under a minute on 2 CPU cores.
@@ -192,7 +192,7 @@ def test_headless_model_loads_full_checkpoint():
 
 # ---------------------------------------------------------------- ResNet options
 
-# METHODS 6.1: (AvgPool2d kernel, stride, pad) per layer at 224 input, and the flattened widths.
+# Goyal'19 / VISSL linear probes: (AvgPool2d kernel, stride, pad) per layer at 224 input, and the flattened widths.
 RN50_PROBE = {"conv1": ((10, 10, 4), 9216), "res2": ((16, 8, 0), 9216), "res3": ((13, 5, 0), 8192),
               "res4": ((8, 3, 0), 9216), "res5": ((6, 1, 0), 8192)}
 
@@ -229,7 +229,7 @@ def test_colorization_resnet50_last_stride_1_and_gray_input():
         maps = m.feature_maps(torch.randn(1, 1, 224, 224), layers=("res4", "res5", "res5avg"))
     assert maps["res4"].shape == (1, 1024, 14, 14) and maps["res5"].shape == (1, 2048, 14, 14)
     assert maps["res5avg"].shape == (1, m.num_features)
-    # METHODS 6.1: the colorization res5 probe pools (12, 2, 0) down to 2x2x2048.
+    # VISSL: the colorization res5 probe pools (12, 2, 0) down to 2x2x2048.
     assert nn.AvgPool2d(12, 2, 0)(maps["res5"]).flatten(1).shape == (1, 8192)
 
 
@@ -339,7 +339,7 @@ def test_alexnet_jigsaw_on_64px_tiles():
     assert [(n.size, n.alpha, n.beta, n.k) for n in lrn] == [(5, 1e-4, 0.75, 1.0)] * 2
 
 
-# METHODS 6.1 linear-probe pools (kernel, stride) for AlexNets at 227 input, and the widths they give.
+# Goyal'19 linear-probe pools (kernel, stride) for AlexNets at 227 input, and the widths they give.
 ALEXNET_PROBE = {
     "alexnet_jigsaw": {"conv1": ((28, 9), 9600), "conv2": ((24, 6), 9216), "conv3": ((14, 3), 9600),
                        "conv4": ((14, 3), 9600), "conv5": ((16, 2), 9216)},

@@ -1,4 +1,4 @@
-"""Parameter groups, LARS/LARC (apex semantics, METHODS 3.3) against hand computations, resume,
+"""Parameter groups, LARS/LARC (apex semantics, as swav uses it) against hand computations, resume,
 GradScaler, and the per-iteration schedules with the DCv2 and jigsaw numbers.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation of frozen features: kNN, linear probe, per-class SVMs, low-shot (METHODS.md §6).
+"""Evaluation of frozen features: kNN, linear probe, per-class SVMs, low-shot.
 
     python -m sslkit.eval knn|linear|svm|lowshot --ckpt RUN_OR_CKPT --train DIR --val DIR [...]
 

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification on frozen features (DINO eval_knn, METHODS.md §6.4).
+"""Weighted k-nearest-neighbour classification on frozen features (DINO eval_knn).
 
 Features are L2-normalised; each query takes its k most cosine-similar training samples, and each
 neighbour votes for its class with weight exp(similarity / T), T = 0.07. Classes are ranked by their

@@ -1,6 +1,6 @@
 """Which trunk layer an evaluation reads, and how its map is pooled to about 9k dimensions.
 
-Goyal'19 / VISSL (METHODS.md §6.1) average-pool each layer's map with a fixed (kernel, stride, pad)
+Goyal'19 / VISSL average-pool each layer's map with a fixed (kernel, stride, pad)
 chosen for the reference input (224 for ResNet, 227 for the AlexNets), giving a small s x s map:
 
     ResNet   conv1 12x12, res2 6x6, res3 4x4, res4 3x3, res5 2x2 (x channels ~ 9k); res5avg = global pool

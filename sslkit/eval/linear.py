@@ -1,4 +1,4 @@
-"""Linear probe on a frozen trunk (Goyal'19 / VISSL eval_mlp, METHODS.md §6.1).
+"""Linear probe on a frozen trunk (Goyal'19 / VISSL eval_mlp).
 
 Head: BatchNorm without affine parameters over the pooled map's channels, flatten, Linear(d,
 classes) initialised N(0, 0.01) with zero bias. Optimiser: SGD, momentum 0.9, nesterov, lr 0.01

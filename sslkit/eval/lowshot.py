@@ -1,4 +1,4 @@
-"""Low-shot evaluation (Goyal'19, METHODS.md §6.3): k training samples per class, several draws.
+"""Low-shot evaluation (Goyal'19): k training samples per class, several draws.
 
 Each draw keeps exactly k samples of every class (for single-label data that is the VOC protocol's
 k positives and (classes - 1) k negatives per one-vs-rest SVM), trains the SVM (or kNN) on them and

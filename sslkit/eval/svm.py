@@ -1,4 +1,4 @@
-"""Per-class linear SVMs on frozen features (Goyal'19 / VISSL VOC07 protocol, METHODS.md §6.2).
+"""Per-class linear SVMs on frozen features (Goyal'19 / VISSL VOC07 protocol).
 
 For each class c: labels +1 (class c) / -1 (the rest); features x / (||x|| + 1e-5); a LinearSVC
 (squared hinge, L2, dual, tol 1e-4, max_iter 2000, class_weight {+1: 2, -1: 1}) per cost; the cost

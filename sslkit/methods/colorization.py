@@ -1,4 +1,4 @@
-"""Colorization (Zhang et al. 2016; Goyal et al. 2019; METHODS.md §2): predict the colour of a grey image.
+"""Colorization (Zhang et al. 2016; Goyal et al. 2019): predict the colour of a grey image.
 
 Per step: the L channel (`batch["L"]`, L - 50, [B, 1, S, S]) -> trunk (1 input channel; ResNets with
 res5 at stride 1 as Goyal's colorization ResNet-50, or Goyal's `alexnet_colorization`) -> its last
@@ -10,12 +10,12 @@ Head: a 1x1 convolution (D -> 313, i.e. a linear classifier at every position of
 res5, S/16 for a stride-1 res5, or conv5 for AlexNet, S/16 - 2 after conv5's ReLU), then bilinear
 upsampling of the LOGITS to S/4 x S/4 (exact size, so any trunk stride works). Why: every non-linear
 computation then lives in the trunk, which is all that the evaluations keep (they probe conv1..res5 /
-conv5, METHODS 6.1): a deep decoder (Zhang's conv6-8 with a learned deconvolution) would learn part of
+conv5, as Goyal'19's linear probes do): a deep decoder (Zhang's conv6-8 with a learned deconvolution) would learn part of
 the colour model in layers that are thrown away. It costs almost nothing next to the trunk; the
 price is blurrier colours at object edges than a decoder gives, which matters for the colorizations,
-not for the representation. Goyal's own pretext head is not public (METHODS 2.4).
+not for the representation. Goyal's own pretext head is not public.
 
-Loss (Zhang's training code, METHODS 2.4): per pixel the soft cross-entropy
+Loss (Zhang's training code, caffe_traininglayers.py): per pixel the soft cross-entropy
 -sum_q z_q log softmax(logits)_q, averaged over every target pixel of the batch -- that is the value
 returned as "loss". Class rebalancing is applied as Zhang's ClassRebalanceMultLayer does, to the
 GRADIENT only (the forward is the identity): the gradient reaching the logits of a pixel is scaled by
@@ -89,7 +89,7 @@ def rebalanced_loss(logits: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, pi
     return soft_cross_entropy(scale_grad(logits, pixel_weight.unsqueeze(1)), idx, w).mean()
 
 
-# Goyal'19's colorization pretext optimisation is not public (METHODS 2.4): the seed recipes reuse the
+# Goyal'19's colorization pretext optimisation is not public: the seed recipes reuse the
 # jigsaw one (SGD 0.1 per 256, momentum 0.9, wd 1e-4, no BN decay, 105 epochs, x0.1 at 30/60/90/100)
 # on 224 px crops (56 x 56 targets), with Zhang's rebalancing (a prior is required: add
 # --set method_options.prior=prior.npy, made by `python -m sslkit.color prior --data DIR --out prior.npy`).

@@ -1,4 +1,4 @@
-"""DeepClusterV2 (Caron et al. 2020, swav's main_deepclusterv2.py; METHODS.md §3).
+"""DeepClusterV2 (Caron et al. 2020, swav's main_deepclusterv2.py).
 
 Per step: every multi-crop view -> backbone -> projection (2048-2048-BN-ReLU-128, L2-normalised);
 for each of H prototype heads, scores = z . centroids_h / T and the loss is the cross-entropy of

@@ -1,4 +1,4 @@
-"""Jigsaw Clustering (Chen, Liu, Jia, CVPR'21; JigsawClustering's JigClu/jigclu.py; METHODS.md §4).
+"""Jigsaw Clustering (Chen, Liu, Jia, CVPR'21; JigsawClustering's JigClu/jigclu.py).
 
 Per step, with n = the global batch (N images per rank x world):
 

@@ -1,4 +1,4 @@
-"""Jigsaw puzzles (Noroozi & Favaro 2016; Goyal et al. 2019 as VISSL trains it; METHODS.md §1).
+"""Jigsaw puzzles (Noroozi & Favaro 2016; Goyal et al. 2019 as VISSL trains it).
 
 Per step: the 9 tiles of each image (already shuffled by the pipeline, `batch["tiles"]` [B, 9, 3, t, t])
 go through ONE siamese trunk pass as [B*9, 3, t, t] (shared weights; the 9 tiles of an image stay
@@ -50,9 +50,9 @@ def num_permutations(ctx: RunContext, options: JigsawOptions) -> int:
         raise ConfigError(f"method_options.permutations: {e}") from None
 
 
-# VISSL jigsaw_8gpu_resnet.yaml (METHODS 1.4): 8 GPUs x 32, SGD lr 0.1 per 256, momentum 0.9, wd 1e-4,
+# VISSL jigsaw_8gpu_resnet.yaml: 8 GPUs x 32, SGD lr 0.1 per 256, momentum 0.9, wd 1e-4,
 # no decay on BN (exclude_norm_bias_wd also spares the biases, which VISSL decays), 105 epochs,
-# x0.1 at epochs 30/60/90/100; VISSL's single-node warm-up collapses to none (METHODS 1.4).
+# x0.1 at epochs 30/60/90/100; VISSL's single-node warm-up collapses to none (its resolve_linear_schedule).
 SEED = dict(arch="resnet50", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
             exclude_norm_bias_wd=True, epochs=105, schedule="multistep", milestones=(30, 60, 90, 100), gamma=0.1,
             warmup_epochs=0, batch_size=32)

@@ -36,7 +36,7 @@ def _recipe(arch: str, **kw) -> dict:
 
 
 # Yalniz et al. train on 64 GPUs x 24 images = 1536; fine-tuning at lr 0.0015 for batch 1536 is
-# 0.00025 per 256 (METHODS.md §5). The student's schedule is not in the released code: we use the
+# 0.00025 per 256 (the SSL ResNeXt model cards). The student's schedule is not in the released code: we use the
 # usual ImageNet recipe (lr 0.1 per 256, 5 warm-up epochs, cosine); override epochs to the size of
 # the pseudo-labelled set.
 STUDENT = dict(lr=0.1, batch_size=24, epochs=30, warmup_epochs=5, warmup_start_lr=0.0)

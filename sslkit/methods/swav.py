@@ -1,4 +1,4 @@
-"""SwAV (Caron et al. 2020, swav's main_swav.py; METHODS.md §3).
+"""SwAV (Caron et al. 2020, swav's main_swav.py).
 
 Per step: the prototypes are L2-normalised; every multi-crop view -> backbone -> projection
 (2048-2048-BN-ReLU-128, L2-normalised) -> scores against the K prototypes (cosines; float32). For

@@ -96,7 +96,7 @@ class _AlexNetTrunk(nn.Module):
 
 @register("alexnet_jigsaw")
 class AlexNetJigsaw(_AlexNetTrunk):
-    """Goyal'19 jigsaw AlexNet trunk (METHODS 1.3): conv1 at stride 2, LRN after pools 1-2, BN on conv3-5.
+    """Goyal'19 jigsaw AlexNet trunk (VISSL alexnet_jigsaw.py): conv1 at stride 2, LRN after pools 1-2, BN on conv3-5.
 
     Applied per 64x64 tile it gives a 256x2x2 pool5 map, i.e. 1024 features.
     """
@@ -118,7 +118,7 @@ class AlexNetJigsaw(_AlexNetTrunk):
 
 @register("alexnet_colorization")
 class AlexNetColorization(_AlexNetTrunk):
-    """Goyal'19 colorization AlexNet trunk (METHODS 2.1): 1-channel input (the L of Lab; slice it off
+    """Goyal'19 colorization AlexNet trunk (VISSL alexnet_colorization.py): 1-channel input (the L of Lab; slice it off
     the Lab tensor before calling), conv1 at stride 4, BN + ReLU after every conv, no LRN.
 
     At 227x227 input it gives a 256x6x6 pool5 map, i.e. 9216 features.
