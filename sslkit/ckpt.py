@@ -104,6 +104,23 @@ def find_latest(out: str) -> str | None:
     return None
 
 
+def global_file(path: str) -> str:
+    """A run folder (its newest complete checkpoint), a checkpoint folder or a `global.pt` -> the
+    `global.pt` to read; a CheckpointError naming the path otherwise."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, "global.pt")):
+        return os.path.join(path, "global.pt")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        d = find_latest(path)
+        if d is None:
+            raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/ (is the run still starting?)")
+        return os.path.join(d, "global.pt")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    raise CheckpointError(f"{path}: neither a run folder (checkpoints/), a checkpoint folder nor a global.pt")
+
+
 def read_global(d: str) -> dict:
     """`global.pt` of checkpoint folder `d`, or a CheckpointError naming the file."""
     return _read(os.path.join(d, "global.pt"))
@@ -163,15 +180,13 @@ def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | 
 def init_from(method, source: str, log=None):
     """Start a fresh run from another run's weights: every tensor of its model whose name and shape
     match `method`'s (the trunk at least; e.g. a student's trunk and classifier for fine-tuning)."""
-    d = source if os.path.isfile(os.path.join(source, "global.pt")) else find_latest(source)
-    if d is None:
-        raise CheckpointError(f"init_from={source}: neither a checkpoint folder nor a run with a complete checkpoint")
-    theirs, mine = read_global(d)["model"], method.state_dict()
+    path = global_file(source)
+    theirs, mine = _read(path)["model"], method.state_dict()
     taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
     if not any(k.startswith("backbone.") for k in taken):
-        raise CheckpointError(f"init_from={d}: no trunk weights of this architecture (backbone.*) in its model")
+        raise CheckpointError(f"init_from={path}: no trunk weights of this architecture (backbone.*) in its model")
     method.load_state_dict(taken, strict=False)
     if log is not None:
         left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
-        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), d,
+        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), path,
                  f" (kept fresh: {', '.join(left)})" if left else "")

@@ -153,6 +153,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_size(text: str) -> int:
+    """A byte or pixel count for the command line: 1000000, 1e9, 500M, 1G, 1.5GB."""
+    import argparse
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 500M, 1e9)") from None
+
+
 def to_dict(cfg) -> dict:
     def conv(v):
         if is_dataclass(v):
@@ -167,5 +178,5 @@ def dumps(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
 
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "to_dict",
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "parse_size", "to_dict",
            "dataclasses"]

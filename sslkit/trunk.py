@@ -147,19 +147,15 @@ def random_trunk(arch: str, kwargs: dict | None = None, input: str | None = None
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run folder or checkpoint folder -> the `global.pt` to read."""
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "global.pt")):
-            return os.path.join(path, "global.pt")
-        if os.path.isdir(os.path.join(path, "checkpoints")):
-            latest = ckpt.find_latest(path)
-            if latest is None:
-                raise TrunkError(f"{path}: no complete checkpoint under checkpoints/ (is the run still starting?)")
-            return os.path.join(latest, "global.pt")
-        raise TrunkError(f"{path}: neither a run folder (checkpoints/) nor a checkpoint folder (global.pt)")
-    if not os.path.exists(path):
-        raise TrunkError(f"{path}: no such file or folder")
-    return path
+    """A run folder, a checkpoint folder or a file -> the file to read (a TrunkError otherwise)."""
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise TrunkError(f"{path}: no such file or folder")
+        return path
+    try:
+        return ckpt.global_file(path)
+    except ckpt.CheckpointError as e:
+        raise TrunkError(str(e)) from None
 
 
 def trunk_entry(g: dict, what: str) -> dict:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..config import parse_size
 from ..errors import SslkitError
 
 EPILOG = """\
@@ -21,15 +22,6 @@ Re-running the same command after a kill resumes: finished chunks of the teacher
 output shards are kept. The teacher's scores stay in --work (default OUT/.pseudolabel/): a later run
 with another --top-k (and another --out, same --work) selects again without running the teacher.
 """
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().rstrip("B")
-    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 500M)") from None
 
 
 def label_parser() -> argparse.ArgumentParser:
@@ -64,7 +56,7 @@ def label_parser() -> argparse.ArgumentParser:
                    "buffer: keep the default for training)")
     p.add_argument("--prefix", default="shard", help="output shard name prefix")
     p.add_argument("--max-count", type=int, default=10_000, help="samples per output shard at most")
-    p.add_argument("--max-size", type=_size, default=1_000_000_000, help="bytes per output shard at most")
+    p.add_argument("--max-size", type=parse_size, default=1_000_000_000, help="bytes per output shard at most")
     p.add_argument("--io-threads", type=int, default=8, help="source shards read in parallel while copying")
     p.add_argument("--loader-threads", type=int, default=0, help="DALI threads per rank (0: its share of the cores)")
     p.add_argument("--stop-after-chunks", type=int, default=None, metavar="N",

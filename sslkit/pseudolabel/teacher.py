@@ -53,18 +53,10 @@ class Teacher:
 
 def resolve(path: str) -> str:
     """A run folder, a checkpoint folder or a global.pt -> the global.pt to read."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, "global.pt")):
-        return os.path.join(path, "global.pt")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        d = ckpt.find_latest(path)
-        if d is None:
-            raise PseudolabelError(f"{path}: no complete checkpoint under checkpoints/ (is the run still starting?)")
-        return os.path.join(d, "global.pt")
-    if not os.path.exists(path):
-        raise PseudolabelError(f"{path}: no such file or folder")
-    raise PseudolabelError(f"{path}: neither a run folder (checkpoints/), a checkpoint folder nor a global.pt")
+    try:
+        return ckpt.global_file(path)
+    except ckpt.CheckpointError as e:
+        raise PseudolabelError(str(e)) from None
 
 
 def weights_identity(trunk: dict, state: dict) -> str:

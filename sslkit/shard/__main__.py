@@ -6,22 +6,13 @@ import argparse
 import json
 import sys
 
+from ..config import parse_size
 from .build import BuildError, BuildOptions, build
 from .check import VerifyError, collect_info, format_info, verify
 from .images import ImageOptions
 from .manifest import ManifestError
 from .merge import merge
 from .sources import SourceError, SourceOptions
-
-
-def _size(text: str) -> int:
-    """Parse 1000000, 1e9, 500M, 1G, 1.5GB."""
-    t = text.strip().upper().rstrip("B")
-    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 500M, 1e9)") from None
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -48,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (e.g. shards/mydata)")
     b.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
     b.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
-    b.add_argument("--max-size", type=_size, default=1_000_000_000, help="bytes per shard at most (e.g. 1G)")
+    b.add_argument("--max-size", type=parse_size, default=1_000_000_000, help="bytes per shard at most (e.g. 1G)")
     b.add_argument("--shuffle", action="store_true",
                    help="globally shuffle before writing (recommended: DALI only shuffles within a buffer)")
     b.add_argument("--seed", type=int, default=0, help="shuffle seed; also seeds the sample corpus")
@@ -58,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--force-reencode", action="store_true",
                    help="re-encode every image at --quality (default: RGB JPEGs that need no change pass through)")
     b.add_argument("--min-size", type=int, default=16, help="reject images whose shorter side is below this")
-    b.add_argument("--max-pixels", type=_size, default=100_000_000,
+    b.add_argument("--max-pixels", type=parse_size, default=100_000_000,
                    help="reject images above this many pixels (decompression bombs), checked before decoding")
     b.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
                    help="dirs: first-level subfolders are classes; auto: label columns, idx labels and the "
