@@ -25,22 +25,29 @@ DEMO_RUN    ?= runs/demo
 DEMO_EPOCHS ?= 2
 
 demo: install
-	@echo "== 1/4 shards: the embedded corpus (ImageNet-like crops of the photos scikit-image/-learn ship) -> $(DEMO_OUT)"
+	@echo "== 1/5 shards: the embedded corpus (ImageNet-like crops of the photos scikit-image/-learn ship) -> $(DEMO_OUT)"
 	$(PY) -m sslkit.shard build sample --out $(DEMO_OUT) --shuffle --seed 0 --max-count 500
 	$(PY) -m sslkit.shard verify $(DEMO_OUT)
 	$(PY) -m sslkit.shard info $(DEMO_OUT)
-	@echo "== 2/4 what the multi-crop pipeline makes of them -> $(DEMO_RUN)-views.png"
+	@echo "== 2/5 what the multi-crop pipeline makes of them -> $(DEMO_RUN)-views.png"
 	$(PY) -m sslkit.viz --pipeline multicrop --preset tiny --data $(DEMO_OUT) --out $(DEMO_RUN)-views.png
-	@echo "== 3/4 DeepClusterV2 (preset tiny) on 2 CPU ranks -> $(DEMO_RUN)"
+	@echo "== 3/5 DeepClusterV2 (preset tiny) on 2 CPU ranks -> $(DEMO_RUN)"
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 train.py --method deepclusterv2 --preset tiny \
 		--data $(DEMO_OUT) --out $(DEMO_RUN) --epochs $(DEMO_EPOCHS)
-	@echo "== 4/4 done. Outputs:"
-	@echo "   $(DEMO_OUT)/                 shards + manifest.json (python -m sslkit.shard info $(DEMO_OUT))"
-	@echo "   $(DEMO_RUN)-views.png     the augmented views"
-	@echo "   $(DEMO_RUN)/log.jsonl        per-step and per-epoch records; $(DEMO_RUN)/config.json the resolved config"
-	@echo "   $(DEMO_RUN)/checkpoints/     resumable checkpoints (re-run the same command to continue)"
+	@echo "== 4/5 kNN of its features (which photo is a crop from?) beside the untrained trunk"
+	$(PY) -m sslkit.shard build sample:300 --out $(DEMO_OUT)-val --seed 1 --no-progress
+	$(PY) -m sslkit.eval knn --ckpt $(DEMO_RUN) --train $(DEMO_OUT) --val $(DEMO_OUT)-val --size 64 --resize 73 \
+		--out $(DEMO_RUN)/knn.json
+	@echo "== 5/5 done. Outputs:"
+	@printf '   %-34s %s\n' \
+		"$(DEMO_OUT)/" "shards + manifest.json (python -m sslkit.shard info $(DEMO_OUT))" \
+		"$(DEMO_RUN)-views.png" "the augmented views" \
+		"$(DEMO_RUN)/log.jsonl" "per-step and per-epoch records (config.json: the resolved config)" \
+		"$(DEMO_RUN)/checkpoints/" "resumable checkpoints (re-run the same command to continue)" \
+		"$(DEMO_RUN)/knn.json" "the evaluation above"
 	@echo "   Next (no need to activate the venv): $(PY) train.py --list-presets"
-	@echo "                                        $(PY) -m sslkit.viz --pipeline jigsaw --data $(DEMO_OUT) --out jigsaw.png"
+	@echo "     $(PY) -m sslkit.viz --pipeline jigsaw --data $(DEMO_OUT) --out jigsaw.png"
+	@echo "     $(PY) bench/ssl_quality.py --device cpu --method deepclusterv2 --preset fmnist --json quality.json"
 
 # Real labelled data for the tests: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 $(DATA)/root/.dataset-fashion-mnist:
