@@ -152,7 +152,8 @@ def format_table(records, env, data, args) -> str:
             seen.append(key)
     for threads, batch in seen:
         rows = [r for r in records if (r["threads"], r["batch_size"]) == (threads, batch)]
-        lines += ["", f"threads {threads} (baseline: {_workers(threads)}), batch {batch}",
+        share = f"; one GPU's share of an 8-GPU node with {8 * threads} cores" if args.device == "gpu" else ""
+        lines += ["", f"threads {threads} (baseline: {_workers(threads)}{share}), batch {batch}",
                   f"{'pipeline':<14}{'impl':<8}{'hw':>4}  {'img/s median [min - max]':<27}{'MP/s':>8}"
                   f"{'x decode':>10}{'x baseline':>12}"]
         train = [r for r in rows if r["mode"] == "train"]
