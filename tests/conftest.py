@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sslkit.shard import BuildOptions, ImageOptions, SourceOptions, build
@@ -141,3 +142,25 @@ def sample_shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sample_shards") / "s")
     build_small(out)
     return out
+
+
+def sgd_losses(module, batches: list, steps: int = 20, lr: float = 0.05) -> list[float]:
+    """The loss of each of `steps` SGD steps (momentum 0.9) of `module`, cycling over `batches`."""
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        out = module(batches[step % len(batches)])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    return losses
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is as fast and never oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

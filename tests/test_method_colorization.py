@@ -14,6 +14,8 @@ from sslkit.config import ConfigError, TrainConfig, apply_overrides
 from sslkit.methods import RunContext, method_entry
 from sslkit.methods.colorization import ColorizationOptions
 
+from conftest import sgd_losses
+
 ENTRY = method_entry("colorization")
 
 
@@ -104,14 +106,7 @@ def test_loss_falls(rebalanced):
     cfg, loader, batches = rebalanced
     torch.manual_seed(0)
     method = build(cfg, loader)
-    opt = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(20):
-        out = method(batches[step % 4])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = sgd_losses(method, batches[:4])
     assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:4]), losses
 
 

@@ -18,13 +18,7 @@ from sslkit.methods import RunContext, method_entry
 from sslkit.methods.jigclu import make_montages, montage_permutation, quadrant_features, supclu_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is as fast and never oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def tiny_jigclu(n: int = 8, world_size: int = 1, rank: int = 0, group=None, **options):

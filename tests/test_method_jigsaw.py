@@ -16,6 +16,8 @@ from sslkit.config import ConfigError, TrainConfig, apply_overrides
 from sslkit.methods import RunContext, method_entry
 from sslkit.methods.jigsaw import JigsawOptions
 
+from conftest import sgd_losses
+
 ENTRY = method_entry("jigsaw")
 MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
 STD = np.array(IMAGENET_STD, np.float32)[:, None, None]
@@ -133,14 +135,7 @@ def test_forward_shapes_and_loss_falls(loader, batches):
     out = method(batches[0])
     assert set(out) == {"loss", "acc"} and all(v.shape == () for v in out.values())
     assert out["loss"].item() == pytest.approx(np.log(100), abs=0.5)   # chance at init
-    opt = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(20):
-        out = method(batches[step % 4])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = sgd_losses(method, batches[:4])
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
 
 

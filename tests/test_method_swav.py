@@ -18,13 +18,7 @@ from sslkit.optim import LARS, param_groups
 from sslkit.sinkhorn import sinkhorn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is as fast and never oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def cosine_scores(b: int, k: int, d: int = 16, seed: int = 0) -> torch.Tensor:
