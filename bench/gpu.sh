@@ -7,9 +7,9 @@
 # Writes to OUT_DIR: gpu.log (everything printed), pytest_gpu.txt (`pytest -m gpu`), pipelines.json +
 # pipelines.png (every pipeline beside its decode-only limit and its PIL baseline, 4 and all DALI
 # threads), hw_decoder.json (hardware-decoder share sweep), threads.json (DALI threads sweep: 2-16 per
-# GPU, i.e. an 8-GPU node with 16-128 cores), train.json (DeepClusterV2 ResNet-50 2x224+6x96, the
-# trainer's step on real batches vs synthetic: data stall, with 4 DALI threads = one GPU's share of
-# a 32-core 8-GPU node). The corpus is built from the embedded photos (no download): CORPUS=DIR
+# GPU, i.e. an 8-GPU node with 16-128 cores), train.json (each method's ResNet-50 seed recipe: the
+# trainer's step on real batches vs synthetic, i.e. the data stall, with 4 DALI threads = one GPU's share
+# of a 32-core 8-GPU node). The corpus is built from the embedded photos (no download): CORPUS=DIR
 # reuses one. SMOKE=1 DEVICE=cpu runs the same plumbing on a CPU with 1 thread and no sweeps (tests use it).
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -66,9 +66,32 @@ if [ "$smoke" != 1 ]; then
     --pipelines multicrop,eval --mode decode,loader "${bench[@]}" --json "$out/threads.json"
 fi
 
-step "trainer step, DeepClusterV2 $train_preset, real loader vs synthetic batch (data stall), $train_threads DALI threads"
-run $py bench/throughput.py --data "$corpus" --device "$device" --threads $train_threads --batch-size $((batch / 2)) \
-  --mode train --method deepclusterv2 --train-preset $train_preset "${arch[@]}" "${bench[@]}" --json "$out/train.json"
+# The trainer's step on real batches vs one batch on the device (data stall), every method's seed recipe
+# on ResNet-50 (the CPU smoke: DeepClusterV2 tiny only).
+if [ "$smoke" = 1 ]; then
+  recipes=("deepclusterv2 tiny")
+else
+  recipes=("deepclusterv2 800ep_2x224+6x96" "swav 800ep" "jigsaw rn50_perm2000" "jigclu 200ep"
+           "colorization rn50_k10 --train-set method_options.rebalance=false" "supervised student_resnet50")
+fi
+for r in "${recipes[@]}"; do
+  set -- $r
+  method=$1; preset=$2; shift 2
+  step "trainer step, $method $preset: real loader vs synthetic batch (data stall), $train_threads DALI threads"
+  run $py bench/throughput.py --data "$corpus" --device "$device" --threads $train_threads --batch-size $((batch / 2)) \
+    --mode train --method $method --train-preset $preset "${arch[@]}" "$@" "${bench[@]}" --json "$out/train-$method.json"
+done
+# one train.json with every method's record (and few files to carry back)
+$py - "$out" <<'EOF'
+import glob, json, os, sys
+parts = sorted(glob.glob(os.path.join(sys.argv[1], "train-*.json")))
+docs = [json.load(open(p)) for p in parts]
+if docs:
+    merged = dict(docs[0], results=[r for d in docs for r in d["results"]], command=[d["command"] for d in docs])
+    json.dump(merged, open(os.path.join(sys.argv[1], "train.json"), "w"), indent=1)
+    for p in parts:
+        os.remove(p)
+EOF
 
 echo
 echo "== done (failures: $fail); results in $out: $(ls "$out" | tr '\n' ' ')"

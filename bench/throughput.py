@@ -20,7 +20,7 @@ Modes (--mode, comma-separated; default decode,loader,baseline):
             processes as DALI has threads (bench/baseline_pil.py); decode gets a PIL decode-only peer.
   train     the trainer's own step (train.build + train.train_step, the method's epoch hook at every
             epoch boundary) fed by the real loader vs by one batch kept on the device: data stall %
-            (bench/train_probe.py). --method/--train-preset/--arch choose the model.
+            (bench/train_probe.py). --method/--train-preset/--arch/--train-set choose the model.
 
 Measurement: construction (DALI build, numba kernels, worker start) and the warm-up are not timed
 (--warmup batches, at least one more than the stage prefetches: DALI's queue, the DataLoader's
@@ -93,6 +93,8 @@ def parse_args(argv=None):
                         "multicrop.preset=2x160+4x96 (repeatable; VALUE is a Python literal or a string)")
     p.add_argument("--method", default=None, help="train mode: the SSL method of the trainer step")
     p.add_argument("--arch", default=None, help="train mode: the backbone (default: the preset's)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train mode: a config override as train.py's --set (repeatable)")
     p.add_argument("--train-preset", default=None,
                    help="train mode: the method's preset (default: tiny on CPU, the method's default on GPU)")
     p.add_argument("--smoke", action="store_true",

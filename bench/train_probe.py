@@ -36,7 +36,7 @@ class EpochClock:
 def train_records(args, cfg) -> list[dict]:
     import train as trainer
     from sslkit import dist
-    from sslkit.config import TrainConfig, apply_overrides
+    from sslkit.config import TrainConfig, apply_overrides, parse_set
     from sslkit.log import get_logger
     from sslkit.methods import method_entry
 
@@ -53,7 +53,7 @@ def train_records(args, cfg) -> list[dict]:
                  "out": tempfile.mkdtemp(prefix="bench-train-"), "warmup_epochs": 0}
     if args.arch:
         overrides["arch"] = args.arch
-    tcfg = apply_overrides(base, overrides)
+    tcfg = apply_overrides(apply_overrides(base, overrides), parse_set(args.train_set))
     rec = new_record("train", f"{name}:{preset or 'default'}", "trainer", args, cfg)
     rec.update(method=name, arch=tcfg.arch, preset=preset, steps_per_s={"real": None, "synthetic": None},
                data_stall_pct=None, recipe={"config": {k: str(v) for k, v in vars(tcfg).items()}})
