@@ -1,31 +1,36 @@
 """Does a pretraining method learn anything? The CPU protocol end to end on Fashion-MNIST.
 
-    python bench/ssl_quality.py --device cpu --method deepclusterv2 --preset tiny --epochs 6 --json bench/out/q.json
+    python bench/ssl_quality.py --device cpu --method deepclusterv2 --preset fmnist --json bench/out/q.json
+    python bench/ssl_quality.py --device cpu --method colorization --preset sample --dataset sample --json F
 
-1. shards: the first --train-images (5,000) Fashion-MNIST training images, labelled (pretraining data,
-   kNN memory and probe training set), and the 10,000 test images (what every number is measured on);
+1. shards: `--dataset fmnist` (default): the first --train-images (5,000) Fashion-MNIST training images,
+   labelled (pretraining data, kNN memory and probe training set), and the 10,000 test images (what every
+   number is measured on; --test-images N takes the first N), each `sslkit.shard build IDX --limit N`. `--dataset sample`: the embedded colour corpus labelled by photo,
+   `sample:600` at seed 0 for training and `sample:300` at seed 1 for testing (other random crops of the
+   same 12 photographs) -- for colorization, which has nothing to learn from grey images;
 2. pretraining: `train.py --method M --preset P --data TRAIN --out RUN --device cpu` (a subprocess);
-3. supervised reference: the same trunk trained with labels on the same images (plain torch here:
-   eval_train crops at scale 0.5-1 + flip, 15 epochs, SGD + cosine, cross-entropy) -- the upper end
-   the SSL trunk is read against;
+3. supervised reference: the same architecture trained with labels on the same images by the project's
+   own trainer, `train.py --method supervised --preset tiny --arch ARCH` (eval_train crops at scale
+   --sup-scale-1 + flip, --sup-epochs epochs, SGD + cosine, cross-entropy) -- the upper end the SSL trunk
+   is read against. It is built with the architecture's default options and RGB input: for colorization's
+   1-channel, stride-1 trunk it is the RGB version of the same architecture;
 4. evaluation with `python -m sslkit.eval` (subprocesses, features cached under the work folder):
    kNN (k=20, T=0.07) and a linear probe (`--fast`: cached centre-crop features, no augmentation) for
-   the SSL trunk, the same trunk at its seeded initialisation (the CLI's baseline), raw pixels (28x28
-   crop, L2-normalised; kNN and linear) and the supervised trunk.
+   the SSL trunk, the same trunk at its seeded initialisation (the CLI's baseline), raw pixels (a
+   --pixels-size centre crop, 28: the raw 28x28 Fashion-MNIST image; L2-normalised; kNN and linear) and
+   the supervised trunk.
 
-Trunk features use a --size crop of the 28x28 images resized to --size (64: the resolution of the
-`tiny` preset's large crops). Numbers are fractions. Everything (shards, run, features, per-eval
-JSON) lives under --work and is reused on a re-run with the same options (--fresh starts over).
-Budget: <= 15 minutes on 2 CPU cores; about 6 minutes with the defaults and --epochs 6 (DCv2 tiny,
-5,000 images, 936 steps: ~3 minutes of it).
+Trunk features use a --size crop of the images resized to --size (64: 28x28 upsampled, the resolution
+of the `fmnist` presets' large crops). Numbers are fractions. Everything (shards, runs, features,
+per-eval JSON) lives under --work and is reused on a re-run with the same options (--fresh starts
+over). Budget: <= 15 minutes on 2 CPU cores per method (the `fmnist` presets are sized for it; the
+figures are in docs/BENCHMARKS.md, "Does it learn?").
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import resource
 import shlex
@@ -38,29 +43,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def fashion_mnist_dir() -> str:
-    """Where `make test` put Debian's dataset-fashion-mnist (or the system install, or $SSLKIT_FASHION_MNIST)."""
-    for d in (os.environ.get("SSLKIT_FASHION_MNIST", ""),
-              os.path.join(REPO, ".cache", "data", "root", "usr", "share", "datasets", "fashion-mnist"),
-              "/usr/share/datasets/fashion-mnist"):
-        if d and os.path.exists(os.path.join(d, "t10k-images-idx3-ubyte.gz")):
-            return d
-    sys.exit("error: Fashion-MNIST not found: run `make test` (fetches Debian's dataset-fashion-mnist into "
-             ".cache/data) or set SSLKIT_FASHION_MNIST")
-
-
-def write_idx_subset(src_dir: str, split: str, n: int, out_dir: str) -> str:
-    """The first n images and labels of a split as an uncompressed idx pair; returns the images path."""
-    from sslkit.shard.sources import read_idx
-    images = read_idx(os.path.join(src_dir, f"{split}-images-idx3-ubyte.gz"))[:n]
-    labels = read_idx(os.path.join(src_dir, f"{split}-labels-idx1-ubyte.gz"))[:n]
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"fm-{split}{n}")
-    for arr, kind in ((images, "images-idx3-ubyte"), (labels, "labels-idx1-ubyte")):
-        with open(f"{stem}-{kind}", "wb") as f:
-            f.write(bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape))
-            f.write(arr.astype("uint8").tobytes())
-    return f"{stem}-images-idx3-ubyte"
+def fashion_mnist() -> str:
+    from sslkit.shard.sources import fashion_mnist_dir
+    d = fashion_mnist_dir()
+    if d is None:
+        sys.exit("error: Fashion-MNIST not found: run `make test` (fetches Debian's dataset-fashion-mnist into "
+                 ".cache/data) or set SSLKIT_FASHION_MNIST")
+    return d
 
 
 def cpu_seconds(who) -> float:
@@ -82,67 +71,27 @@ class Runner:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + wall
         self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu
 
-    def __call__(self, stage: str, argv: list[str], retries: int = 0):
+    def __call__(self, stage: str, argv: list[str]):
         line = " ".join(shlex.quote(a) for a in argv)
         self.commands.append(line)
         print(f"\n$ {line}", flush=True)
         t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
-        for attempt in range(retries + 1):
-            rc = subprocess.call(argv, cwd=REPO)
-            if rc == 0:
-                break
-            if attempt < retries:
-                print(f"(exit {rc}; retrying in 60 s)", flush=True)
-                time.sleep(60)
+        rc = subprocess.call(argv, cwd=REPO)
         self.add(stage, time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0)
         if rc != 0:
             sys.exit(f"error: stage {stage} failed (exit {rc}): {line}")
 
 
-def train_supervised(train_dir: str, arch: str, kwargs: dict, out: str, epochs: int, size: int, batch: int,
-                     seed: int, min_scale: float = 0.2) -> dict:
-    """The trunk + a linear classifier trained with labels from scratch (eval_train crops at
-    scale min_scale-1 + flip; SGD momentum 0.9, lr 0.1 x batch/256 cosine, wd 5e-4); exported with
-    sslkit.convert as safetensors. Returns per-epoch loss and training accuracy."""
-    import torch
-    import torch.nn.functional as F
-
-    from pipelines import make_loader
-    from sslkit.convert import export
-    from sslkit.eval.features import data_info
-    from sslkit.trunk import random_trunk
-
-    torch.manual_seed(seed)
-    num_classes = len(data_info(train_dir)["classes"])
-    trunk, spec = random_trunk(arch, kwargs, seed=seed)
-    head = torch.nn.Linear(trunk.num_features, num_classes)
-    loader = make_loader("eval_train", train_dir, batch_size=batch, device="cpu", seed=seed, size=size, resize=size,
-                         scale=(min_scale, 1.0))
-    params = list(trunk.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=0.1 * batch / 256, momentum=0.9, weight_decay=5e-4)
-    total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    history = []
-    for epoch in range(epochs):
-        trunk.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in loader:
-            logits = head(trunk(b["views"][0]))
-            loss = F.cross_entropy(logits, b["label"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(b["label"])
-            correct += int((logits.argmax(1) == b["label"]).sum())
-            seen += len(b["label"])
-        history.append({"epoch": epoch, "loss": loss_sum / seen, "train_top1": correct / seen})
-        print(f"supervised epoch {epoch}: loss {loss_sum / seen:.4f}, train top-1 {correct / seen:.4f}", flush=True)
-    trunk.eval()
-    export(trunk, spec, out)
-    return {"epochs": history,
-            "recipe": f"eval_train crop scale {min_scale}-1 + flip, SGD m0.9 lr 0.1*b/256 cosine, wd 5e-4, "
-                      f"batch {batch}"}
+def supervised_command(py: str, train_dir: str, arch: str, out: str, epochs: int, size: int, batch: int,
+                       lr: float, min_scale: float, seed: int, device: str) -> list[str]:
+    """The supervised reference as the project trains it: `train.py --method supervised --preset tiny`
+    with the SSL trunk's architecture, eval_train crops of `size` px at scale min_scale-1 + flip, SGD
+    momentum 0.9, lr per 256 images (scaled to the batch), cosine to 0, weight decay 5e-4 (none on
+    BN and biases), cross-entropy."""
+    return [py, "train.py", "--method", "supervised", "--preset", "tiny", "--arch", arch, "--data", train_dir,
+            "--out", out, "--device", device, "--epochs", str(epochs), "--batch-size", str(batch), "--lr", str(lr),
+            "--seed", str(seed), "--set", "weight_decay=5e-4", "--set", f"method_options.size={size}",
+            "--set", f"method_options.scale=[{min_scale},1.0]", "--set", "log_every=50"]
 
 
 def read_result(path: str, kind: str) -> dict:
@@ -154,51 +103,78 @@ def read_result(path: str, kind: str) -> dict:
     return out
 
 
+DATASETS = ("fmnist", "sample")
+SAMPLE_TEST = 300   # sample:300 at seed 1: the test set of --dataset sample
+
+
+def build_shards(run: Runner, py: str, dataset: str, n_train: int, n_test: int | None, work: str
+                 ) -> tuple[str, str, int]:
+    """(train shards, test shards, test images) of a dataset, built under work/shards once: Fashion-MNIST's
+    first n_train training images and first n_test test images (all 10,000 by default), each taken with
+    `sslkit.shard build --limit`."""
+    if dataset == "fmnist":
+        fm = fashion_mnist()
+        n_test = n_test or 10000
+        splits = ((os.path.join(work, "shards", f"fm-train{n_train}"), "train", n_train),
+                  (os.path.join(work, "shards", "fm-test" if n_test == 10000 else f"fm-test{n_test}"), "t10k", n_test))
+        for d, split, n in splits:
+            if not os.path.exists(os.path.join(d, "manifest.json")):
+                run("shards", [py, "-m", "sslkit.shard", "build", os.path.join(fm, f"{split}-images-idx3-ubyte.gz"),
+                               "--limit", str(n), "--out", d, "--no-progress"])
+        return splits[0][0], splits[1][0], n_test
+    n_test = n_test or SAMPLE_TEST
+    train_dir = os.path.join(work, "shards", f"sample{n_train}-seed0")
+    test_dir = os.path.join(work, "shards", f"sample{n_test}-seed1")
+    for d, spec, seed in ((train_dir, f"sample:{n_train}", 0), (test_dir, f"sample:{n_test}", 1)):
+        if not os.path.exists(os.path.join(d, "manifest.json")):
+            run("shards", [py, "-m", "sslkit.shard", "build", spec, "--seed", str(seed), "--out", d, "--no-progress"])
+    return train_dir, test_dir, n_test
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="deepclusterv2", help="pretraining method for train.py (deepclusterv2)")
-    p.add_argument("--preset", default="tiny", help="its preset (tiny)")
+    p.add_argument("--preset", default="fmnist", help="its preset (fmnist)")
     p.add_argument("--epochs", type=int, help="pretraining epochs (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to train.py")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where everything runs (cpu)")
     p.add_argument("--json", required=True, help="write the summary here")
+    p.add_argument("--dataset", choices=DATASETS, default="fmnist",
+                   help="fmnist (Fashion-MNIST, grey 28x28) or sample (the embedded colour corpus labelled by "
+                        "photo: sample:N at seed 0 / sample:300 at seed 1; for colorization) (fmnist)")
     p.add_argument("--work", default=os.path.join(REPO, ".cache", "ssl_quality"),
                    help="shards, runs, features and per-eval JSON (.cache/ssl_quality)")
-    p.add_argument("--train-images", type=int, default=5000,
-                   help="first N training images: pretraining, kNN memory, probe training (5000)")
-    p.add_argument("--size", type=int, default=64, help="eval crop of the trunks, 28x28 resized to it (64)")
+    p.add_argument("--train-images", type=int,
+                   help="training images: pretraining, kNN memory, probe training (fmnist: the first 5000; "
+                        "sample: sample:600)")
+    p.add_argument("--test-images", type=int,
+                   help="test images every number is measured on (fmnist: the first N of the 10,000; sample: 300)")
+    p.add_argument("--size", type=int, default=64, help="eval crop of the trunks, the image resized to it (64)")
+    p.add_argument("--pixels-size", type=int, default=28, help="eval crop of the raw-pixel baseline (28)")
     p.add_argument("--sup-epochs", type=int, default=15, help="epochs of the supervised reference (15)")
     p.add_argument("--sup-scale", type=float, default=0.5,
                    help="min RandomResizedCrop scale of the supervised reference (0.5)")
+    p.add_argument("--sup-batch", type=int, default=128, help="batch of the supervised reference (128)")
+    p.add_argument("--sup-lr", type=float, default=0.1, help="lr per 256 images of the supervised reference (0.1)")
     p.add_argument("--probe-epochs", type=int, default=28, help="linear probe epochs, fast mode (28)")
     p.add_argument("--seed", type=int, default=0, help="seed of the supervised run and the baselines (0)")
-    p.add_argument("--fresh", action="store_true", help="delete this configuration's run and results first")
+    p.add_argument("--fresh", action="store_true", help="delete this configuration's runs and results first")
     args = p.parse_args(argv)
+    n_train = args.train_images or {"fmnist": 5000, "sample": 600}[args.dataset]
 
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())   # the machine may be shared: wall times are read against this
     run = Runner()
     py = sys.executable
-    fm = fashion_mnist_dir()
     work = os.path.abspath(args.work)
-    tag = f"{args.method}-{args.preset}-e{args.epochs or 'preset'}-n{args.train_images}" + \
-        ("-" + "-".join(s.replace("=", "_") for s in args.set) if args.set else "")
+    data_tag = f"{args.dataset}{n_train}" + (f"-test{args.test_images}" if args.test_images else "")
+    tag = f"{args.method}-{args.preset}-e{args.epochs or 'preset'}-{data_tag}" + \
+        ("-" + "-".join(s.replace("=", "_").replace("/", "_") for s in args.set) if args.set else "")
     run_dir = os.path.join(work, "runs", tag)
     results_dir = os.path.join(work, "results", tag)
-    if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(results_dir, ignore_errors=True)
-    os.makedirs(results_dir, exist_ok=True)
 
     # 1. shards ----------------------------------------------------------------------------------------
-    train_dir = os.path.join(work, "shards", f"fm-train{args.train_images}")
-    test_dir = os.path.join(work, "shards", "fm-test")
-    if not os.path.exists(os.path.join(train_dir, "manifest.json")):
-        idx = write_idx_subset(fm, "train", args.train_images, os.path.join(work, "idx"))
-        run("shards", [py, "-m", "sslkit.shard", "build", idx, "--out", train_dir, "--no-progress"])
-    if not os.path.exists(os.path.join(test_dir, "manifest.json")):
-        run("shards", [py, "-m", "sslkit.shard", "build", os.path.join(fm, "t10k-images-idx3-ubyte.gz"),
-                       "--out", test_dir, "--no-progress"])
+    train_dir, test_dir, n_test = build_shards(run, py, args.dataset, n_train, args.test_images, work)
 
     # 2. pretraining (re-running resumes; a finished run returns at once) --------------------------------
     cmd = [py, "train.py", "--method", args.method, "--preset", args.preset, "--data", train_dir, "--out", run_dir,
@@ -207,36 +183,42 @@ def main(argv=None) -> int:
         cmd += ["--epochs", str(args.epochs)]
     for s in args.set:
         cmd += ["--set", s]
-    run("pretrain", cmd, retries=2)   # the trainer is being refactored: one retry after a minute
+    if args.fresh:
+        for d in (run_dir, results_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(results_dir, exist_ok=True)
+    run("pretrain", cmd)
 
     from sslkit.trunk import load_trunk
     _, spec = load_trunk(run_dir)
 
-    # 3. supervised reference -------------------------------------------------------------------------
-    kw_tag = hashlib.sha256(json.dumps(spec.kwargs, sort_keys=True).encode()).hexdigest()[:6]
-    sup_path = os.path.join(work, "supervised", f"{spec.arch}-{kw_tag}-e{args.sup_epochs}-c{args.sup_scale}"
-                            f"-n{args.train_images}-s{args.size}-seed{args.seed}.safetensors")
-    sup_info = {"path": sup_path}
-    if not os.path.exists(sup_path):
-        t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
-        sup_info.update(train_supervised(train_dir, spec.arch, spec.kwargs, sup_path, args.sup_epochs, args.size,
-                                         128, args.seed, args.sup_scale))
-        run.add("supervised", time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0)
-        run.commands.append(f"(in-process) supervised {spec.arch} {spec.kwargs} on {train_dir}, "
-                            f"{args.sup_epochs} epochs -> {sup_path}")
+    # 3. supervised reference: the project's trainer, as a subprocess (a finished run returns at once) ----
+    sup_dir = os.path.join(work, "supervised", f"{spec.arch}-e{args.sup_epochs}-c{args.sup_scale}-b{args.sup_batch}"
+                           f"-lr{args.sup_lr}-{data_tag}-s{args.size}-seed{args.seed}")
+    if args.fresh:
+        shutil.rmtree(sup_dir, ignore_errors=True)
+    sup_cmd = supervised_command(py, train_dir, spec.arch, sup_dir, args.sup_epochs, args.size, args.sup_batch,
+                                 args.sup_lr, args.sup_scale, args.seed, args.device)
+    run("supervised", sup_cmd)
+    sup_info = {"run": sup_dir, "ckpt": _ckpt_path(sup_dir), "epochs": _epoch_records(sup_dir),
+                "trunk": {"arch": spec.arch, "kwargs": {}, "input": "rgb"}}
+    if spec.kwargs or spec.input != "rgb":
+        sup_info["note"] = (f"the SSL trunk is {spec.arch} with {spec.kwargs}, input {spec.input}; the supervised "
+                            f"reference is {spec.arch} with its defaults and RGB input")
 
     # 4. evaluation -----------------------------------------------------------------------------------
     cache = os.path.join(work, "features")
     common = ["--train", train_dir, "--val", test_dir, "--device", args.device, "--cache-dir", cache, "--no-progress"]
     trunk_crop = ["--size", str(args.size), "--resize", str(args.size)]
+    pixels_crop = ["--size", str(args.pixels_size), "--resize", str(args.pixels_size)]
     probe = ["--fast", "--epochs", str(args.probe_epochs)]
-    jobs = {  # name: (ckpt args, crop, baseline?)
-        "ssl": ([run_dir], trunk_crop, True),
-        "pixels": (["pixels"], ["--size", "28", "--resize", "28"], False),
-        "supervised": ([sup_path, "--no-baseline"], trunk_crop, False),
+    jobs = {  # name: (ckpt args, crop)
+        "ssl": ([run_dir], trunk_crop),
+        "pixels": (["pixels"], pixels_crop),
+        "supervised": ([sup_dir, "--no-baseline"], trunk_crop),
     }
     summary = {k: {} for k in ("ssl", "random", "pixels", "supervised")}
-    for name, (ck, crop, baseline) in jobs.items():
+    for name, (ck, crop) in jobs.items():
         for kind, extra in (("knn", ["--k", "10,20,100,200"]), ("linear", probe)):
             out = os.path.join(results_dir, f"{name}-{kind}.json")
             run(f"eval_{kind}", [py, "-m", "sslkit.eval", kind, "--ckpt", *ck, *crop, *common, *extra, "--out", out])
@@ -246,20 +228,18 @@ def main(argv=None) -> int:
     run.seconds["total"] = time.perf_counter() - t_start
     run.cpu_seconds["total"] = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
 
-    losses = []
-    log_path = os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            losses = [r["loss"] for r in map(json.loads, f) if r.get("kind") == "epoch"]
+    losses = [r["loss"] for r in _epoch_records(run_dir)]
     report = {**summary, "ckpt": _ckpt_path(run_dir),
               "trunk": spec.to_dict(), "pretrain_epoch_losses": losses, "supervised_run": sup_info,
-              "data": {"train": train_dir, "test": test_dir, "train_images": args.train_images, "test_images": 10000},
+              "data": {"dataset": args.dataset, "train": train_dir, "test": test_dir, "train_images": n_train,
+                       "test_images": n_test},
               "protocol": {"knn": "k=20, T=0.07, L2-normalised, memory = train shards", "linear":
                            f"--fast: BN+Linear on cached centre-crop features, {args.probe_epochs} epochs",
-                           "trunk_crop": f"28x28 -> {args.size}x{args.size}", "pixels_crop": "28x28 (raw)"},
+                           "trunk_crop": f"resize {args.size} + centre crop {args.size}",
+                           "pixels_crop": f"resize {args.pixels_size} + centre crop {args.pixels_size}"},
               "results_dir": results_dir, "commands": run.commands, "seconds": run.seconds,
               "cpu_seconds": run.cpu_seconds, "load_average": {"start": load_start, "end": list(os.getloadavg())},
-              "cores": len(os.sched_getaffinity(0)),
+              "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
               "argv": sys.argv[1:] if argv is None else argv}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
@@ -271,6 +251,16 @@ def main(argv=None) -> int:
     print(f"total {run.seconds['total']:.0f} s wall, {run.cpu_seconds['total']:.0f} s CPU "
           f"(load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); wrote {args.json}")
     return 0
+
+
+def _epoch_records(run_dir: str) -> list[dict]:
+    """The per-epoch records of a run's log.jsonl (loss and the method's metrics), [] without a log."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k in ("epoch", "loss", "top1", "acc", "epoch_s")}
+                for r in map(json.loads, f) if r.get("kind") == "epoch"]
 
 
 def _ckpt_path(run_dir: str) -> str:

@@ -202,6 +202,9 @@ MULTICROP_PRESETS: dict[str, MultiCropSpec] = {
     "small": MultiCropSpec((CropGroup(2, 96, (0.14, 1.0)), CropGroup(4, 48, (0.05, 0.14)))),
     # CPU smoke runs and tests: the same recipe at toy resolution
     "tiny": MultiCropSpec((CropGroup(2, 64, (0.14, 1.0)), CropGroup(2, 32, (0.05, 0.14)))),
+    # 28x28 images (Fashion-MNIST) upsampled: large crops of 0.3-1 of the image (not 0.14: a 10 px
+    # fragment), four small ones of 0.08-0.3 (8-15 px of the 28)
+    "fmnist": MultiCropSpec((CropGroup(2, 64, (0.3, 1.0)), CropGroup(4, 32, (0.08, 0.3)))),
 }
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sslkit.shard import BuildOptions, ImageOptions, SourceOptions, build
 from sslkit.shard.sample_corpus import PHOTOS, photo_path
+from sslkit.shard.sources import fashion_mnist_dir as find_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,14 +118,12 @@ def write_idx(path: str, arr: np.ndarray):
 
 def fashion_mnist_dir() -> str:
     """Where `make test` put the Debian dataset-fashion-mnist files (or the system install)."""
-    for d in (os.environ.get("SSLKIT_FASHION_MNIST", ""),
-              os.path.join(REPO, ".cache", "data", "root", "usr", "share", "datasets", "fashion-mnist"),
-              "/usr/share/datasets/fashion-mnist"):
-        if d and os.path.exists(os.path.join(d, "t10k-images-idx3-ubyte.gz")):
-            return d
-    raise FileNotFoundError(
-        "Fashion-MNIST not found: run `make test` (it fetches the Debian package dataset-fashion-mnist into "
-        ".cache/data) or set SSLKIT_FASHION_MNIST to the folder holding t10k-images-idx3-ubyte.gz")
+    d = find_fashion_mnist()
+    if d is None:
+        raise FileNotFoundError(
+            "Fashion-MNIST not found: run `make test` (it fetches the Debian package dataset-fashion-mnist into "
+            ".cache/data) or set SSLKIT_FASHION_MNIST to the folder holding t10k-images-idx3-ubyte.gz")
+    return d
 
 
 def build_small(out: str, sources=("sample:96",), **kw) -> dict:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, build_small
+from conftest import REPO, build_small, fashion_mnist_dir
 
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
@@ -94,3 +94,26 @@ def test_throughput_rejects_bad_arguments(tmp_path, capsys):
         err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
         assert e.value.code != 0 and message in err, (args, err)
         assert "Traceback" not in err
+
+
+def test_ssl_quality_protocol_end_to_end(tmp_path):
+    """bench/ssl_quality.py at toy size on real Fashion-MNIST: shards with --limit, a one-epoch DCv2 run,
+    the supervised reference through train.py, kNN + linear for the four feature sets, and the JSON the
+    evaluation issue asks for (fractions; every command recorded)."""
+    fashion_mnist_dir()   # a clear error when `make test` has not fetched it
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, os.path.join(REPO, "bench", "ssl_quality.py"), "--method", "deepclusterv2",
+           "--preset", "tiny", "--epochs", "1", "--train-images", "128", "--test-images", "100",
+           "--sup-epochs", "1", "--sup-batch", "32", "--probe-epochs", "2", "--work", str(tmp_path / "work"),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    for name, kinds in (("ssl", ("knn", "linear")), ("random", ("knn", "linear")), ("pixels", ("knn", "linear")),
+                        ("supervised", ("knn", "linear"))):
+        for kind in kinds:
+            assert 0.0 <= rep[name][kind] <= 1.0, (name, kind, rep[name])
+    assert rep["data"]["train_images"] == 128 and rep["data"]["test_images"] == 100
+    assert os.path.isdir(rep["ckpt"]) and len(rep["pretrain_epoch_losses"]) == 1
+    assert any("--limit 128" in c for c in rep["commands"])
+    assert any("--method supervised" in c for c in rep["commands"])

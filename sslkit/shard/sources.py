@@ -112,6 +112,19 @@ class ListSource:
                 yield Item("file", ref, label)
 
 
+def fashion_mnist_dir() -> str | None:
+    """The folder of Debian's dataset-fashion-mnist (`t10k-images-idx3-ubyte.gz` and friends), or None:
+    $SSLKIT_FASHION_MNIST, else where `make test` unpacks the package in this checkout (.cache/data), else
+    the system install."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for d in (os.environ.get("SSLKIT_FASHION_MNIST", ""),
+              os.path.join(checkout, ".cache", "data", "root", "usr", "share", "datasets", "fashion-mnist"),
+              "/usr/share/datasets/fashion-mnist"):
+        if d and os.path.exists(os.path.join(d, "t10k-images-idx3-ubyte.gz")):
+            return d
+    return None
+
+
 def read_idx(path: str) -> np.ndarray:
     """Read an MNIST/Fashion-MNIST idx file (gzipped or not) into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
