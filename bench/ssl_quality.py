@@ -18,7 +18,11 @@
    kNN (k=20, T=0.07) and a linear probe (`--fast`: cached centre-crop features, no augmentation) for
    the SSL trunk, the same trunk at its seeded initialisation (the CLI's baseline), raw pixels (a
    --pixels-size centre crop, 28: the raw 28x28 Fashion-MNIST image; L2-normalised; kNN and linear) and
-   the supervised trunk.
+   the supervised trunk (its global pool). The SSL trunk and its random init are read at several layers
+   (--layers; default the global pool res5avg, then res4 and res3 average-pooled to ~1k dims here): a
+   pretext task specialises the last block to itself, and Goyal et al. (2019) read jigsaw and
+   colorization at res4 or earlier. The headline `ssl`/`random` figures are the first layer's; all
+   are under `layers` in the JSON.
 
 Trunk features use a --size crop of the images resized to --size (64: 28x28 upsampled, the resolution
 of the `fmnist` presets' large crops). Numbers are fractions. Everything (shards, runs, features,
@@ -156,6 +160,9 @@ def main(argv=None) -> int:
                    help="min RandomResizedCrop scale of the supervised reference (0.5)")
     p.add_argument("--sup-batch", type=int, default=128, help="batch of the supervised reference (128)")
     p.add_argument("--sup-lr", type=float, default=0.1, help="lr per 256 images of the supervised reference (0.1)")
+    p.add_argument("--layers", help="comma-separated trunk layers the SSL trunk and its random init are read at, "
+                                     "the first one the headline `ssl`/`random` figures (default: res5avg,res4,res3; "
+                                     "AlexNet trunks conv5,conv4,conv3)")
     p.add_argument("--probe-epochs", type=int, default=28, help="linear probe epochs, fast mode (28)")
     p.add_argument("--seed", type=int, default=0, help="seed of the supervised run and the baselines (0)")
     p.add_argument("--fresh", action="store_true", help="delete this configuration's runs and results first")
@@ -212,24 +219,29 @@ def main(argv=None) -> int:
     trunk_crop = ["--size", str(args.size), "--resize", str(args.size)]
     pixels_crop = ["--size", str(args.pixels_size), "--resize", str(args.pixels_size)]
     probe = ["--fast", "--epochs", str(args.probe_epochs)]
-    jobs = {  # name: (ckpt args, crop)
-        "ssl": ([run_dir], trunk_crop),
-        "pixels": (["pixels"], pixels_crop),
-        "supervised": ([sup_dir, "--no-baseline"], trunk_crop),
-    }
+    layers = (args.layers or ("conv5,conv4,conv3" if spec.arch.startswith("alexnet") else "res5avg,res4,res3")).split(",")
+    jobs = [  # (name, layer, ckpt args, crop): the SSL trunk (with its random init) at every layer
+        *[("ssl", layer, [run_dir, "--layer", layer], trunk_crop) for layer in layers],
+        ("pixels", None, ["pixels"], pixels_crop),
+        ("supervised", None, [sup_dir, "--no-baseline"], trunk_crop),
+    ]
     summary = {k: {} for k in ("ssl", "random", "pixels", "supervised")}
-    for name, (ck, crop) in jobs.items():
+    by_layer = {layer: {"ssl": {}, "random": {}} for layer in layers}
+    for name, layer, ck, crop in jobs:
         for kind, extra in (("knn", ["--k", "10,20,100,200"]), ("linear", probe)):
-            out = os.path.join(results_dir, f"{name}-{kind}.json")
+            out = os.path.join(results_dir, f"{name}{'-' + layer if layer else ''}-{kind}.json")
             run(f"eval_{kind}", [py, "-m", "sslkit.eval", kind, "--ckpt", *ck, *crop, *common, *extra, "--out", out])
             for subject, top1 in read_result(out, kind).items():
                 key = {"ckpt": name, "random": "random"}.get(subject, name)
-                summary[key][kind] = top1
+                if layer:
+                    by_layer[layer][key][kind] = top1
+                if layer in (None, layers[0]):
+                    summary[key][kind] = top1
     run.seconds["total"] = time.perf_counter() - t_start
     run.cpu_seconds["total"] = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
 
     losses = [r["loss"] for r in _epoch_records(run_dir)]
-    report = {**summary, "ckpt": _ckpt_path(run_dir),
+    report = {**summary, "layer": layers[0], "layers": by_layer, "ckpt": _ckpt_path(run_dir),
               "trunk": spec.to_dict(), "pretrain_epoch_losses": losses, "supervised_run": sup_info,
               "data": {"dataset": args.dataset, "train": train_dir, "test": test_dir, "train_images": n_train,
                        "test_images": n_test},
@@ -244,10 +256,13 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{'features':<12} {'kNN top-1':>10} {'linear top-1':>13}")
-    for name in ("pixels", "random", "ssl", "supervised"):
-        r = summary[name]
-        print(f"{name:<12} {r.get('knn', float('nan')):>10.4f} {r.get('linear', float('nan')):>13.4f}")
+    rows = [("pixels", summary["pixels"])]
+    for layer in layers:
+        rows += [(f"random {layer}", by_layer[layer]["random"]), (f"ssl {layer}", by_layer[layer]["ssl"])]
+    rows.append(("supervised", summary["supervised"]))
+    print(f"\n{'features':<16} {'kNN top-1':>10} {'linear top-1':>13}")
+    for name, r in rows:
+        print(f"{name:<16} {r.get('knn', float('nan')):>10.4f} {r.get('linear', float('nan')):>13.4f}")
     print(f"total {run.seconds['total']:.0f} s wall, {run.cpu_seconds['total']:.0f} s CPU "
           f"(load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); wrote {args.json}")
     return 0

@@ -83,7 +83,7 @@ def parse_args(argv=None):
                    help="comma-separated batch sizes, one row per value; default: %(default)s")
     p.add_argument("--hw-decoder-load", default=None,
                    help="GPU only: comma-separated shares of JPEG decoding given to the hardware decoder "
-                        "(0 = CUDA only), one row per value, e.g. 0,0.65,1.0; default: the loader's 0.65")
+                        "(0 = CUDA only), one row per value, e.g. 0,0.65,1.0; default: the loader's (1.0 on Hopper and newer, 0.65 before)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per row (median/min/max); default 3")
     p.add_argument("--batches", type=int, default=10, help="batches per timed round; default 10")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches before the rounds; default 3")

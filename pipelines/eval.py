@@ -40,11 +40,10 @@ class EvalVal(_Eval):
     def graph(self, g: GraphInputs) -> dict:
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
         img = A.resize_shorter(img, self.spec.resize, g.device)
-        return {"crop": A.center_crop(img, self.spec.size, g.device)}                   # [S, S, 3] uint8
+        return {"crop": A.center_crop_normalize(img, self.spec.size, self.spec.mean, self.spec.std, g.device)}
 
     def postprocess(self, batch: dict) -> dict:
-        x = A.channels_first(batch.pop("crop"))
-        batch["views"] = [A.normalize(x, self.spec.mean, self.spec.std, TORCH_DTYPES[self.dtype])]
+        batch["views"] = [batch.pop("crop").to(TORCH_DTYPES[self.dtype])]          # [B, 3, S, S], normalised
         return batch
 
 
@@ -57,7 +56,8 @@ class EvalTrain(_Eval):
         super().__init__(size, resize, scale, dtype, spec)
         s = self.spec
         self.views = Views([(1, s.size)], [ViewRule(s.scale, s.ratio, flip_p=FLIP_ONLY.flip_p)], FLIP_ONLY, s.mean,
-                           s.std, dtype=dtype, kernel="torch")   # nothing but normalisation after the crop
+                           s.std, dtype=dtype)   # nothing but flip + normalisation after the crop: the
+        # fused kernel in DALI's threads on a CPU, the torch stage on a GPU
 
     def graph(self, g: GraphInputs) -> dict:
         return self.views.graph(g)

@@ -189,10 +189,11 @@ class Jigsaw:
     def postprocess(self, batch: dict) -> dict:
         geo, strip = self.geometry, batch.pop("strip")
         u = (batch.pop("u") if "u" in batch else batch["params.u"])[:, 0]
-        tiles = A.channels_first(strip.view(strip.shape[0], N_TILES, geo.tile, geo.tile, 3))   # [B, 9, 3, t, t]
+        hwc = strip.view(strip.shape[0], N_TILES, geo.tile, geo.tile, 3)
+        tiles = A.channels_first(hwc)                                            # [B, 9, 3, t, t]
         gray = u[:, VIEW_U["gray"]] < geo.gray_p
         if geo.gray_p > 0:
-            tiles = A.grayscale(tiles, gray)
+            tiles = A.grayscale(tiles, hwc, gray)
         if geo.tile_norm:
             tiles = self._tile_norm(tiles, u)
         else:

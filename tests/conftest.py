@@ -156,6 +156,16 @@ def sgd_losses(module, batches: list, steps: int = 20, lr: float = 0.05) -> list
     return losses
 
 
+def assert_step_moves(module, batch, weight):
+    """One SGD step on `batch` gives a finite loss and changes `weight` (a parameter of `module`)."""
+    before = weight.detach().clone()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    loss = module(batch)["loss"]
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, weight)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is as fast and never oversubscribed."""

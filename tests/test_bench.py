@@ -104,7 +104,8 @@ def test_ssl_quality_protocol_end_to_end(tmp_path):
     out = tmp_path / "q.json"
     cmd = [sys.executable, os.path.join(REPO, "bench", "ssl_quality.py"), "--method", "deepclusterv2",
            "--preset", "tiny", "--epochs", "1", "--train-images", "128", "--test-images", "100",
-           "--sup-epochs", "1", "--sup-batch", "32", "--probe-epochs", "2", "--work", str(tmp_path / "work"),
+           "--sup-epochs", "1", "--sup-batch", "32", "--probe-epochs", "2", "--layers", "res5avg,res3",
+           "--work", str(tmp_path / "work"),
            "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,6 +115,9 @@ def test_ssl_quality_protocol_end_to_end(tmp_path):
         for kind in kinds:
             assert 0.0 <= rep[name][kind] <= 1.0, (name, kind, rep[name])
     assert rep["data"]["train_images"] == 128 and rep["data"]["test_images"] == 100
+    assert rep["layer"] == "res5avg" and set(rep["layers"]) == {"res5avg", "res3"}
+    assert rep["layers"]["res5avg"]["ssl"] == rep["ssl"] and rep["layers"]["res5avg"]["random"] == rep["random"]
+    assert 0.0 <= rep["layers"]["res3"]["random"]["knn"] <= 1.0
     assert os.path.isdir(rep["ckpt"]) and len(rep["pretrain_epoch_losses"]) == 1
     assert any("--limit 128" in c for c in rep["commands"])
     assert any("--method supervised" in c for c in rep["commands"])

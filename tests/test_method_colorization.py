@@ -14,7 +14,7 @@ from sslkit.config import ConfigError, TrainConfig, apply_overrides
 from sslkit.methods import RunContext, method_entry
 from sslkit.methods.colorization import ColorizationOptions
 
-from conftest import sgd_losses
+from conftest import assert_step_moves, sgd_losses
 
 ENTRY = method_entry("colorization")
 
@@ -126,12 +126,7 @@ def test_resnet50_and_alexnet_trunks(rebalanced):
     alex = build(config(arch="alexnet_colorization"), loader)
     assert alex.last_map == "conv5" and alex.head.in_channels == 256
     assert alex.trunk_spec == {"arch": "alexnet_colorization", "kwargs": {"in_channels": 1}, "input": "L"}
-    before = alex.backbone._feature_blocks[0][0].weight.detach().clone()
-    opt = torch.optim.SGD(alex.parameters(), lr=0.01)
-    loss = alex(batches[0])["loss"]
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss) and not torch.equal(before, alex.backbone._feature_blocks[0][0].weight)
+    assert_step_moves(alex, batches[0], alex.backbone._feature_blocks[0][0].weight)
     with pytest.raises(ConfigError, match="last_stride"):
         build(config(arch="alexnet_colorization", **{"method_options.last_stride": 2}))
 

@@ -16,7 +16,7 @@ from sslkit.config import ConfigError, TrainConfig, apply_overrides
 from sslkit.methods import RunContext, method_entry
 from sslkit.methods.jigsaw import JigsawOptions
 
-from conftest import sgd_losses
+from conftest import assert_step_moves, sgd_losses
 
 ENTRY = method_entry("jigsaw")
 MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
@@ -146,12 +146,7 @@ def test_alexnet_and_resnet50_trunks(batches):
     alex = ENTRY.factory(config(arch="alexnet_jigsaw"), context(pipeline={"num_permutations": 100}))
     assert alex.backbone.num_features == 1024 and alex.tile_head[0].in_features == 1024
     assert alex.trunk_spec == {"arch": "alexnet_jigsaw", "kwargs": {}, "input": "rgb"}
-    before = alex.backbone._feature_blocks[0][0].weight.detach().clone()
-    opt = torch.optim.SGD(alex.parameters(), lr=0.01)
-    loss = alex(batches[0])["loss"]
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss) and not torch.equal(before, alex.backbone._feature_blocks[0][0].weight)
+    assert_step_moves(alex, batches[0], alex.backbone._feature_blocks[0][0].weight)
     rn50 = ENTRY.factory(config("rn50_perm2000"), context(pipeline={"num_permutations": 2000}))
     assert rn50.tile_head[0].in_features == 2048 and rn50.tile_head[0].out_features == 1000
     assert isinstance(rn50.tile_head[1], torch.nn.BatchNorm1d)

@@ -320,6 +320,27 @@ def test_eval_pipelines(sample_shards):
     assert area.min() > 0 and b["params.flips"][:, 0].any() and not b["params.flips"][:, 0].all()
 
 
+def test_eval_val_matches_reference(sample_shards):
+    """eval_val = resize the shorter side to 256 (antialiased) -> centre 224 -> normalise, against PIL's
+    antialiased bilinear resize of the same JPEGs: the resamplers differ by a few grey levels at edges,
+    the layout, normalisation and crop position must not (a pixel's shift fails the 99th percentile)."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    b = next(iter(make_loader("eval_val", sample_shards, batch_size=8, shuffle_buffer=0)))
+    reader = SampleReader(sample_shards)
+    for view, index in zip(b["views"][0].numpy(), b["index"].tolist()):
+        with Image.open(io.BytesIO(reader.component(index, "jpg"))) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = 256 / min(w, h)
+            im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+            x0, y0 = (int((n - 224) / 2 + 0.5) for n in im.size)     # DALI rounds a half pixel up
+            ref = np.asarray(im.crop((x0, y0, x0 + 224, y0 + 224)), np.float64)
+        grey = (view.transpose(1, 2, 0) * std + mean) * 255.0          # back to grey levels, HWC
+        diff = np.abs(grey - ref)
+        assert view.shape == (3, 224, 224) and np.median(diff) < 1.0 and np.percentile(diff, 99) < 10, \
+            (index, np.median(diff), np.percentile(diff, 99))
+
+
 def _corrupt_copy(src: str, dst: str) -> list[int]:
     """Copy a shard folder, truncate two JPEGs in place (zero their tails) and return their indices."""
     shutil.copytree(src, dst)

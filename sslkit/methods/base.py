@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import models
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,31 @@ class Method(nn.Module):
 
     def load_rank_state_dict(self, state: dict):
         pass
+
+
+class MultiCropMethod(Method):
+    """The front the multi-crop methods share (DeepClusterV2, SwAV): the multicrop pipeline, the trunk, a
+    projection head Linear-BN-ReLU-Linear to `feat_dim`, and `embed`. Their options (`self.o`) hold
+    multicrop, kernel, hidden_dim, feat_dim and crops_for_assign."""
+    pipeline = "multicrop"
+
+    @classmethod
+    def loader_options(cls, options) -> dict:
+        return {"preset": options.multicrop, "kernel": options.kernel}
+
+    def make_embedding(self, arch: str):
+        self.backbone = self.make_backbone(arch)
+        d, o = self.backbone.num_features, self.o
+        self.projection = nn.Sequential(nn.Linear(d, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(o.hidden_dim, o.feat_dim))
+
+    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised float32 embeddings of every view, [V*B, feat_dim] in view order."""
+        if max(self.o.crops_for_assign) >= len(views):
+            raise ConfigError(f"crops_for_assign {self.o.crops_for_assign} outside the {len(views)} views of "
+                              f"multi-crop preset {self.o.multicrop!r}")
+        feats = forward_by_resolution(self.backbone, views, self.ctx.channels_last)
+        return l2_normalize(self.projection(feats).float())
 
 
 def _read_steps(module, _incompatible_keys):

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import ConfigError
 from ..kmeans import gather_assignments, spherical_kmeans
 from ..registry import register
-from .base import Method, Preset, RunContext, forward_by_resolution, l2_normalize
+from .base import MultiCropMethod, Preset, RunContext, l2_normalize
 
 IGNORE = -100
 
@@ -86,13 +85,7 @@ PRESETS = {
 
 
 @register("method", "deepclusterv2", options=DCv2Options, presets=PRESETS, default_preset=None)
-class DeepClusterV2(Method):
-    pipeline = "multicrop"
-
-    @classmethod
-    def loader_options(cls, options: DCv2Options) -> dict:
-        return {"preset": options.multicrop, "kernel": options.kernel}
-
+class DeepClusterV2(MultiCropMethod):
     def __init__(self, cfg, ctx: RunContext):
         super().__init__(cfg, ctx)
         o: DCv2Options = cfg.method_options
@@ -104,10 +97,7 @@ class DeepClusterV2(Method):
             raise ConfigError(f"{max(o.n_prototypes)} prototypes for {ctx.dataset_size} samples: "
                               "use fewer (e.g. --set method_options.n_prototypes=[100,100,100])")
         self.o, self.seed = o, cfg.seed
-        self.backbone = self.make_backbone(cfg.arch)
-        d = self.backbone.num_features
-        self.projection = nn.Sequential(nn.Linear(d, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(o.hidden_dim, o.feat_dim))
+        self.make_embedding(cfg.arch)
         # Prototypes are the k-means centroids and are never trained (swav freezes them for more
         # iterations than a run has), so they are buffers: saved, not optimised.
         for h, k in enumerate(o.n_prototypes):
@@ -126,13 +116,6 @@ class DeepClusterV2(Method):
     @property
     def prototypes(self) -> list[torch.Tensor]:
         return [getattr(self, f"prototypes{h}") for h in range(len(self.o.n_prototypes))]
-
-    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
-        if max(self.o.crops_for_assign) >= len(views):
-            raise ConfigError(f"crops_for_assign {self.o.crops_for_assign} outside the {len(views)} views of "
-                              f"multi-crop preset {self.o.multicrop!r}")
-        feats = forward_by_resolution(self.backbone, views, self.ctx.channels_last)
-        return l2_normalize(self.projection(feats).float())
 
     def forward(self, batch: dict) -> dict:
         views, index = batch["views"], batch["index"]

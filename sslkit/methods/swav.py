@@ -28,7 +28,7 @@ from torch import nn
 from ..config import ConfigError
 from ..registry import register
 from ..sinkhorn import sinkhorn
-from .base import Method, Preset, RunContext, forward_by_resolution, l2_normalize
+from .base import MultiCropMethod, Preset, RunContext, l2_normalize
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,7 @@ PRESETS = {
 
 
 @register("method", "swav", options=SwAVOptions, presets=PRESETS, default_preset=None)
-class SwAV(Method):
-    pipeline = "multicrop"
-
-    @classmethod
-    def loader_options(cls, options: SwAVOptions) -> dict:
-        return {"preset": options.multicrop, "kernel": options.kernel}
-
+class SwAV(MultiCropMethod):
     def __init__(self, cfg, ctx: RunContext):
         super().__init__(cfg, ctx)
         o: SwAVOptions = cfg.method_options
@@ -149,10 +143,7 @@ class SwAV(Method):
             if self.queue_rows * ctx.world_size != o.queue_length and ctx.log and ctx.rank == 0:
                 ctx.log.warning("queue_length %d trimmed to %d, a multiple of the global batch %d (as swav does)",
                                 o.queue_length, self.queue_rows * ctx.world_size, global_batch)
-        self.backbone = self.make_backbone(cfg.arch)
-        d = self.backbone.num_features
-        self.projection = nn.Sequential(nn.Linear(d, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(o.hidden_dim, o.feat_dim))
+        self.make_embedding(cfg.arch)
         self.prototypes = nn.Linear(o.feat_dim, o.n_prototypes, bias=False)
         # Optimisation steps taken (forward calls in training mode): the prototype freeze counts them.
         self.count_steps()
@@ -162,13 +153,6 @@ class SwAV(Method):
         self.queue_filled = 0
 
     # -- the step ---------------------------------------------------------------------------------
-    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
-        if max(self.o.crops_for_assign) >= len(views):
-            raise ConfigError(f"crops_for_assign {self.o.crops_for_assign} outside the {len(views)} views of "
-                              f"multi-crop preset {self.o.multicrop!r}")
-        feats = forward_by_resolution(self.backbone, views, self.ctx.channels_last)
-        return l2_normalize(self.projection(feats).float())
-
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         """Cosines of the embeddings with the prototypes, in float32 whatever the autocast."""
         with torch.autocast(z.device.type, enabled=False):
