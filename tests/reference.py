@@ -144,3 +144,26 @@ def soft_encode_exhaustive(ab: torch.Tensor, k: int, sigma: float):
     e = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * sigma * sigma))
     w = e / e.sum(dim=1, keepdim=True)
     return idx.reshape(*ab.shape[:-1], k), w.reshape(*ab.shape[:-1], k)
+
+
+# -- jigsaw ----------------------------------------------------------------------------------------
+
+def jigsaw_cells(batch: dict, i: int, cell: int, tile: int) -> tuple[np.ndarray, bool, np.ndarray]:
+    """Sample i of a `with_params` jigsaw batch rebuilt from its parameters: the crop in grey levels
+    (luma in all three channels when the sample drew grayscale), whether it did, and each cell's tile
+    cut from it [9, 3, tile, tile] in the original (un-permuted) order, cell numbering as
+    `sslkit.permutations.cell_position`."""
+    from sslkit import permutations as perm_sets
+
+    crop = batch["params.crop"][i].numpy().astype(np.float64)
+    gray = bool(batch["params.gray"][i])
+    if gray:
+        crop = np.repeat((crop @ RGB2YIQ[0])[..., None], 3, axis=-1)
+    off = batch["params.offsets"][i].numpy()
+    cells = []
+    for c in range(9):
+        row, col = perm_sets.cell_position(c)
+        y, x = row * cell + int(off[c, 0]), col * cell + int(off[c, 1])
+        assert 0 <= y and y + tile <= 3 * cell and 0 <= x and x + tile <= 3 * cell  # inside its cell
+        cells.append(crop[y:y + tile, x:x + tile].transpose(2, 0, 1))
+    return crop, gray, np.stack(cells)

@@ -17,11 +17,11 @@ from sslkit.methods import RunContext, method_entry
 from sslkit.methods.jigsaw import JigsawOptions
 
 from conftest import assert_step_moves, sgd_losses
+from reference import jigsaw_cells
 
 ENTRY = method_entry("jigsaw")
 MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
 STD = np.array(IMAGENET_STD, np.float32)[:, None, None]
-LUMA = np.array([0.299, 0.587, 0.114])
 CELL, TILE = 85, 64   # the goyal geometry: 255 px crop, 85 px cells, 64 px tiles
 
 
@@ -72,12 +72,6 @@ def test_tile_order_convention():
         perm_sets.permute_tiles(original, table[:2])
 
 
-def _cell_pixels(crop: np.ndarray, c: int, offset) -> np.ndarray:
-    row, col = perm_sets.cell_position(c)
-    y, x = row * CELL + int(offset[0]), col * CELL + int(offset[1])
-    return crop[y:y + TILE, x:x + TILE]
-
-
 def test_label_round_trips_through_the_pipeline(loader, batches):
     """Un-permuting a batch's tiles by its label (the row of the set the method's options resolve to)
     puts every cell's patch of the crop back in place; any other label does not."""
@@ -88,13 +82,8 @@ def test_label_round_trips_through_the_pipeline(loader, batches):
         original = perm_sets.unpermute_tiles(b["tiles"], table[b["perm"].numpy()]).numpy()
         pixels = (original * STD + MEAN) * 255.0                      # [B, 9, 3, t, t], grey levels
         for i in range(len(original)):
-            crop = b["params.crop"][i].numpy().astype(np.float64)
-            gray = bool(b["params.gray"][i])
-            if gray:
-                crop = np.repeat((crop @ LUMA)[..., None], 3, axis=-1)
-                n_gray += 1
-            off = b["params.offsets"][i].numpy()
-            cells = np.stack([_cell_pixels(crop, c, off[c]).transpose(2, 0, 1) for c in range(9)])
+            _, gray, cells = jigsaw_cells(b, i, CELL, TILE)
+            n_gray += gray
             assert np.abs(pixels[i] - cells).max() < 0.05
             wrong = table[(int(b["perm"][i]) + 1) % len(table)]
             scrambled = perm_sets.unpermute_tiles(b["tiles"][i], wrong).numpy() * STD * 255.0

@@ -21,11 +21,10 @@ from sslkit import permutations as perm_sets
 from sslkit.errors import SslkitError
 from sslkit.shard.access import SampleReader
 
-from reference import render, window_from_uniforms
+from reference import jigsaw_cells, render, window_from_uniforms
 
 MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
 STD = np.array(IMAGENET_STD, np.float32)[:, None, None]
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def normalised_range():
@@ -85,13 +84,6 @@ def test_jigsaw_geometry(jigsaw, reader):
         assert -1e-3 <= y and y + ch <= h + 1e-3 and -1e-3 <= x and x + cw <= w + 1e-3
 
 
-def _cell_tile(crop: np.ndarray, c: int, off: np.ndarray, cell: int = 85, t: int = 64) -> np.ndarray:
-    col, row = divmod(c, 3)  # column-major: tile c = 3 * column + row
-    y, x = row * cell + off[c, 0], col * cell + off[c, 1]
-    assert 0 <= y and y + t <= 3 * cell and 0 <= x and x + t <= 3 * cell  # inside the crop, inside its cell
-    return crop[y:y + t, x:x + t]
-
-
 def test_jigsaw_unpermute_recovers_the_crop(jigsaw):
     """original[P[p][k]] = tiles[k]; each original tile is its cell's patch of the crop, so
     reassembling them rebuilds the crop wherever tiles cover it."""
@@ -102,15 +94,12 @@ def test_jigsaw_unpermute_recovers_the_crop(jigsaw):
         order = perms[int(b["perm"][i])]
         original = np.empty((9, 3, 64, 64), np.float32)
         original[order] = b["tiles"][i].numpy()
-        crop = b["params.crop"][i].numpy().astype(np.float64)
-        gray = bool(b["params.gray"][i])
-        if gray:
-            crop = np.repeat((crop @ LUMA)[..., None], 3, axis=-1)
-            n_gray += 1
+        crop, gray, cells = jigsaw_cells(b, i, cell=85, tile=64)
+        n_gray += gray
         off = b["params.offsets"][i].numpy()
         canvas = np.full((255, 255, 3), -1.0)
         for c in range(9):
-            want = (_cell_tile(crop, c, off).transpose(2, 0, 1) / 255.0 - MEAN) / STD
+            want = (cells[c] / 255.0 - MEAN) / STD
             # exact, gray included: the luma is float in the torch stage (DALI's rounded it to uint8)
             np.testing.assert_allclose(original[c], want, atol=1e-4)
             pixels = (original[c] * STD + MEAN).transpose(1, 2, 0) * 255.0
