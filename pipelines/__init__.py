@@ -20,7 +20,7 @@ from .reader import ShardSet
 from .spec import SpecError
 
 LOADER_KEYS = ("num_threads", "device_id", "shuffle_buffer", "prefetch", "hw_decoder_load", "use_mmap",
-               "with_params")
+               "with_params", "extra_keys")
 
 
 def list_families() -> list[str]:
@@ -33,7 +33,8 @@ def make_loader(name: str, data_dir: str, batch_size: int, device: str = "cpu", 
     """Build the pipeline `name` over the shard folder `data_dir` for this rank.
 
     Loader options: num_threads (0: all cores of this process), device_id (device="gpu": the CUDA device,
-    default 0 -- pass the local rank), shuffle_buffer, prefetch, hw_decoder_load, use_mmap, with_params;
+    default 0 -- pass the local rank), shuffle_buffer, prefetch, hw_decoder_load, use_mmap, with_params,
+    extra_keys (members such as "txt" or "json" handed over as `batch[key]`, a list of bytes per sample);
     every other keyword goes to the pipeline (e.g. `preset="2x160+4x96"`, `dtype="float16"`).
     """
     loader_kw = {k: options.pop(k) for k in list(options) if k in LOADER_KEYS}

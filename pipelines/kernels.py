@@ -152,10 +152,54 @@ def jpeg_ok(b) -> bool:
     return False
 
 
+@njit(cache=True)
+def png_ok(b) -> bool:
+    """PNG signature, an IHDR chunk first with a non-zero size, and the IEND chunk last (a cut file
+    fails)."""
+    n = b.shape[0]
+    sig = (0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A)
+    if n < 8 + 25 + 12:
+        return False
+    for i in range(8):
+        if b[i] != sig[i]:
+            return False
+    if b[12] != 0x49 or b[13] != 0x48 or b[14] != 0x44 or b[15] != 0x52:       # IHDR
+        return False
+    width = (b[16] << 24) | (b[17] << 16) | (b[18] << 8) | b[19]
+    height = (b[20] << 24) | (b[21] << 16) | (b[22] << 8) | b[23]
+    if width == 0 or height == 0:
+        return False
+    e = n - 12                                                                    # IEND, length 0
+    return b[e] == 0 and b[e + 1] == 0 and b[e + 2] == 0 and b[e + 3] == 0 and b[e + 4] == 0x49 \
+        and b[e + 5] == 0x45 and b[e + 6] == 0x4E and b[e + 7] == 0x44
+
+
+@njit(cache=True)
+def webp_ok(b) -> bool:
+    """RIFF....WEBP whose RIFF size matches the bytes present (a cut file fails)."""
+    n = b.shape[0]
+    if n < 20 or b[0] != 0x52 or b[1] != 0x49 or b[2] != 0x46 or b[3] != 0x46:
+        return False
+    if b[8] != 0x57 or b[9] != 0x45 or b[10] != 0x42 or b[11] != 0x50:
+        return False
+    size = b[4] | (b[5] << 8) | (b[6] << 16) | (b[7] << 24)
+    return size + 8 <= n and size >= 12
+
+
+@njit(cache=True)
+def image_ok(b) -> bool:
+    """`jpeg_ok`, `png_ok` or `webp_ok` by the file's signature (adopted shards hold all three)."""
+    if b.shape[0] > 1 and b[0] == 0x89:
+        return png_ok(b)
+    if b.shape[0] > 1 and b[0] == 0x52:
+        return webp_ok(b)
+    return jpeg_ok(b)
+
+
 @do_not_convert
 def _check_run(dst, intact, src):
     # element loops, not slice assignments: numba takes seconds longer to compile those
-    ok = jpeg_ok(src)
+    ok = image_ok(src)
     body = src.shape[0] if ok else PLACEHOLDER_JPEG.shape[0]
     for i in range(body):
         dst[i] = src[i] if ok else PLACEHOLDER_JPEG[i]
@@ -378,7 +422,7 @@ def register_op(kind: str, run, setup, out_types, in_types, outs_ndim, ins_ndim)
 
 
 def check_jpeg(jpg):
-    """(jpg, intact): the encoded bytes, or the placeholder JPEG where `jpeg_ok` fails; intact uint8 [1]."""
+    """(jpg, intact): the encoded bytes, or the placeholder JPEG where `image_ok` fails; intact uint8 [1]."""
     return _op("check")(jpg)
 
 

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from nvidia.dali import pipeline_def
 
@@ -54,6 +55,7 @@ class LoaderConfig:
     hw_decoder_load: float | None = None   # share of JPEGs for the hardware decoder; None: default_hw_decoder_load()
     use_mmap: bool = True          # False for shards on a network file system
     with_params: bool = False
+    extra_keys: tuple[str, ...] = ()   # members handed over as raw bytes, batch[key]: list[bytes] (captions, json)
 
     def validate(self):
         if self.device not in ("cpu", "gpu"):
@@ -144,14 +146,16 @@ class DaliLoader:
 
         @pipeline_def(enable_checkpointing=True)
         def pipe():
-            jpg, index, label, intact = read(shards, rank=cfg.rank, world_size=cfg.world_size,
-                                             shuffle_buffer=cfg.shuffle_buffer, want_label=shards.labelled,
-                                             seed=cfg.seed + cfg.rank, use_mmap=cfg.use_mmap)
+            jpg, index, label, intact, extras = read(
+                shards, rank=cfg.rank, world_size=cfg.world_size, shuffle_buffer=cfg.shuffle_buffer,
+                want_label=shards.labelled, seed=cfg.seed + cfg.rank, use_mmap=cfg.use_mmap,
+                extra_keys=tuple(cfg.extra_keys))
             outs = family.graph(GraphInputs(jpg=jpg, shape=image_shape(jpg), device=cfg.device,
                                             hw_decoder_load=cfg.hw_decoder_load, with_params=cfg.with_params))
             outs["index"], outs["intact"] = index, intact
             if label is not None:
                 outs["label"] = label
+            outs.update(zip(cfg.extra_keys, extras))
             names.extend(outs)
             return tuple(outs.values())
 
@@ -218,16 +222,24 @@ class DaliLoader:
     def _to_torch(self, outputs, keep: int) -> dict[str, Any]:
         """Every output as a torch tensor on the loader's device (the first `keep` samples), then the
         pipeline's batch stage."""
-        raw = {name: _to_tensor(tl, self.device)[:keep] for name, tl in zip(self._names, outputs)}
+        ragged = set(self.config.extra_keys) | ({"index"} if self.shards.adopted else set())
+        raw = {name: _byte_strings(tl, keep) if name in ragged else _to_tensor(tl, self.device)[:keep]
+               for name, tl in zip(self._names, outputs)}
         # The reader's fields are CPU tensors: parsed and counted there, so nothing waits for the GPU.
-        raw["index"] = parse_decimal(raw["index"])
-        if "label" in raw:
+        if self.shards.adopted:
+            index = self.shards.locate(raw["index"])
+            raw["index"] = torch.from_numpy(index)
+            if self.shards.label_table is not None:
+                raw["label"] = torch.from_numpy(np.asarray(self.shards.label_table[index], np.int64))
+        else:
+            raw["index"] = parse_decimal(raw["index"])
+        if "label" in raw and raw["label"].dtype == torch.uint8:
             raw["label"] = parse_decimal(raw["label"])
         raw["intact"] = raw["intact"].view(-1).bool()
         broken = int((~raw["intact"]).sum())
         self.corrupt_epoch += broken
         self.corrupt_total += broken
-        batch = {name: _to_device(t, self.device) for name, t in raw.items()}
+        batch = {name: t if isinstance(t, list) else _to_device(t, self.device) for name, t in raw.items()}
         # Batch-level work the pipeline does in torch on the loader's device (colour stage, Lab and
         # soft targets, ...): vectorised over the batch, never per sample.
         return self.family.postprocess(batch)
@@ -272,6 +284,11 @@ def _to_tensor(tl, device: torch.device) -> torch.Tensor:
         with torch.cuda.device(device):
             return torch.from_dlpack(t)
     return torch.from_dlpack(t)
+
+
+def _byte_strings(tl, keep: int) -> list[bytes]:
+    """A ragged CPU output (source infos, captions, JSON) as one bytes object per sample."""
+    return [np.asarray(tl[i]).tobytes() for i in range(keep)]
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,12 +1,14 @@
-"""python -m sslkit.shard {build,verify,info,merge}: see `--help` of each."""
+"""python -m sslkit.shard {build,index,verify,info,merge}: see `--help` of each."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..config import parse_size
+from .adopt import IMAGE_EXTS, LABEL_SOURCES, AdoptError, IndexOptions, index
 from .build import BuildError, BuildOptions, build
 from .check import VerifyError, collect_info, format_info, verify
 from .images import ImageOptions
@@ -21,6 +23,17 @@ def _part(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
     return i, n
+
+
+def part_from_env(env) -> tuple[int, int]:
+    """A Slurm array task or a torchrun rank picks its slice; a plain run is the whole (0/1)."""
+    for i, n in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
+        if env.get(i) and env.get(n) and int(env[n]) > 1:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0)) if i.startswith("SLURM") else 0
+            part = int(env[i]) - first, int(env[n])
+            print(f"--part {part[0]}/{part[1]} from {i}/{n}", file=sys.stderr)
+            return part
+    return 0, 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,6 +82,30 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: one per core)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    x = sub.add_parser("index", help="adopt WebDataset tars written by other tools in place (no copy, no re-encode)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Read each tar once (headers and sha256, no decode) and write a manifest, DALI "
+                                   "index files and per-sample tables to --out; nothing inside or beside the tars "
+                                   "changes. Works on img2dataset output, webdataset.ShardWriter output and "
+                                   "ImageNet-22K's per-synset tars. --out may be the tars' own folder. Re-running "
+                                   "the same command after a kill continues where it stopped.")
+    x.add_argument("sources", nargs="+", metavar="SOURCE", help="tar files, or folders searched for *.tar (sorted)")
+    x.add_argument("--out", required=True, help="where the manifest and index files go (the tars' folder: in place)")
+    x.add_argument("--image-ext", default=",".join(IMAGE_EXTS),
+                   help="image members to use, in order of preference when a sample has several (any case)")
+    x.add_argument("--label", choices=LABEL_SOURCES, default="auto",
+                   help="cls: the integer `cls` member; json: --label-field of the `json` member; shard: the tar's "
+                        "name (ImageNet-22K's n01440764.tar); auto: cls when the first tar has it, else none")
+    x.add_argument("--label-field", default=None, metavar="NAME", help="with --label json: the field (a.b nests)")
+    x.add_argument("--class-names", default=None, metavar="FILE",
+                   help="with integer labels: one class name per line, line i naming class i (default: 0..C-1)")
+    x.add_argument("--full", action="store_true", help="also decode every image; undecodable ones are rejected")
+    x.add_argument("--part", type=_part, default=None, metavar="I/N",
+                   help="index only the I-th (0-based) of N slices of the tar list, then `merge`; default: from "
+                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or RANK/WORLD_SIZE when set, else 0/1")
+    x.add_argument("--workers", type=int, default=0, help="tars read in parallel (0: one per core)")
+    x.add_argument("--no-progress", action="store_true", help="no progress display")
+
     v = sub.add_parser("verify", help="check counts, checksums and index files against the manifest")
     v.add_argument("dir")
     v.add_argument("--full", action="store_true", help="also decode every image and parse every label/metadata")
@@ -100,6 +137,14 @@ def main(argv=None) -> int:
                                    max_pixels=args.max_pixels, force_reencode=args.force_reencode),
                 workers=args.workers, progress=not args.no_progress)
             build(opts)
+        elif args.cmd == "index":
+            if args.label_field and args.label == "auto":
+                args.label = "json"
+            part = args.part or part_from_env(os.environ)
+            index(IndexOptions(sources=tuple(args.sources), out=args.out,
+                               image_ext=tuple(e.strip().lower() for e in args.image_ext.split(",") if e.strip()),
+                               label=args.label, label_field=args.label_field, class_names=args.class_names,
+                               full=args.full, part=part, workers=args.workers, progress=not args.no_progress))
         elif args.cmd == "verify":
             s = verify(args.dir, full=args.full, workers=args.workers)
             extra = f", {s['decoded']} images decoded" if args.full else ""
@@ -114,7 +159,7 @@ def main(argv=None) -> int:
                 print(format_info(args.dir, info))
         elif args.cmd == "merge":
             merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress)
-    except (BuildError, SourceError, ManifestError, VerifyError) as e:
+    except (AdoptError, BuildError, SourceError, ManifestError, VerifyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from ..errors import SslkitError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ADOPTED = "adopted"      # `layout` of a folder indexed by `sslkit.shard index` (tars written by other tools)
 REJECTED = "rejected.tsv"
 KEY_DIGITS = 10          # keys and the `index` component are the zero-padded sample index
 CLS_DIGITS = 10          # `cls` is zero-padded too, so DALI sees a fixed-size field
@@ -59,27 +60,20 @@ def load(directory: str, check_files: bool = True) -> dict:
     if not os.path.isdir(directory):
         raise ManifestError(f"{directory}: no such shard folder")
     if not os.path.exists(path):
-        hint = " (a build is in progress or was interrupted: re-run it)" if os.path.isdir(
-            os.path.join(directory, ".build")) else ""
-        raise ManifestError(f"{path}: missing{hint}; build shards with `python -m sslkit.shard build`")
+        busy = any(os.path.isdir(os.path.join(directory, d)) for d in (".build", ".sslkit-index"))
+        hint = " (a build or index is in progress or was interrupted: re-run it)" if busy else ""
+        tars = any(n.lower().endswith(".tar") for n in os.listdir(directory))
+        how = ("adopt these tars in place with `python -m sslkit.shard index " + directory + " --out " + directory + "`"
+               if tars else "build shards with `python -m sslkit.shard build`")
+        raise ManifestError(f"{path}: missing{hint}; {how}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             m = json.load(f)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    for field in ("format_version", "total", "shards", "classes", "rejected"):
-        if field not in m:
-            raise ManifestError(f"{path}: missing field {field!r}")
-    if m["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {m['format_version']} (this sslkit reads {FORMAT_VERSION})")
-    total = sum(s["count"] for s in m["shards"])
-    if total != m["total"]:
-        raise ManifestError(f"{path}: shards hold {total} samples but total says {m['total']}")
-    first = 0
-    for s in m["shards"]:
-        if s.get("first_index") != first:
-            raise ManifestError(f"{path}: shard {s['path']} starts at index {s.get('first_index')}, expected {first}")
-        first += s["count"]
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
+    validate(m, path)
     if check_files:
         for s in m["shards"]:
             tar = os.path.join(directory, s["path"])
@@ -89,8 +83,62 @@ def load(directory: str, check_files: bool = True) -> dict:
                 raise ManifestError(f"{tar}: {os.path.getsize(tar)} bytes, manifest says {s['bytes']}")
             idx = os.path.join(directory, s["index"])
             if not os.path.exists(idx):
-                raise ManifestError(f"{idx}: DALI index file missing (rebuild, or run wds2idx)")
+                raise ManifestError(f"{idx}: DALI index file missing (re-run the build or index that wrote {directory})")
+        for extra in ([m["offsets"]] + ([m["labels"]["file"]] if m.get("labels") else [])) if is_adopted(m) else []:
+            if not os.path.exists(os.path.join(directory, extra)):
+                raise ManifestError(f"{os.path.join(directory, extra)}: missing (re-run `python -m sslkit.shard index`)")
     return m
+
+
+def _check(ok: bool, path: str, what: str):
+    if not ok:
+        raise ManifestError(f"{path}: {what}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(m, path: str = MANIFEST):
+    """The one manifest schema, checked on every load: one line naming the first field that is wrong."""
+    _check(isinstance(m, dict), path, "not a manifest (a JSON object is expected)")
+    for name in ("format_version", "total", "shards", "classes", "rejected"):
+        _check(name in m, path, f"missing field {name!r}")
+    _check(m["format_version"] == FORMAT_VERSION, path,
+           f"format_version {m['format_version']!r} (this sslkit reads {FORMAT_VERSION})")
+    _check(_is_int(m["total"]) and m["total"] >= 0, path, "field 'total' must be a non-negative integer")
+    _check(_is_int(m["rejected"]) and m["rejected"] >= 0, path, "field 'rejected' must be a non-negative integer")
+    _check(isinstance(m["shards"], list), path, "field 'shards' must be a list")
+    fields = {"path": str, "index": str, "count": int, "bytes": int, "sha256": str, "first_index": int}
+    first = 0
+    for k, s in enumerate(m["shards"]):
+        _check(isinstance(s, dict), path, f"shards[{k}] must be an object")
+        for name, kind in fields.items():
+            _check(name in s, path, f"shards[{k}] lacks {name!r}")
+            ok = _is_int(s[name]) and s[name] >= 0 if kind is int else isinstance(s[name], str) and s[name]
+            _check(ok, path, f"shards[{k}].{name} must be a {'non-negative integer' if kind is int else 'string'}")
+        _check(s["first_index"] == first, path, f"shard {s['path']} starts at index {s['first_index']}, expected {first}")
+        first += s["count"]
+    _check(first == m["total"], path, f"shards hold {first} samples but total says {m['total']}")
+    classes = m["classes"]
+    _check(classes is None or isinstance(classes, dict), path, "field 'classes' must be an object (name: id) or null")
+    if classes:
+        ids = sorted(classes.values()) if all(_is_int(v) for v in classes.values()) else None
+        _check(ids == list(range(len(classes))), path, "field 'classes' must map names to the ids 0..C-1")
+    if m.get("layout") == ADOPTED:
+        _check(isinstance(m.get("offsets"), str), path, "an adopted folder needs field 'offsets' (a file name)")
+        labels = m.get("labels")
+        _check((labels is None) == (not classes), path, "field 'labels' must name the labels file exactly when "
+               "there are classes")
+        _check(labels is None or isinstance(labels, dict) and isinstance(labels.get("file"), str), path,
+               "field 'labels' must be an object with a 'file'")
+    else:
+        _check(m.get("layout", "built") == "built", path, f"unknown layout {m.get('layout')!r}")
+        _check(isinstance(m.get("components", []), list), path, "field 'components' must be a list")
+
+
+def is_adopted(m: dict) -> bool:
+    return m.get("layout") == ADOPTED
 
 
 def shard_paths(directory: str, m: dict) -> tuple[list[str], list[str]]:

@@ -1,0 +1,421 @@
+"""`sslkit.shard index`: adopt WebDataset tars written by other tools in place.
+
+img2dataset (`00000.tar` of `000000000.jpg/.txt/.json`), webdataset's ShardWriter (`__key__` + `jpg`/`png`/
+`webp` + `cls`/`json`) and ImageNet-22K's per-synset tars (`n01440764.tar` of `n01440764_10026.JPEG`) are
+all valid WebDataset shards. Adopting them reads each tar once, sequentially (`tarscan`: headers for the
+index, every byte for its sha256, no decode unless `--full`), and writes beside them only what sslkit
+needs; nothing inside or beside the tars is changed:
+
+    OUT/manifest.json        counts, sizes, sha256 of each tar, classes ("layout": "adopted")
+    OUT/sslkit-index/K.idx   DALI index files; the chosen image member is listed as component `img`
+    OUT/offsets.npy          int64 [total]: data offset of each sample's image in its tar
+    OUT/labels.npy           int32 [total]: class id of each sample (labelled sets only)
+    OUT/rejected.tsv         samples left out and why (no image, duplicated key, a cut tar, ...)
+
+A sample's stable index is its position: shard order x position in the shard, as in built shards. The
+loader learns which sample DALI read from the reader's source info (tar path and image offset) and looks
+the index up in `offsets.npy`, and the label in `labels.npy`: no member is added to any tar.
+
+Resumable like `build`: every finished shard is journalled in `OUT/.sslkit-index/`; `--part I/N` indexes
+the I-th contiguous slice of the tar list (for Slurm arrays and multi-machine runs), `merge` joins parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..errors import SslkitError
+from ..progress import Progress
+from . import manifest as mf
+from .tarscan import scan
+from .tarwriter import split_name
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_COMPONENT = "img"        # the token the chosen image member gets in sslkit's index files
+INDEX_DIR = "sslkit-index"
+STATE_DIR = ".sslkit-index"
+OFFSETS = "offsets.npy"
+LABELS = "labels.npy"
+LABEL_SOURCES = ("auto", "cls", "json", "shard", "none")
+OURS = {mf.MANIFEST, mf.REJECTED, INDEX_DIR, STATE_DIR, OFFSETS, LABELS}
+
+
+class AdoptError(SslkitError, ValueError):
+    """Shards cannot be adopted as asked (one-line reason naming the file)."""
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    sources: tuple[str, ...]
+    out: str
+    image_ext: tuple[str, ...] = IMAGE_EXTS   # preference order when a sample holds several images
+    label: str = "auto"                       # auto: `cls` when the first shard has it, else none
+    label_field: str | None = None            # with label="json": a field (a.b for nested) of the JSON member
+    class_names: str | None = None            # a file with one class name per line (line i: class i)
+    full: bool = False                        # decode every image; undecodable ones are rejected
+    part: tuple[int, int] = (0, 1)
+    workers: int = 0                          # 0: one per core; does not change the output
+    progress: bool = True
+
+    def content(self) -> dict:
+        d = asdict(self)
+        for k in ("out", "workers", "progress"):
+            d.pop(k)
+        d["sources"] = [os.path.abspath(s) for s in self.sources]
+        d["class_names"] = os.path.abspath(self.class_names) if self.class_names else None
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"adopted": mf.FORMAT_VERSION, **self.content()}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self):
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise AdoptError(f"--part {i}/{n}: expected I/N with 0 <= I < N")
+        if self.label not in LABEL_SOURCES:
+            raise AdoptError(f"--label {self.label!r}: choose from {', '.join(LABEL_SOURCES)}")
+        if self.label == "json" and not self.label_field:
+            raise AdoptError("--label json needs --label-field NAME")
+        if not self.image_ext or not all(e.strip(".") for e in self.image_ext):
+            raise AdoptError("--image-ext: give one or more extensions, e.g. jpg,png")
+
+
+def list_tars(sources) -> list[str]:
+    """Tar files of the sources, in order: a .tar file as given, a folder's tars sorted by path."""
+    tars: list[str] = []
+    for src in sources:
+        if os.path.isfile(src):
+            if not src.lower().endswith(".tar"):
+                raise AdoptError(f"{src}: not a .tar file")
+            tars.append(os.path.abspath(src))
+        elif os.path.isdir(src):
+            found = sorted(os.path.join(root, f) for root, dirs, files in os.walk(src)
+                           for f in files if f.lower().endswith(".tar") and not f.startswith("."))
+            if not found:
+                raise AdoptError(f"{src}: no .tar files in this folder")
+            tars += [os.path.abspath(t) for t in found]
+        else:
+            raise AdoptError(f"{src}: no such file or folder")
+    dupes = [t for t, n in Counter(tars).items() if n > 1]
+    if dupes:
+        raise AdoptError(f"{dupes[0]}: given twice")
+    return tars
+
+
+# ------------------------------------------------------------------------------------------------
+# one shard
+# ------------------------------------------------------------------------------------------------
+
+def _json_field(data: bytes, path: str):
+    value = json.loads(data)
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise KeyError(path)
+    return value
+
+
+def _label(members: dict, tar: str, label: str, field_name: str | None):
+    """The sample's raw label (int or str); raises ValueError with the reason."""
+    if label == "shard":
+        return os.path.splitext(os.path.basename(tar))[0]
+    if label == "cls":
+        if "cls" not in members:
+            raise ValueError("no cls member")
+        text = members["cls"].data.strip()
+        if not re.fullmatch(rb"\d{1,9}", text):
+            raise ValueError(f"cls {text[:20]!r} is not a class id (a non-negative integer)")
+        return int(text)
+    if "json" not in members:
+        raise ValueError("no json member")
+    try:
+        return _json_field(members["json"].data, field_name)
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise ValueError(f"the json member has no field {field_name!r} holding an integer or a string") from None
+
+
+def _decodes(data: bytes) -> str | None:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if min(im.size) < 1:
+                return "an empty image"
+    except Exception as e:  # noqa: BLE001 -- any decoder failure is a reason, not a crash
+        return f"does not decode ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def index_shard(job: tuple) -> dict:
+    """Scan one tar and write its DALI index; return the shard's record and per-sample arrays."""
+    k, tar, idx_path, o = job
+    keep = {"cls"} if o["label"] == "cls" else {"json"} if o["label"] == "json" else set()
+    if o["full"]:
+        keep |= set(o["image_ext"])
+    res = scan(tar, lambda name: split_name(name)[1].lower() in keep)
+    groups: list[tuple[str, list]] = []
+    for m in res.members:
+        key, ext = split_name(m.name)
+        if not groups or groups[-1][0] != key:
+            groups.append((key, []))
+        groups[-1][1].append((ext, m))
+    if res.damage and groups:
+        groups, cut = groups[:-1], groups[-1]
+        rejects = [[f"{tar}:{cut[0]}", f"{res.damage}; this sample may be incomplete"]]
+    else:
+        rejects = [[tar, res.damage]] if res.damage else []
+    lines, offsets, labels, formats, seen = [], [], [], Counter(), {}
+    for j, (key, comps) in enumerate(groups):
+        ref = f"{tar}:{key}"
+        members = {}
+        reason = None
+        for ext, m in comps:
+            if ext.lower() in members:
+                reason = f"member {m.name} appears twice"
+            members[ext.lower()] = m
+        if key in seen:
+            reason = f"duplicated key {key} (first at sample {seen[key]} of this tar)"
+        seen.setdefault(key, j)
+        image_ext = next((e for e in o["image_ext"] if e in members), None)
+        if reason is None and image_ext is None:
+            reason = f"no image member ({'/'.join(o['image_ext'])}); it has {', '.join(sorted(members)) or 'nothing'}"
+        if reason is None and any(re.search(r"\s", m.name) for m in members.values()):
+            reason = "a member name holds white space, which DALI's index format cannot hold"
+        label = None
+        if reason is None and o["label"] != "none":
+            try:
+                label = _label(members, tar, o["label"], o["label_field"])
+            except ValueError as e:
+                reason = str(e)
+        if reason is None and o["full"]:
+            reason = _decodes(members[image_ext].data)
+        if reason is not None:
+            rejects.append([ref, reason])
+            continue
+        img = members[image_ext]
+        parts = [f"{IMAGE_COMPONENT} {img.offset} {img.size} {img.name}"]
+        parts += [f"{e} {m.offset} {m.size} {m.name}" for e, m in sorted(members.items()) if e != image_ext]
+        lines.append(" ".join(parts))
+        offsets.append(img.offset)
+        labels.append(label)
+        formats[image_ext] += 1
+    tmp = idx_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp, idx_path)
+    return {"k": k, "tar": tar, "count": len(lines), "bytes": res.bytes, "sha256": res.sha256,
+            "offsets": np.asarray(offsets, np.int64), "labels": labels, "rejects": rejects,
+            "ignored": res.ignored, "formats": dict(formats)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the folder
+# ------------------------------------------------------------------------------------------------
+
+def _claim(out: str, fp: str) -> dict | None:
+    """Check that `out` may receive an index: its sslkit files are ours or absent. Returns the finished
+    manifest when this very index is already complete."""
+    manifest_path = os.path.join(out, mf.MANIFEST)
+    if os.path.exists(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                existing = json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            existing = None
+        if isinstance(existing, dict) and existing.get("build", {}).get("fingerprint") == fp:
+            return existing
+        raise AdoptError(f"{manifest_path}: {out} already holds another manifest; index into another --out "
+                         "(the tars can stay where they are)")
+    state = os.path.join(out, STATE_DIR)
+    for name in (INDEX_DIR, OFFSETS, LABELS):
+        if os.path.exists(os.path.join(out, name)) and not os.path.isdir(state):
+            raise AdoptError(f"{os.path.join(out, name)}: exists and was not written by an unfinished "
+                             "`sslkit.shard index`; index into another --out")
+    return None
+
+
+def _replay(state: str, fp: str, index_dir: str) -> dict[int, dict]:
+    """Finished shards of an interrupted run with the same options (journal + files intact)."""
+    opts_path = os.path.join(state, "options.json")
+    if os.path.exists(opts_path):
+        with open(opts_path) as f:
+            if json.load(f).get("fingerprint") != fp:
+                raise AdoptError(f"{state}: an unfinished index with other options; re-run that command, "
+                                 "or delete this folder to start over")
+    done: dict[int, dict] = {}
+    journal = os.path.join(state, "shards.jsonl")
+    if os.path.exists(journal):
+        with open(journal) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break       # a torn last line from a kill
+                k = rec["k"]
+                if not (os.path.exists(os.path.join(index_dir, f"{k:06d}.idx"))
+                        and os.path.exists(os.path.join(state, f"{k:06d}.npz"))):
+                    break
+                done[k] = rec
+    return done
+
+
+def _journal(state: str, rec: dict):
+    k = rec["k"]
+    tmp = os.path.join(state, f"{k:06d}.tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, offsets=rec["offsets"], labels=np.asarray([json.dumps(x) for x in rec["labels"]]))
+    os.replace(tmp, os.path.join(state, f"{k:06d}.npz"))
+    small = {key: v for key, v in rec.items() if key not in ("offsets", "labels")}
+    with open(os.path.join(state, "shards.jsonl"), "a") as f:
+        f.write(json.dumps(small) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _classes(raw_labels: set, class_names: str | None) -> dict[str, int]:
+    """Class name -> id. Integer labels keep their ids (names "0".."C-1" or from the names file);
+    string labels (a JSON field, the shard's name) are numbered in sorted order."""
+    if all(isinstance(x, int) for x in raw_labels):
+        count = max(raw_labels) + 1
+        if class_names:
+            with open(class_names, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+            if len(names) < count:
+                raise AdoptError(f"{class_names}: {len(names)} class names, but the labels reach class {count - 1}")
+            if len(set(names)) != len(names):
+                raise AdoptError(f"{class_names}: class names must be unique")
+            return {n: i for i, n in enumerate(names)}
+        return {str(i): i for i in range(count)}
+    if class_names:
+        raise AdoptError("--class-names names integer class ids; these labels are already names")
+    from .build import _class_order
+    return {n: i for i, n in enumerate(_class_order(str(x) for x in raw_labels))}
+
+
+def index(opts: IndexOptions) -> dict:
+    """Adopt (or finish adopting) the tars of `opts.sources`; return the manifest written to `opts.out`."""
+    opts.validate()
+    tars = list_tars(opts.sources)
+    i, n = opts.part
+    tars = tars[len(tars) * i // n:len(tars) * (i + 1) // n]
+    if not tars:
+        raise AdoptError(f"--part {i}/{n}: this part holds no tar (there are fewer tars than parts)")
+    out, fp = opts.out, opts.fingerprint()
+    os.makedirs(out, exist_ok=True)
+    finished = _claim(out, fp)
+    if finished is not None:
+        print(f"{out}: already indexed ({finished['total']} samples); nothing to do", file=sys.stderr)
+        return finished
+    state, index_dir = os.path.join(out, STATE_DIR), os.path.join(out, INDEX_DIR)
+    os.makedirs(state, exist_ok=True)
+    os.makedirs(index_dir, exist_ok=True)
+    done = _replay(state, fp, index_dir)
+    mf.atomic_write(os.path.join(state, "options.json"), json.dumps({"fingerprint": fp, **opts.content()}))
+    label = opts.label
+    if label == "auto":
+        label = "cls" if any(split_name(m.name)[1].lower() == "cls" for m in scan(tars[0]).members) else "none"
+    o = {"label": label, "label_field": opts.label_field, "image_ext": [e.lower().lstrip(".") for e in opts.image_ext],
+         "full": opts.full}
+    jobs = [(k, t, os.path.join(index_dir, f"{k:06d}.idx"), o) for k, t in enumerate(tars) if k not in done]
+    if done:
+        print(f"{out}: resuming after {len(done)} of {len(tars)} indexed tar(s)", file=sys.stderr)
+    _run_jobs(jobs, state, done, opts, total_bytes=sum(os.path.getsize(t) for t in tars))
+    return _finish(opts, tars, done, label, fp, state)
+
+
+def _run_jobs(jobs, state, done, opts, total_bytes):
+    workers = min(opts.workers or os.cpu_count() or 1, max(len(jobs), 1))
+    bar = Progress(total_bytes // 1_000_000, "index", unit="MB", enabled=opts.progress, every=30.0,
+                   initial=sum(r["bytes"] for r in done.values()) // 1_000_000)
+    try:
+        if workers > 1:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for rec in pool.imap_unordered(index_shard, jobs):
+                    _record(rec, state, done, bar)
+        else:
+            for job in jobs:
+                _record(index_shard(job), state, done, bar)
+    finally:
+        bar.close()
+
+
+def _record(rec, state, done, bar):
+    _journal(state, rec)
+    done[rec["k"]] = {key: v for key, v in rec.items() if key not in ("offsets", "labels")}
+    bar.update(rec["bytes"] // 1_000_000, tars=len(done),
+               rejected=sum(len(r["rejects"]) for r in done.values()))
+
+
+def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str, state: str) -> dict:
+    out = opts.out
+    shards, first, rejects, formats = [], 0, [], Counter()
+    raw: list = []
+    offsets = []
+    for k, tar in enumerate(tars):
+        rec = done[k]
+        with np.load(os.path.join(state, f"{k:06d}.npz")) as z:
+            offsets.append(z["offsets"])
+            raw += [json.loads(x) for x in z["labels"]]
+        rel = os.path.relpath(tar, os.path.abspath(out))
+        path = rel if not rel.startswith("..") else tar
+        if rec["count"]:
+            shards.append({"path": path, "index": f"{INDEX_DIR}/{k:06d}.idx", "count": rec["count"],
+                           "bytes": rec["bytes"], "sha256": rec["sha256"], "first_index": first})
+        first += rec["count"]
+        rejects += rec["rejects"]
+        formats.update(rec["formats"])
+    if first == 0:
+        from .build import format_rejects
+        mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
+        reason = f" (first: {rejects[0][0]}: {rejects[0][1]})" if rejects else ""
+        raise AdoptError(f"no sample with an image in {len(tars)} tar(s); every reason is in "
+                         f"{os.path.join(out, mf.REJECTED)}{reason}")
+    classes = class_counts = None
+    if label != "none":
+        classes = _classes(set(raw), opts.class_names)
+        integers = all(isinstance(x, int) for x in raw)
+        ids = np.asarray(raw if integers else [classes[str(x)] for x in raw], np.int32)
+        counts = np.bincount(ids, minlength=len(classes))
+        class_counts = {c: int(counts[i]) for c, i in classes.items()}
+        _save_npy(os.path.join(out, LABELS), ids)
+    _save_npy(os.path.join(out, OFFSETS), np.concatenate(offsets))
+    manifest = {
+        "format_version": mf.FORMAT_VERSION, "created_by": f"sslkit {__version__}", "layout": mf.ADOPTED,
+        "total": first, "rejected": len(rejects), "ignored": sum(r["ignored"] for r in done.values()),
+        "inputs": first + len(rejects), "classes": classes, "class_counts": class_counts,
+        "components": [IMAGE_COMPONENT], "image_formats": dict(formats),
+        "labels": {"from": label if label != "json" else f"json:{opts.label_field}", "file": LABELS} if classes else None,
+        "offsets": OFFSETS, "part": list(opts.part), "shards": shards,
+        "build": {"fingerprint": fp, **opts.content()},
+    }
+    from .build import format_rejects
+    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
+    mf.write(out, manifest)
+    shutil.rmtree(state, ignore_errors=True)
+    size = sum(s["bytes"] for s in shards)
+    print(f"{out}: adopted {first} samples in {len(shards)} tar(s), {size / 1e9:.2f} GB, nothing copied; "
+          f"{len(rejects)} rejected (see {os.path.join(out, mf.REJECTED)})"
+          + (f"; {len(classes)} classes from {manifest['labels']['from']}" if classes else "; unlabelled"),
+          file=sys.stderr)
+    return manifest
+
+
+def _save_npy(path: str, array: np.ndarray):
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)

@@ -1,0 +1,175 @@
+"""One sequential pass over a tar file: its members' names, offsets and sizes, and the file's sha256.
+
+This is what adopting shards written by other tools needs (`sslkit.shard index`): the bytes are read
+once, in large blocks, straight into the hash; headers are parsed from the same buffer, so the pass
+runs at the speed of sha256 and the disk, with no image decode and no copy. Only members the caller
+asks for (labels, JSON, or every image with `--full`) are handed over as bytes.
+
+Formats: ustar/GNU/PAX as Python's `tarfile` and webdataset write them (PAX `path`/`size` records,
+GNU long names). Damage is reported, not raised: a file cut inside a member or a header whose checksum
+fails ends the scan with `ScanResult.damage` naming the byte where it happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+BLOCK = 512
+READ_SIZE = 8 << 20
+
+
+@dataclass
+class Member:
+    name: str
+    offset: int          # first byte of the member's data
+    size: int
+    data: bytes | None = None   # only for members the caller asked to read
+
+
+@dataclass
+class ScanResult:
+    members: list[Member] = field(default_factory=list)
+    sha256: str = ""
+    bytes: int = 0
+    ignored: int = 0             # directories, links and other non-file entries
+    damage: str | None = None    # why the scan stopped before the end-of-archive marker
+
+
+class _Buffered:
+    """Sequential reads of one file through a sliding window, hashing every byte exactly once."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+        self.buf, self.base, self.eof = b"", 0, False
+
+    def _fill(self, end: int):
+        while self.base + len(self.buf) < end and not self.eof:
+            block = self.f.read(max(READ_SIZE, end - self.base - len(self.buf)))
+            if not block:
+                self.eof = True
+                break
+            self.sha.update(block)
+            self.buf += block
+
+    def get(self, start: int, n: int) -> bytes | None:
+        """Bytes [start, start + n), or None when the file ends first."""
+        self._fill(start + n)
+        lo = start - self.base
+        if lo < 0:
+            raise AssertionError("tar scan went backwards")
+        if self.base + len(self.buf) < start + n:
+            return None
+        return self.buf[lo:lo + n]
+
+    def drop(self, before: int):
+        """Forget bytes before `before` (they were hashed already); reads on through a large member
+        block by block without keeping it."""
+        while self.base + len(self.buf) < before and not self.eof:
+            self.base += len(self.buf)
+            self.buf = b""
+            self._fill(min(before, self.base + READ_SIZE))
+        cut = min(before, self.base + len(self.buf)) - self.base
+        if cut > 0:
+            self.buf, self.base = self.buf[cut:], self.base + cut
+
+    def drain(self) -> int:
+        """Hash the rest of the file; return its size."""
+        while not self.eof:
+            self.base += len(self.buf)
+            self.buf = b""
+            self._fill(self.base + READ_SIZE)
+        return self.base + len(self.buf)
+
+
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes and field_bytes[0] & 0x80:          # GNU base-256 for sizes over 8 GB
+        return int.from_bytes(field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _header_ok(h: bytes) -> bool:
+    stored = _octal(h[148:156])
+    return stored in (sum(h[:148]) + 256 + sum(h[156:]),
+                      sum((b - 256 if b > 127 else b) for b in h[:148] + b" " * 8 + h[156:]))
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """PAX extended-header records: `LEN key=value\\n`."""
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.find(b" ", i)
+        if sp < 0:
+            break
+        n = int(data[i:sp])
+        key, _, value = data[sp + 1:i + n - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        i += n
+    return out
+
+
+def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanResult:
+    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`."""
+    res = ScanResult()
+    with open(path, "rb") as f:
+        r = _Buffered(f)
+        pos, long_name, pax = 0, None, {}
+        while True:
+            h = r.get(pos, BLOCK)
+            if h is None:
+                if pos < r.base + len(r.buf):
+                    res.damage = f"the file ends inside a tar header at byte {pos}"
+                break   # tar without its end-of-archive blocks: every complete member is still there
+            if h == bytes(BLOCK):
+                break   # end of archive
+            if not _header_ok(h):
+                res.damage = f"a damaged tar header at byte {pos}"
+                break
+            size = int(pax["size"]) if "size" in pax else _octal(h[124:136])
+            kind = h[156:157]
+            data_at, nxt = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
+            if kind in (b"L", b"x", b"g"):
+                body = r.get(data_at, size)
+                if body is None:
+                    res.damage = f"the file ends inside a tar header at byte {pos}"
+                    break
+                if kind == b"L":
+                    long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif kind == b"x":
+                    pax = _pax(body)
+                pos = nxt
+                continue
+            name = long_name or pax.get("path") or _ustar_name(h)
+            long_name, pax = None, {}
+            if kind not in (b"0", b"\0", b"7"):
+                res.ignored += 1
+                pos = nxt
+                continue
+            data = None
+            if want(name):
+                data = r.get(data_at, size)
+                if data is None:
+                    res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+                    break
+            else:
+                r.drop(data_at + size)
+                if r.base + len(r.buf) < data_at + size:
+                    res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+                    break
+            res.members.append(Member(name, data_at, size, data))
+            pos = nxt
+            r.drop(min(pos, r.base + len(r.buf)))
+        res.bytes = r.drain()
+        res.sha256 = r.sha.hexdigest()
+    return res
+
+
+def _ustar_name(h: bytes) -> str:
+    name = h[0:100].split(b"\0", 1)[0]
+    if h[257:262] == b"ustar":
+        prefix = h[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
