@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 # libraries. On other machines point TORCH_INDEX at the CPU wheel index or install torch first.
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
+# DALI build: cuda13 (CUDA 13 drivers, and CPU-only machines) or cuda12; see pyproject.toml's extras.
+DALI_EXTRA  ?= cuda13
 DEMO_OUT    ?= shards/sample
 DATA        ?= .cache/data
 
@@ -14,11 +16,12 @@ DATA        ?= .cache/data
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints-tested.txt
 	@echo "== installing into $(VENV): torch (CPU wheel here), NVIDIA DALI, numba, OpenCV, ... (several minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) | grep -v "^Requirement already"
-	$(PY) -m pip install --progress-bar off -e ".[test]" | grep -v "^Requirement already"
+	$(PY) -m pip install --progress-bar off -c constraints-tested.txt -e ".[$(DALI_EXTRA),test]" \
+		| grep -v "^Requirement already"
 	touch $@
 
 DEMO_RUN    ?= runs/demo

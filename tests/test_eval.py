@@ -340,3 +340,49 @@ def test_cli_pixels_and_fast_linear(shards64, tmp_path, capsys):
     model, spec = load_trunk("random", arch="resnet_tiny", kwargs={"width": 8}, seed=4)
     model2, spec2 = load_trunk("random", arch="resnet_tiny", kwargs={"width": 8}, seed=4)
     assert spec.identity == spec2.identity   # seeded: the same baseline every time
+
+
+# -- classes compared before extraction; progress off a terminal ---------------------------------------
+def _relabelled_copy(src: str, dst: str, edit) -> str:
+    """A copy of a shard folder whose manifest's `classes` went through `edit` (the tars are shared)."""
+    import shutil
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "manifest.json")
+    m = json.load(open(path))
+    m["classes"] = edit(m["classes"])
+    json.dump(m, open(path, "w"))
+    return dst
+
+
+def test_cli_class_mismatch_is_caught_before_extraction(shards64, tmp_path, capsys, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("features were extracted before the classes were compared")
+
+    monkeypatch.setattr(features, "extract", never)
+    extra = _relabelled_copy(shards64, str(tmp_path / "extra"), lambda c: {**c, "zebra": len(c)})
+    base = ["--ckpt", "pixels", "--train", shards64, "--val", extra, "--size", "16", "--resize", "16", "--no-cache"]
+    assert cli.main(["knn", *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "different classes" in err
+    assert "only in val: zebra" in err and "only in train: -" in err
+    # the same names under other ids are different labels too
+    names = sorted(json.load(open(os.path.join(shards64, "manifest.json")))["classes"])
+    swapped = _relabelled_copy(shards64, str(tmp_path / "swapped"),
+                               lambda c: {**c, names[0]: c[names[1]], names[1]: c[names[0]]})
+    assert cli.main(["linear", "--fast", *base[:3], shards64, "--val", swapped, *base[6:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the same" in err and "other ids" in err and names[0] in err
+
+
+def test_progress_lines_off_a_terminal(shards64, tmp_path, capsys):
+    # pytest's captured stderr is not a terminal: extraction and the probe print plain lines
+    assert cli.main(["linear", "--fast", "--epochs", "2", "--ckpt", "pixels", "--train", shards64, "--val", shards64,
+                     "--size", "16", "--resize", "16", "--no-cache", "--batch-size", "16",
+                     "--progress-every", "0.001"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    feats = [ln for ln in lines if ln.startswith("features pixels s64:")]
+    assert feats[0].endswith("started") and feats[-1].endswith("done") and "64/64 img (100%)" in feats[-1]
+    assert any("img/s" in ln and "eta" in ln for ln in feats[1:-1])
+    probe = [ln for ln in lines if ln.startswith("linear probe (2 epochs):")]
+    assert "8/8 step (100%)" in probe[-1] and "epoch 2/2" in probe[-1] and "loss" in probe[-1]
+    assert not any("\r" in ln for ln in lines)

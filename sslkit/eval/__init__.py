@@ -4,16 +4,29 @@
 
 Modules: `features` (DALI extraction in stored order + resumable on-disk cache), `encoders` (trunk
 layer or raw pixels -> features), `layers` (which layer, pooled how), the metrics as pure functions
-in `knn`, `linear`, `svm`, `lowshot`, the orchestration in `runner`, printing in `report`, and the
-command line in `cli`.
+in `knn`, `linear`, `svm`, `lowshot`, the orchestration in `runner`, printing in `report`, the
+protocols' defaults in `defaults`, and the command line in `cli`.
+
+The names below are imported on first use, so that `python -m sslkit.eval --help` (which imports
+this package) does not pay for torch and DALI.
 """
 
-from .errors import EvalError
-from .features import FeatureSet, extract
-from .knn import knn_eval, knn_scores, topk_accuracy
-from .lowshot import lowshot_eval, sample_lowshot
-from .runner import EvalOptions, run
-from .svm import choose_cost, svm_eval, voc_ap
+from __future__ import annotations
 
-__all__ = ["EvalError", "EvalOptions", "FeatureSet", "choose_cost", "extract", "knn_eval", "knn_scores",
-           "lowshot_eval", "run", "sample_lowshot", "svm_eval", "topk_accuracy", "voc_ap"]
+import importlib
+
+_EXPORTS = {
+    "EvalError": "errors", "FeatureSet": "features", "extract": "features", "knn_eval": "knn",
+    "knn_scores": "knn", "topk_accuracy": "knn", "lowshot_eval": "lowshot", "sample_lowshot": "lowshot",
+    "EvalOptions": "runner", "run": "runner", "choose_cost": "svm", "svm_eval": "svm", "voc_ap": "svm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

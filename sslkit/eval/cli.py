@@ -8,15 +8,10 @@ import logging
 import shlex
 import sys
 
-import torch
-
-
+# Only light modules before parsing (`--help` in well under a second): torch, DALI and the metric
+# modules are imported by `main` once the arguments are known.
 from ..errors import SslkitError
-from ..trunk import INPUTS
-from . import knn, linear, lowshot, svm
-from .features import DEFAULT_CACHE
-from .report import table, write_json
-from .runner import EvalOptions, run, title
+from . import defaults
 
 DESCRIPTION = """\
 Evaluate a trunk's frozen features on labelled shard folders (built by `python -m sslkit.shard build`).
@@ -44,7 +39,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _costs(text: str) -> tuple[float, ...]:
     try:
-        return svm.parse_costs(text)
+        return defaults.parse_costs(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -70,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch-kwargs", type=_kwargs, metavar="JSON",
                    help='constructor kwargs for --arch, e.g. \'{"last_stride": 1}\' (in_channels is read off '
                         '.pth weights)')
-    g.add_argument("--input", choices=INPUTS, help="what the trunk sees: rgb, or L (L-50 of Lab, colorization); "
+    g.add_argument("--input", choices=defaults.INPUTS, help="what the trunk sees: rgb, or L (L-50 of Lab, colorization); "
                                                    "default: from the checkpoint, L for 1-channel trunks")
     g.add_argument("--layer", help="feature layer: res5avg (default, global pool), res4, res5, conv1..res3 "
                                    "(pooled to ~9k dims); AlexNet conv1..conv5 (default conv5)")
@@ -80,16 +75,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images and compute")
     g.add_argument("--size", type=int, default=224, help="centre crop side (224; e.g. 32 or 64 for 28x28 images)")
     g.add_argument("--resize", type=int, default=256, help="shorter side before cropping (256; >= --size)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the trunk runs and DALI decodes (default: cuda when available)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the trunk runs and DALI decodes (auto: cuda when torch sees a GPU)")
     g.add_argument("--batch-size", type=int, default=256, help="images per batch: extraction and probe (256)")
     g.add_argument("--threads", type=int, default=0, help="DALI CPU threads (0: this machine's cores)")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                   help=f"feature cache folder ({DEFAULT_CACHE}; env SSLKIT_EVAL_CACHE)")
+    g.add_argument("--cache-dir", default=defaults.DEFAULT_CACHE,
+                   help=f"feature cache folder ({defaults.DEFAULT_CACHE}; env SSLKIT_EVAL_CACHE)")
     g.add_argument("--no-cache", action="store_true", help="extract into memory only")
     g.add_argument("--out", help="write the results as JSON here (default: print only)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars (shown on a terminal)")
+                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
+    g.add_argument("--progress-every", type=float, default=60.0, metavar="S",
+                   help="seconds between progress lines when not on a terminal (60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,16 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("knn", help="weighted kNN (DINO eval_knn) top-1/top-5")
     _common(s)
-    s.add_argument("--k", dest="ks", type=_ints, default=knn.DEFAULT_KS,
+    s.add_argument("--k", dest="ks", type=_ints, default=defaults.DEFAULT_KS,
                    help="neighbour counts, comma-separated (10,20,100,200)")
-    s.add_argument("--temperature", type=float, default=knn.DEFAULT_TEMPERATURE,
+    s.add_argument("--temperature", type=float, default=defaults.DEFAULT_TEMPERATURE,
                    help="vote weight exp(sim/T) (0.07)")
 
     s = sub.add_parser("linear", help="linear probe (BN + Linear) on the frozen trunk")
     _common(s)
-    s.add_argument("--epochs", type=int, default=linear.PROTOCOL_EPOCHS,
+    s.add_argument("--epochs", type=int, default=defaults.PROTOCOL_EPOCHS,
                    help="epochs (28); lr steps x0.1 at 8/28, 16/28, 24/28 of them")
-    s.add_argument("--lr", type=float, default=linear.BASE_LR, help="lr per 256 images, scaled by the batch (0.01)")
+    s.add_argument("--lr", type=float, default=defaults.BASE_LR, help="lr per 256 images, scaled by the batch (0.01)")
     s.add_argument("--weight-decay", type=float, default=None, help="default 1e-4 ResNet, 5e-4 AlexNet")
     s.add_argument("--fast", action="store_true",
                    help="train on cached centre-crop features (no augmentation; quick on CPU, not the protocol)")
@@ -118,25 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
                        ("lowshot", "k samples per class, several draws; SVM (or kNN) mean +- std")):
         s = sub.add_parser(name, help=what)
         _common(s)
-        s.add_argument("--costs", type=_costs, default=svm.DEFAULT_COSTS,
+        s.add_argument("--costs", type=_costs, default=defaults.DEFAULT_COSTS,
                        help="SVM costs: comma-separated, or a list name: short (0.01,0.1,1,10; default), vissl, goyal")
-        s.add_argument("--folds", type=int, default=svm.FOLDS, help="cross-validation folds for the cost (3)")
+        s.add_argument("--folds", type=int, default=defaults.FOLDS, help="cross-validation folds for the cost (3)")
         s.add_argument("--jobs", type=int, default=1, help="classes fitted in parallel by joblib (1)")
         if name == "lowshot":
-            s.add_argument("--shots", type=_ints, default=lowshot.DEFAULT_SHOTS,
+            s.add_argument("--shots", type=_ints, default=defaults.DEFAULT_SHOTS,
                            help="samples per class (1,2,4,8,16,32,64,96; shots a class cannot supply are skipped)")
-            s.add_argument("--draws", type=int, default=lowshot.DEFAULT_DRAWS,
+            s.add_argument("--draws", type=int, default=defaults.DEFAULT_DRAWS,
                            help="independent draws per shot count (5)")
             s.add_argument("--classifier", choices=["svm", "knn"], default="svm",
                            help="what is trained per draw (svm)")
             s.add_argument("--k", dest="lowshot_k", type=int, default=20,
                            help="kNN neighbours with --classifier knn (20)")
-            s.add_argument("--temperature", type=float, default=knn.DEFAULT_TEMPERATURE,
+            s.add_argument("--temperature", type=float, default=defaults.DEFAULT_TEMPERATURE,
                            help="kNN vote temperature (0.07)")
     return p
 
 
-def options(args: argparse.Namespace, argv: list[str]) -> EvalOptions:
+def options(args: argparse.Namespace, argv: list[str]):
+    from .runner import EvalOptions
     fields = set(EvalOptions.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in fields}
     kw["cache_dir"] = None if args.no_cache else args.cache_dir
@@ -151,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.size < 8 or args.resize < args.size:
             raise SslkitError(f"--size {args.size} / --resize {args.resize}: need 8 <= size <= resize")
+        if args.progress_every <= 0:
+            raise SslkitError(f"--progress-every {args.progress_every}: expected seconds > 0")
+        from ..deps import require_dali
+        require_dali("sslkit eval")
+        import torch
+
+        from .report import table, write_json
+        from .runner import run, title
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         report = run(options(args, argv))
     except SslkitError as e:
         # the pipeline's and manifest's own one-line errors are not SslkitError subclasses (yet)

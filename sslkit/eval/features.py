@@ -19,20 +19,19 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from pipelines import LoaderError, make_loader
+from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
+from .defaults import DEFAULT_CACHE
 from .encoders import FEATURE_VERSION
 from .errors import EvalError
 
 log = logging.getLogger("sslkit.eval")
 
-DEFAULT_CACHE = os.environ.get("SSLKIT_EVAL_CACHE", os.path.join(".cache", "eval-features"))
 
 
 @dataclass
@@ -62,6 +61,14 @@ def data_info(data_dir: str) -> dict:
     classes = m["classes"]
     names = sorted(classes, key=classes.get) if isinstance(classes, dict) else list(classes)
     return {"dir": os.path.abspath(data_dir), "identity": mf.identity(m), "total": m["total"], "classes": names}
+
+
+def encoder_name(encoder) -> str:
+    """Short name of what is being extracted, for progress lines: pixels, random-init ARCH or ARCH@LAYER."""
+    d = encoder.describe()
+    if d.get("kind") == "pixels":
+        return "pixels"
+    return f"{'random-init ' if d.get('source') == 'random' else ''}{d.get('arch')}@{d.get('layer')}"
 
 
 def cache_key(encoder_identity: str, data_identity: str, size: int, resize: int) -> str:
@@ -103,12 +110,13 @@ def _read_cache(folder: str) -> tuple[dict | None, dict | None]:
 
 def extract(encoder, data_dir: str, *, size: int, resize: int, device: str = "cpu", batch_size: int = 256,
             cache_dir: str | None = DEFAULT_CACHE, chunk: int = 8192, num_threads: int = 0, progress: bool = True,
-            max_chunks: int | None = None) -> FeatureSet | None:
+            max_chunks: int | None = None, progress_every: float = DEFAULT_EVERY) -> FeatureSet | None:
     """Features of every sample of `data_dir` under `encoder` (see the module docstring).
 
     `device` is "cpu" or "cuda" (the loader then decodes on the GPU). `max_chunks` stops after that
     many newly written chunks and returns None (a time-boxed or simulated-kill run; resume by calling
-    again). With `cache_dir=None` nothing is written."""
+    again). With `cache_dir=None` nothing is written. Progress: a bar on a terminal, else a line every
+    `progress_every` seconds (sslkit.progress)."""
     info = data_info(data_dir)
     key = cache_key(encoder.identity, info["identity"], size, resize)
     folder = os.path.join(cache_dir, key) if cache_dir else None
@@ -142,9 +150,8 @@ def extract(encoder, data_dir: str, *, size: int, resize: int, device: str = "cp
             # a loader state this version cannot restore: replay the sample order, encode nothing
             skip, meta["resumed_by"] = done * per_chunk, "replay"
     parts = [] if folder is None else None   # in-memory chunks when nothing is cached
-    bar = tqdm(total=info["total"], initial=min(done * per_chunk * bs, info["total"]), unit="img",
-               desc=f"features {os.path.basename(info['dir'].rstrip('/'))}", dynamic_ncols=True,
-               disable=None if progress else True, file=sys.stderr)
+    bar = Progress(info["total"], f"features {encoder_name(encoder)} {os.path.basename(info['dir'].rstrip('/'))}",
+                   initial=min(done * per_chunk * bs, info["total"]), enabled=progress, every=progress_every)
     buf: list[tuple] = []
     written = 0
     try:

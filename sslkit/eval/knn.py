@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_KS = (10, 20, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
+from .defaults import DEFAULT_KS, DEFAULT_TEMPERATURE
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:

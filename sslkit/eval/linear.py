@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from .knn import topk_accuracy
 
-BASE_LR = 0.01              # per 256 images
-PROTOCOL_EPOCHS = 28
+from .defaults import BASE_LR, PROTOCOL_EPOCHS   # lr per 256 images; epochs of the protocol
 MILESTONES = (8 / 28, 16 / 28, 24 / 28)   # fractions of training
 GAMMA = 0.1
 MOMENTUM = 0.9
@@ -81,9 +80,11 @@ def cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int 
 
 def train_probe(probe: LinearProbe, batches: Batches, epochs: int, steps_per_epoch: int, lr: float,
                 weight_decay: float, momentum: float = MOMENTUM, milestones=MILESTONES,
-                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+                on_epoch: Callable[[int, float], None] | None = None,
+                on_step: Callable[[], None] | None = None) -> list[float]:
     """Train `probe` in place with the protocol's SGD and multi-step schedule; `lr` is the peak (already
-    scaled to the batch). Returns the mean training loss of every epoch."""
+    scaled to the batch). Returns the mean training loss of every epoch. `on_step()` after every step
+    and `on_epoch(epoch, mean loss)` after every epoch report progress."""
     device = next(probe.parameters()).device
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     losses = []
@@ -100,6 +101,8 @@ def train_probe(probe: LinearProbe, batches: Batches, epochs: int, steps_per_epo
             opt.step()
             step += 1
             total, count = total + loss.item(), count + 1
+            if on_step:
+                on_step()
         losses.append(total / max(count, 1))
         if on_epoch:
             on_epoch(epoch, losses[-1])

@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_DRAWS, DEFAULT_SHOTS
 from .knn import knn_eval
 from .svm import DEFAULT_COSTS, FOLDS, svm_eval
-
-DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, 96)
-DEFAULT_DRAWS = 5
 
 
 def sample_lowshot(labels, k: int, seed: int, num_classes: int | None = None) -> np.ndarray:

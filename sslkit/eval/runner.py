@@ -7,13 +7,12 @@ the architecture gives without training. `--ckpt pixels` evaluates raw pixels in
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm import tqdm
 
+from ..progress import DEFAULT_EVERY, Progress
 from ..trunk import load_trunk, random_trunk
 from . import features as feats
 from . import knn, layers, linear, lowshot, svm
@@ -42,6 +41,7 @@ class EvalOptions:
     cache_dir: str | None = feats.DEFAULT_CACHE
     baseline: bool = True
     progress: bool = True
+    progress_every: float = DEFAULT_EVERY   # seconds between progress lines off a terminal
     # knn
     ks: tuple[int, ...] = knn.DEFAULT_KS
     temperature: float = knn.DEFAULT_TEMPERATURE
@@ -77,7 +77,8 @@ def subjects(o: EvalOptions) -> dict:
 
 def _features(o: EvalOptions, encoder, data_dir: str) -> feats.FeatureSet:
     return feats.extract(encoder, data_dir, size=o.size, resize=o.resize, device=o.device, batch_size=o.batch_size,
-                         cache_dir=o.cache_dir, num_threads=o.threads, progress=o.progress)
+                         cache_dir=o.cache_dir, num_threads=o.threads, progress=o.progress,
+                         progress_every=o.progress_every)
 
 
 def _weight_decay(o: EvalOptions, encoder) -> float:
@@ -108,15 +109,13 @@ def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: fe
     torch.manual_seed(o.seed)
     probe = linear.LinearProbe(val.x.shape[1], val.channels, val.num_classes).to(o.device)
     lr, wd = linear.scaled_lr(o.lr, o.batch_size), _weight_decay(o, encoder)
-    bar = tqdm(total=o.epochs, unit="epoch", desc="linear probe", disable=None if o.progress else True,
-               file=sys.stderr, dynamic_ncols=True)
+    with Progress(o.epochs * steps, f"linear probe ({o.epochs} epochs)", unit="step", enabled=o.progress,
+                  every=o.progress_every) as bar:
+        def on_epoch(epoch, loss):
+            bar.set_postfix(epoch=f"{epoch + 1}/{o.epochs}", loss=round(loss, 4))
 
-    def on_epoch(_epoch, loss):
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.update(1)
-
-    losses = linear.train_probe(probe, batches, o.epochs, steps, lr, wd, on_epoch=on_epoch)
-    bar.close()
+        losses = linear.train_probe(probe, batches, o.epochs, steps, lr, wd, on_epoch=on_epoch,
+                                    on_step=bar.update)
     mode = ("fast: cached centre-crop features, no augmentation (not the protocol)" if o.fast else
             f"protocol: eval_train RandomResizedCrop {o.size} (scale {o.train_scale}-1) + flip, trunk frozen")
     return {**linear.evaluate(probe, val.x, val.labels), "mode": mode, "epochs": o.epochs,
@@ -128,10 +127,7 @@ def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
     t0 = time.perf_counter()
     need_train = not (o.kind == "linear" and not o.fast)
     train = _features(o, encoder, o.train) if need_train else None
-    val = _features(o, encoder, o.val)
-    if train is not None and train.classes != val.classes:
-        raise EvalError(f"{o.train} and {o.val} have different classes; evaluate on folders built with the same "
-                        "labels")
+    val = _features(o, encoder, o.val)   # classes were compared before any extraction (check_classes)
     t1 = time.perf_counter()
     if o.kind == "knn":
         res = knn.knn_eval(train.x, train.labels, val.x, val.labels, val.num_classes, o.ks, o.temperature, o.device)
@@ -152,6 +148,28 @@ def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
     return res
 
 
+def _names(names, limit: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_classes(train: dict, val: dict) -> None:
+    """The train and val folders' class names by id (`features.data_info`) must be equal: checked from
+    the manifests before any feature is extracted. One line saying how they differ."""
+    a, b = train["classes"], val["classes"]
+    if a == b:
+        return
+    only_a, only_b = [c for c in a if c not in set(b)], [c for c in b if c not in set(a)]
+    if only_a or only_b:
+        how = (f"{len(a)} vs {len(b)} classes; only in train: {_names(only_a) or '-'}; "
+               f"only in val: {_names(only_b) or '-'}")
+    else:
+        moved = [f"{c} ({i} vs {b.index(c)})" for i, c in enumerate(a) if b[i] != c]
+        how = f"the same {len(a)} names under other ids: {_names(moved)}"
+    raise EvalError(f"{train['dir']} and {val['dir']} have different classes ({how}); evaluate on folders built "
+                    "with the same labels")
+
+
 def run(o: EvalOptions) -> dict:
     """Evaluate every subject; returns the report (also what `--out` writes)."""
     if o.kind not in KINDS:
@@ -159,13 +177,14 @@ def run(o: EvalOptions) -> dict:
     if o.device == "cuda" and not torch.cuda.is_available():
         raise EvalError("--device cuda but torch sees no CUDA device; use --device cpu")
     t0 = time.perf_counter()
+    train_info, val_info = feats.data_info(o.train), feats.data_info(o.val)
+    check_classes(train_info, val_info)
     encs = subjects(o)
     timings: dict = {}
     results = {name: evaluate(o, enc, timings, name) for name, enc in encs.items()}
-    val_info = feats.data_info(o.val)
     opts = {k: v for k, v in asdict(o).items() if k not in ("extra",)}
     return {"eval": o.kind, "results": results, "subjects": {n: e.describe() for n, e in encs.items()},
-            "train": {k: v for k, v in feats.data_info(o.train).items() if k != "classes"},
+            "train": {k: v for k, v in train_info.items() if k != "classes"},
             "val": {k: v for k, v in val_info.items() if k != "classes"}, "classes": val_info["classes"],
             "crop": {"size": o.size, "resize": o.resize, "pipeline": "eval_val (resize shorter side, centre crop)"},
             "options": opts, "seconds": {"total": time.perf_counter() - t0, **timings}, **o.extra}

@@ -17,24 +17,9 @@ import warnings
 
 import numpy as np
 
-DEFAULT_COSTS = (0.01, 0.1, 1.0, 10.0)   # short list for CPU runs
-COST_LISTS = {
-    "short": DEFAULT_COSTS,
-    "vissl": (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0),
-    "goyal": (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0),
-}
-FOLDS = 3
+from .defaults import COST_LISTS, DEFAULT_COSTS, FOLDS, parse_costs  # noqa: F401 - re-exported
+
 FALLBACK_COST = 1.0   # when a class has too few positives (or negatives) to cross-validate
-
-
-def parse_costs(text: str) -> tuple[float, ...]:
-    """A named list (short, vissl, goyal) or comma-separated numbers."""
-    if text in COST_LISTS:
-        return COST_LISTS[text]
-    costs = tuple(float(v) for v in text.split(",") if v.strip())
-    if not costs or any(c <= 0 for c in costs):
-        raise ValueError(f"costs {text!r}: need positive numbers or one of {', '.join(COST_LISTS)}")
-    return costs
 
 
 def svm_normalize(x: np.ndarray) -> np.ndarray:

@@ -9,13 +9,25 @@ Modules: `teacher` (a supervised checkpoint as a classifier, with its class name
 resumable, per-rank teacher pass), `select` (top-P per image, bounded top-K per class), `write`
 (student shards by byte copy; the random-label control), `run` (the job), `evaluate` (a classifier's
 top-1), `cli`. The walkthrough is docs/SEMI_SUPERVISED.md.
+
+The names below are imported on first use, so that `python -m sslkit.pseudolabel --help` (which
+imports this package) does not pay for torch and DALI.
 """
 
-from .evaluate import evaluate
-from .run import Options, pseudolabel
-from .select import TopKSelector, select_topk, top_p
-from .teacher import PseudolabelError, load_teacher
-from .write import random_labels
+from __future__ import annotations
 
-__all__ = ["Options", "PseudolabelError", "TopKSelector", "evaluate", "load_teacher", "pseudolabel",
-           "random_labels", "select_topk", "top_p"]
+import importlib
+
+_EXPORTS = {"evaluate": "evaluate", "Options": "run", "pseudolabel": "run", "TopKSelector": "select",
+            "select_topk": "select", "top_p": "select", "PseudolabelError": "teacher", "load_teacher": "teacher",
+            "random_labels": "write"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

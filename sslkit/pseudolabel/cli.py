@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+# Only light modules before parsing (`--help` in well under a second): torch, DALI and the job's
+# modules are imported once the arguments are known.
 from ..config import parse_size
+from ..deps import require_dali
 from ..errors import SslkitError
 
 EPILOG = """\
@@ -98,10 +102,11 @@ def random_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ..log import get_logger
     try:
         if argv[:1] == ["evaluate"]:
             args = evaluate_parser().parse_args(argv[1:])
+            require_dali("sslkit pseudolabel evaluate")
+            from ..log import get_logger
             get_logger(0)
             from .evaluate import evaluate
             r = evaluate(args.ckpt, args.data, size=args.size, resize=args.resize, batch_size=args.batch_size,
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
             random_labels(args.src, args.out, seed=args.seed, progress=not args.no_progress)
             return 0
         args = label_parser().parse_args(argv)
-        import os
+        require_dali("sslkit pseudolabel")
+        from ..log import get_logger
         get_logger(int(os.environ.get("RANK", "0")))
         from .run import Options, pseudolabel
         o = Options(teacher=args.teacher, data=args.data, out=args.out, top_p=args.top_p, top_k=args.top_k,
