@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -173,3 +174,175 @@ def test_vissl_missing_and_unexpected_keys_are_listed(tmp_path, capsys):
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, tmp_path / "other.torch")
     with pytest.raises(convert.ConvertError, match="no `_feature_blocks"):
         convert.import_vissl(str(tmp_path / "other.torch"), "resnet_tiny")
+
+
+# -- torchvision layout at full size: a ResNet-50 trunk, a ResNeXt-101 32x8d classifier --------------
+# Derived from torchvision's architecture (torchvision itself does not import beside the CPU torch):
+# state_dict keys with num_batches_tracked (tests/test_models.py::torchvision_resnet_keys builds the
+# same lists from torchvision's naming scheme) and the published parameter counts with the 1000-class fc.
+TORCHVISION = {  # arch: (state_dict keys with fc, parameters with fc, {key: shape})
+    "resnet50": (320, 25_557_032, {"conv1.weight": (64, 3, 7, 7), "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+                                   "layer3.5.conv2.weight": (256, 256, 3, 3), "layer4.2.bn3.running_var": (2048,),
+                                   "fc.weight": (1000, 2048)}),
+    "resnext101_32x8d": (626, 88_791_336, {"layer1.0.conv2.weight": (256, 8, 3, 3),
+                                           "layer3.22.conv3.weight": (1024, 1024, 1, 1),
+                                           "layer4.0.conv2.weight": (2048, 64, 3, 3),
+                                           "layer4.0.downsample.0.weight": (2048, 1024, 1, 1),
+                                           "fc.weight": (1000, 2048), "fc.bias": (1000,)}),
+}
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def filled(arch: str, num_classes: int = 0, seed: int = 0) -> torch.nn.Module:
+    """A full-size model with seeded random values everywhere (built on meta, then filled: no slow init)."""
+    with torch.device("meta"):
+        m = models.create(arch, num_classes=num_classes)
+    m.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=g) if t.is_floating_point() else torch.full(t.shape, 5))
+    return m
+
+
+def parameter_count(state: dict) -> int:
+    return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
+
+
+def check_torchvision_layout(state: dict, arch: str, with_fc: bool):
+    keys, params, shapes = TORCHVISION[arch]
+    fc = 2048 * 1000 + 1000
+    assert len(state) == keys - (0 if with_fc else 2)
+    assert parameter_count(state) == params - (0 if with_fc else fc)
+    for k, shape in shapes.items():
+        if with_fc or not k.startswith("fc."):
+            assert tuple(state[k].shape) == shape, k
+    assert ("fc.weight" in state) == with_fc
+
+
+def test_resnet50_trunk_round_trips_in_torchvision_layout(tmp_path):
+    trunk = filled("resnet50")
+    run = write_run(str(tmp_path / "run"), trunk, {"arch": "resnet50", "kwargs": {}, "input": "rgb"}, "resnet50")
+    pth, st = str(tmp_path / "rn50.pth"), str(tmp_path / "rn50.safetensors")
+    assert convert.main(["export", run, "--out", pth, "--out", st]) == 0
+    raw = torch.load(pth, weights_only=True)
+    check_torchvision_layout(raw, "resnet50", with_fc=False)
+    same_tensors(raw, trunk.state_dict())
+    from safetensors.torch import load_file
+    same_tensors(load_file(st), trunk.state_dict())
+    # a torchvision-style resnet50 with its 1000-class fc takes it with only fc missing
+    full = models.create("resnet50", num_classes=1000)
+    res = full.load_state_dict(raw, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    back, spec = load_trunk(st)
+    same_tensors(back.state_dict(), trunk.state_dict())
+    assert spec.arch == "resnet50"
+
+
+def write_supervised_run(out: str, trunk: torch.nn.Module, arch: str, classes: int, data: str | None = None,
+                         kwargs: dict | None = None) -> tuple[str, dict]:
+    """A `supervised` run's checkpoint: backbone.* and classifier.* (what methods/supervised.py saves)."""
+    g = torch.Generator().manual_seed(3)
+    fc = {"weight": torch.randn(classes, trunk.num_features, generator=g), "bias": torch.randn(classes, generator=g)}
+    d = os.path.join(out, "checkpoints", "step-00000005")
+    os.makedirs(d)
+    torch.save({"version": 1, "step": 5, "epoch": 1, "world_size": 2,
+                "config": {"arch": arch, "method": "supervised", "method_options": {}, "data": data},
+                "data": {"path": data} if data else None,
+                "trunk": {"arch": arch, "kwargs": kwargs or {}, "input": "rgb"},
+                "model": {**{"backbone." + k: v for k, v in trunk.state_dict().items()},
+                          **{"classifier." + k: v for k, v in fc.items()}}}, os.path.join(d, "global.pt"))
+    open(os.path.join(d, "COMPLETE"), "w").close()
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write("step-00000005")
+    return out, {"fc." + k: v for k, v in fc.items()}
+
+
+def test_resnext101_32x8d_classifier_round_trips_with_classifier(tmp_path):
+    trunk = filled("resnext101_32x8d")
+    run, fc = write_supervised_run(str(tmp_path / "student"), trunk, "resnext101_32x8d", 1000)
+    pth, st = str(tmp_path / "student.pth"), str(tmp_path / "student.safetensors")
+    assert convert.main(["export", run, "--with-classifier", "--out", pth, "--out", st]) == 0
+    raw = torch.load(pth, weights_only=True)
+    check_torchvision_layout(raw, "resnext101_32x8d", with_fc=True)
+    same_tensors(raw, {**trunk.state_dict(), **fc})
+    from safetensors import safe_open
+    with safe_open(st, framework="pt") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == sorted(raw) and torch.equal(f.get_tensor("fc.weight"), fc["fc.weight"])
+    assert meta["num_classes"] == "1000" and meta["format"] == "torchvision" and "classes" not in meta
+    models.create("resnext101_32x8d", num_classes=1000).load_state_dict(raw, strict=True)
+
+
+def test_with_classifier_class_names_and_refusals(tmp_path, capsys):
+    from conftest import build_small
+    data = str(tmp_path / "labelled")
+    build_small(data, sources=("sample:12",), max_count=12)
+    names = sorted(json.load(open(os.path.join(data, "manifest.json")))["classes"],
+                   key=json.load(open(os.path.join(data, "manifest.json")))["classes"].get)
+    trunk = trained_like("resnet_tiny", width=8)
+    run, fc = write_supervised_run(str(tmp_path / "sup"), trunk, "resnet_tiny", len(names), data, {"width": 8})
+    st = str(tmp_path / "sup.safetensors")
+    assert convert.main(["export", run, "--with-classifier", "--out", st]) == 0
+    from safetensors import safe_open
+    with safe_open(st, framework="pt") as f:
+        assert json.loads(f.metadata()["classes"]) == names
+    assert "sslkit.models.create('resnet_tiny'" in capsys.readouterr().out
+    # a classifier file re-exports to the same tensors and class names
+    again = str(tmp_path / "again.safetensors")
+    assert convert.main(["export", st, "--with-classifier", "--out", again]) == 0
+    from safetensors.torch import load_file
+    same_tensors(load_file(again), {**trunk.state_dict(), **fc})
+    with safe_open(again, framework="pt") as f:
+        assert json.loads(f.metadata()["classes"]) == names and f.metadata()["num_classes"] == str(len(names))
+    # an existing output is never replaced unless asked
+    assert convert.main(["export", run, "--with-classifier", "--out", st]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert convert.main(["export", run, "--with-classifier", "--out", st, "--overwrite"]) == 0
+    # a self-supervised run has no classifier; AlexNet and colorization trunks have no torchvision one
+    ssl = write_run(str(tmp_path / "ssl"), trunk, {"arch": "resnet_tiny", "kwargs": {"width": 8}, "input": "rgb"})
+    cases = [(ssl, "holds no classifier")]
+    alex = trained_like("alexnet_jigsaw")
+    cases.append((write_supervised_run(str(tmp_path / "alex"), alex, "alexnet_jigsaw", 3)[0], "AlexNet trunk"))
+    color = trained_like("resnet_tiny", width=8, in_channels=1)
+    entry = {"arch": "resnet_tiny", "kwargs": {"width": 8, "in_channels": 1}, "input": "L"}
+    cases.append((write_run(str(tmp_path / "color"), color, entry), "1-channel colorization trunk"))
+    capsys.readouterr()
+    for src, why in cases:
+        out = str(tmp_path / "x.pth")
+        assert convert.main(["export", src, "--with-classifier", "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and why in err and "\n" not in err and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exports_get_the_usual_file_mode(tmp_path, umask, mode):
+    trunk = trained_like("resnet_tiny", width=8)
+    run = write_run(str(tmp_path / "run"), trunk, {"arch": "resnet_tiny", "kwargs": {"width": 8}, "input": "rgb"})
+    old = os.umask(umask)
+    try:
+        outs = [str(tmp_path / "t.pth"), str(tmp_path / "t.safetensors")]
+        assert convert.main(["export", run, "--out", outs[0], "--out", outs[1]]) == 0
+    finally:
+        os.umask(old)
+    assert [os.stat(p).st_mode & 0o777 for p in outs] == [mode, mode]
+
+
+def test_targets_of_alexnet_and_colorization_exports(tmp_path, capsys):
+    alex = trained_like("alexnet_jigsaw")
+    run = write_run(str(tmp_path / "a"), alex, {"arch": "alexnet_jigsaw", "kwargs": {}, "input": "rgb"}, "alexnet_jigsaw")
+    st = str(tmp_path / "a.safetensors")
+    assert convert.main(["export", run, "--out", st]) == 0
+    assert "VISSL layout (_feature_blocks.N keys)" in capsys.readouterr().out
+    from safetensors import safe_open
+    with safe_open(st, framework="pt") as f:
+        assert f.metadata()["format"] == "vissl-alexnet" and all(k.startswith("_feature_blocks.") for k in f.keys())
+    color = trained_like("resnet50", in_channels=1, last_stride=1)
+    entry = {"arch": "resnet50", "kwargs": {"in_channels": 1, "last_stride": 1}, "input": "L"}
+    st = str(tmp_path / "c.safetensors")
+    assert convert.main(["export", write_run(str(tmp_path / "c"), color, entry, "resnet50"), "--out", st]) == 0
+    assert "timm.create_model('resnet50', in_chans=1, num_classes=0)" in capsys.readouterr().out
+    with safe_open(st, framework="pt") as f:
+        assert f.metadata()["format"] == "torchvision-1ch" and tuple(f.get_tensor("conv1.weight").shape) == (64, 1, 7, 7)
+    back, spec = load_trunk(st)
+    assert spec.input == "L" and back.layer4[0].conv2.stride == (1, 1)
