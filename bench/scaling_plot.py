@@ -1,0 +1,150 @@
+"""The scaling study's figure in the style of Goyal et al. (2019): transfer against the axis.
+
+One panel per metric and layer position (kNN and linear top-1 at each evaluated layer, SVM mAP and low-shot
+SVM mAP at the SVM layers); one line per trunk, the mean over seeds with +-1 std error bars; the trunk's
+random init as a dotted line of its colour; raw pixels as a dashed grey line. Log x for data and |P|.
+
+    python bench/scaling_plot.py STUDY.json [OUT.png]       # redraw from a study's JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+LOG_AXES = ("data", "perms")
+AXIS_LABEL = {"data": "pretraining images", "perms": "|P| (permutations)", "k": "K (nearest ab bins)",
+              "arch": "trunk"}
+
+
+def panels(points: list[dict]) -> list[tuple[str, str, int, str | None]]:
+    """(title, kind, layer position, shot) of every panel, from the points' results."""
+    n_layers = max(len(p["config"]["eval"]["layers"]) for p in points)
+    out = []
+    for kind, what in (("knn", "kNN top-1"), ("linear", "linear top-1")):
+        for i in range(n_layers):
+            out.append((what, kind, i, None))
+    first = points[0]["results"]
+    for i, layer in enumerate(first.get("svm", {})):
+        out.append(("SVM mAP", "svm", i, None))
+        shots = sorted((int(k) for k in first.get("lowshot", {}).get(layer, {}).get("ssl", {})), reverse=True)
+        if shots:
+            out.append((f"low-shot SVM mAP, {shots[0]}/class", "lowshot", i, str(shots[0])))
+    return out
+
+
+def metric(point: dict, kind: str, pos: int, shot: str | None, subject: str) -> tuple[float | None, str | None]:
+    """(value, layer name) of one point for a panel, None where the point has no such result."""
+    layers = point["config"]["eval"]["layers"]
+    if pos >= len(layers) or layers[pos] not in point["results"].get(kind, {}):
+        return None, None
+    r = point["results"][kind][layers[pos]].get(subject)
+    if r is None:
+        return None, layers[pos]
+    if kind == "lowshot":
+        r = r.get(shot)
+        return (None if r is None else r["mAP"]), layers[pos]
+    return r["mAP" if kind == "svm" else "top1"], layers[pos]
+
+
+def pixel_value(report: dict, kind: str, shot: str | None) -> float | None:
+    r = report["references"]["pixels"].get(kind, {}).get("pixels", {}).get("pixels")
+    if r is None:
+        return None
+    if kind == "lowshot":
+        return r.get(shot, {}).get("mAP")
+    return r["mAP" if kind == "svm" else "top1"]
+
+
+def series(points: list[dict], kind: str, pos: int, shot: str | None, subject: str, values: list):
+    """{trunk: (x, mean, std)} over seeds, and the layer names seen."""
+    by: dict = {}
+    names = set()
+    for p in points:
+        v, layer = metric(p, kind, pos, shot, subject)
+        if layer:
+            names.add(layer)
+        if v is None or v != v:       # missing or NaN
+            continue
+        trunk = "all" if p["config"]["axis"] == "arch" else p["config"]["arch"]
+        by.setdefault(trunk, {}).setdefault(values.index(p["config"]["value"]), []).append(v)
+    out = {}
+    for trunk, per_x in by.items():
+        xs = sorted(per_x)
+        out[trunk] = (xs, [statistics.fmean(per_x[x]) for x in xs],
+                      [statistics.stdev(per_x[x]) if len(per_x[x]) > 1 else 0.0 for x in xs])
+    return out, names
+
+
+def plot_study(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study, points = report["study"], report["points"]
+    axis, values = study["axis"], study["values"]
+    xs_of = (lambda idx: [values[i] for i in idx]) if axis != "arch" else (lambda idx: list(idx))
+    specs = panels(points)
+    cols = min(4, len(specs))
+    rows = -(-len(specs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (what, kind, pos, shot) in zip(axes.flat, specs):
+        ssl, names = series(points, kind, pos, shot, "ssl", values)
+        rnd, _ = series(points, kind, pos, shot, "random", values)
+        for c, trunk in enumerate(sorted(ssl)):
+            x, m, s = ssl[trunk]
+            ax.errorbar(xs_of(x), m, yerr=s, marker="o", capsize=3, color=colors[c % len(colors)],
+                        label=f"{study['method']} {trunk}" if trunk != "all" else study["method"])
+            if trunk in rnd:
+                rx, rm, _ = rnd[trunk]
+                ax.plot(xs_of(rx), rm, ":", marker="x" if axis == "arch" else None, color=colors[c % len(colors)],
+                        label=f"random init {trunk}" if trunk != "all" else "random init")
+        pix = pixel_value(report, kind, shot)
+        if pix is not None:
+            ax.axhline(pix, ls="--", color="0.5", label="raw pixels")
+        ax.set_title(f"{what} @ {' | '.join(sorted(names))}", fontsize=9)
+        if axis in LOG_AXES:
+            ax.set_xscale("log")
+        if axis == "arch":
+            ax.set_xticks(range(len(values)), values, rotation=15, fontsize=8)
+        else:
+            ax.set_xticks(values, [_short(v) for v in values], fontsize=8)
+            ax.minorticks_off()
+        ax.set_xlabel(AXIS_LABEL[axis], fontsize=8)
+        ax.grid(alpha=0.3)
+    spare = list(axes.flat)[len(specs):]
+    for ax in spare:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare:      # the legend in an empty slot keeps the lines readable
+        spare[0].legend(handles, labels, loc="center", fontsize=8)
+    else:
+        axes.flat[0].legend(fontsize=7)
+    done = f"{report['points_done']}/{report['points_total']} points" + ("" if report["complete"] else ", INCOMPLETE")
+    fig.suptitle(f"{study['method']} ({study['train_preset']}) on {os.path.basename(str(study['dataset']))}: "
+                 f"transfer vs {axis}; {study['seeds']} seed(s), {done}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _short(v) -> str:
+    if isinstance(v, int) and v >= 1000:
+        return f"{v // 1000000}M" if v % 1000000 == 0 else f"{v / 1000:g}k"
+    return str(v)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
+        sys.exit(__doc__)
+    with open(sys.argv[1]) as f:
+        rep = json.load(f)
+    out = sys.argv[2] if len(sys.argv) == 3 else os.path.splitext(sys.argv[1])[0] + ".png"
+    plot_study(rep, out)
+    print(f"wrote {out}")

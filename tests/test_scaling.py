@@ -1,0 +1,83 @@
+"""bench/scaling.py: a 2-point study of the `tiny` preset, interrupted after its first point and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "bench", "scaling.py")
+
+
+def _study(tmp_path, *extra):
+    cmd = [sys.executable, SCRIPT, "--preset", "tiny", "--layers", "res5avg", "--work", str(tmp_path / "work"),
+           "--json", str(tmp_path / "study.json"), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((tmp_path / "study.json").read_text())
+
+
+def test_interrupted_study_resumes_without_recomputing(tmp_path):
+    out1, rep1 = _study(tmp_path, "--max-points", "1")
+    assert not rep1["complete"] and rep1["points_done"] == 1 and rep1["points_total"] == 2
+    assert "re-run the same command to continue" in out1
+    first = rep1["points"][0]
+    assert first["config"]["value"] == 10 and "method_options.permutations=10" in first["config"]["sets"]
+    done = os.path.join(first["folder"], "point.json")
+    stamp = os.stat(done).st_mtime_ns
+    ckpts = sorted(os.listdir(os.path.join(first["pretrain"]["run"], "checkpoints")))
+
+    out2, rep2 = _study(tmp_path)
+    assert rep2["complete"] and [p["config"]["value"] for p in rep2["points"]] == [10, 100]
+    # the first point was read back, not recomputed: same record file, same checkpoints, no command of it re-run
+    p1, p2 = rep2["points"]
+    assert p1["cached"] and not p2["cached"] and "cached (finished earlier)" in out2
+    assert os.stat(done).st_mtime_ns == stamp
+    assert sorted(os.listdir(os.path.join(p1["pretrain"]["run"], "checkpoints"))) == ckpts
+    assert not any(p1["pretrain"]["run"] in c for c in rep2["commands_this_run"])
+    assert p1["results"] == first["results"]
+    # both points hold their commands: the pretraining run and every evaluation of the point
+    for p, perms in ((p1, 10), (p2, 100)):
+        train = [c for c in p["commands"] if "train.py" in c]
+        assert len(train) == 1 and f"method_options.permutations={perms}" in train[0]
+        assert p["pretrain"]["run"] in train[0] and p["pretrain"]["steps"] > 0
+        kinds = {c.split()[3] for c in p["commands"] if c.startswith("python -m sslkit.eval")}
+        assert kinds == {"knn", "linear", "svm", "lowshot"}
+        for c in p["commands"]:
+            assert c in rep2["commands"]
+        r = p["results"]
+        for kind, metric in (("knn", "top1"), ("linear", "top1"), ("svm", "mAP")):
+            for subject in ("ssl", "random"):
+                assert 0.0 <= r[kind]["res5avg"][subject][metric] <= 1.0, (kind, subject, r)
+        assert r["lowshot"]["res5avg"]["ssl"]["1"]["mAP"] > 0
+    assert 0.0 < rep2["references"]["pixels"]["knn"]["pixels"]["pixels"]["top1"] <= 1.0
+    # the two points differ where they should: their own run folders, |P| of the pretext head
+    assert p1["folder"] != p2["folder"] and p1["key"] != p2["key"]
+    # the figure: a real plot (a few panels of lines), not an empty canvas
+    with Image.open(rep2["plot"]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape[0] >= 300 and rgb.shape[1] >= 800
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50 and rgb.std() > 10
+
+
+def test_help_is_fast_and_bad_input_is_one_line(tmp_path):
+    code = ("import runpy, sys; sys.argv = ['scaling.py', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % SCRIPT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "--axis" in proc.stdout and proc.stdout.strip().endswith("NO-TORCH"), proc.stdout[-500:] + proc.stderr
+    for args, message in ((["--preset", "tiny", "--dataset", str(tmp_path / "missing")], "no such file"),
+                          (["--method", "jigsaw"], "--train-preset is required"),
+                          (["--preset", "tiny", "--values", "10,10"], "distinct"),
+                          (["--preset", "tiny", "--set", "method_options.permutations=5"], "what --axis perms varies")):
+        proc = subprocess.run([sys.executable, SCRIPT, *args, "--work", str(tmp_path / "w")], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
