@@ -1,9 +1,10 @@
-"""python -m sslkit.viz --pipeline multicrop --data DIR --out views.png
+"""python -m sslkit.viz --pipeline multicrop --data DIR --out views.png  |  --run RUN --out curves.png
 
 A PNG grid of real samples pushed through a pipeline, to eyeball an augmentation recipe: one row
 per sample with the source image (crop windows drawn on it when the pipeline reports them) followed
-by every view, de-normalised. Each pipeline has a row renderer here, registered in sslkit.registry
-under kind "renderer".
+by every view, de-normalised. Or, with --run, a run's curves from its log.jsonl: loss, lr, images/s,
+data stall and every other logged number (sslkit.curves; the fields are described in docs/LOGS.md).
+Each pipeline has a row renderer here, registered in sslkit.registry under kind "renderer".
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
 
 
 def render(pipeline: str, data: str, out: str, n: int = 6, seed: int = 0, **options) -> str:
+    from .deps import require_dali
+    require_dali("sslkit viz --data")
     from pipelines import make_loader
 
     from .shard.access import SampleReader
@@ -221,12 +224,26 @@ def _with_presets() -> list[str]:
             if "preset" in (registry.accepted_options(registry.entry("pipeline", p).factory) or [])]
 
 
+def _curves(run: str, out: str) -> int:
+    from .curves import plot
+    try:
+        path, n, bad = plot(run, out)
+    except SslkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    skipped = f"; skipped {bad} unreadable line(s)" if bad else ""
+    print(f"wrote {path} ({n} panels{skipped})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sslkit.viz", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="shard folder (with manifest.json): the pipeline's views")
+    what.add_argument("--run", help="run folder (or its log.jsonl): the training curves")
     p.add_argument("--pipeline", default="multicrop", help=f"one of: {', '.join(registry.names('renderer'))}")
-    p.add_argument("--data", required=True, help="shard folder (with manifest.json)")
-    p.add_argument("--out", default="views.png", help="PNG to write")
+    p.add_argument("--out", default=None, help="PNG to write (default: views.png, or curves.png with --run)")
     p.add_argument("--n", type=int, default=6, help="samples (rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=None,
@@ -235,6 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the pipeline, e.g. permutations=100, geometry=noroozi, size=176")
     args = p.parse_args(argv)
+    if args.run:
+        return _curves(args.run, args.out or "curves.png")
+    args.out = args.out or "views.png"
     options = {}
     if args.preset:
         if args.pipeline not in _with_presets():
