@@ -103,7 +103,7 @@ def write_imagenet22k(root: str, photos: dict, per_synset: int = 8) -> list[tupl
     os.makedirs(root, exist_ok=True)
     synsets = {"n01440764": "astronaut", "n02123045": "cat", "n07920052": "coffee", "n04099969": "rocket"}
     truth = []
-    for wnid, photo in synsets.items():
+    for wnid, photo in sorted(synsets.items()):   # the order `shard index` reads a folder in
         tar_path = os.path.join(root, f"{wnid}.tar")
         with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
             for k, (_, img) in enumerate(crops({CLASSES[0]: photos[photo]} | {c: photos[photo] for c in CLASSES},

@@ -118,8 +118,11 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="write one dataset (global, dense sample indices) from parts/builds")
     m.add_argument("dirs", nargs="+", help="shard folders, e.g. the outputs of --part 0/4 ... 3/4")
-    m.add_argument("--out", required=True, help="output folder (must not hold a manifest)")
+    m.add_argument("--out", required=True, help="output folder: new, empty, or holding only the inputs (adopted "
+                                                "parts: any folder without sslkit's files, e.g. the tars' own)")
     m.add_argument("--prefix", default=None, help="shard name prefix (default: the parts' prefix)")
+    m.add_argument("--allow-duplicates", action="store_true",
+                   help="merge even when inputs share samples (the same tar, or a source file in two builds)")
     m.add_argument("--no-progress", action="store_true")
     return p
 
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
             else:
                 print(format_info(args.dir, info))
         elif args.cmd == "merge":
-            merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress)
+            merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress,
+                  allow_duplicates=args.allow_duplicates)
     except (AdoptError, BuildError, SourceError, ManifestError, VerifyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,9 @@ from .tarwriter import read_index
 
 
 class SampleReader:
-    """`reader.component(index, "jpg")` -> bytes of that sample's component."""
+    """`reader.component(index, "jpg")` -> bytes of that sample's component. "jpg" names the sample's
+    image in every folder: in an adopted one (`sslkit.shard index`) it is whichever image member the
+    index chose (jpg, jpeg, png or webp)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -25,6 +27,8 @@ class SampleReader:
         shard = self.manifest["shards"][k]
         if k not in self._index_cache:
             self._index_cache[k] = read_index(os.path.join(self.directory, shard["index"]))
+        if ext == "jpg" and mf.is_adopted(self.manifest):
+            ext = self.manifest["components"][0]
         offset, size, _ = self._index_cache[k][index - shard["first_index"]][ext]
         with open(os.path.join(self.directory, shard["path"]), "rb") as f:
             f.seek(offset)

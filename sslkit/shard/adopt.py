@@ -174,11 +174,14 @@ def index_shard(job: tuple) -> dict:
         if not groups or groups[-1][0] != key:
             groups.append((key, []))
         groups[-1][1].append((ext, m))
-    if res.damage and groups:
-        groups, cut = groups[:-1], groups[-1]
-        rejects = [[f"{tar}:{cut[0]}", f"{res.damage}; this sample may be incomplete"]]
-    else:
-        rejects = [[tar, res.damage]] if res.damage else []
+    rejects = []
+    if res.damage:
+        # The sample being read when the tar ended or broke is left out: the member that was cut, or
+        # (a broken header names no member) the last sample, which may have lost a member.
+        cut = split_name(res.damaged_member)[0] if res.damaged_member else None
+        if groups and cut in (None, groups[-1][0]):
+            cut = groups.pop()[0]
+        rejects.append([f"{tar}:{cut}" if cut else tar, f"{res.damage}; the sample is left out"])
     lines, offsets, labels, formats, seen = [], [], [], Counter(), {}
     for j, (key, comps) in enumerate(groups):
         ref = f"{tar}:{key}"
@@ -315,7 +318,7 @@ def index(opts: IndexOptions) -> dict:
     tars = tars[len(tars) * i // n:len(tars) * (i + 1) // n]
     if not tars:
         raise AdoptError(f"--part {i}/{n}: this part holds no tar (there are fewer tars than parts)")
-    out, fp = opts.out, opts.fingerprint()
+    out, fp = part_folder(opts.out, opts.part), opts.fingerprint()
     os.makedirs(out, exist_ok=True)
     finished = _claim(out, fp)
     if finished is not None:
@@ -336,6 +339,13 @@ def index(opts: IndexOptions) -> dict:
         print(f"{out}: resuming after {len(done)} of {len(tars)} indexed tar(s)", file=sys.stderr)
     _run_jobs(jobs, state, done, opts, total_bytes=sum(os.path.getsize(t) for t in tars))
     return _finish(opts, tars, done, label, fp, state)
+
+
+def part_folder(out: str, part: tuple[int, int]) -> str:
+    """Where part I of N goes: OUT/part-IIII-of-NNNN, so every task of a Slurm array can run the same
+    command; `merge OUT/part-* --out OUT` then writes the whole dataset's manifest."""
+    i, n = part
+    return out if n == 1 else os.path.join(out, f"part-{i:04d}-of-{n:04d}")
 
 
 def _run_jobs(jobs, state, done, opts, total_bytes):
@@ -362,7 +372,7 @@ def _record(rec, state, done, bar):
 
 
 def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str, state: str) -> dict:
-    out = opts.out
+    out = part_folder(opts.out, opts.part)
     shards, first, rejects, formats = [], 0, [], Counter()
     raw: list = []
     offsets = []
@@ -419,3 +429,60 @@ def _save_npy(path: str, array: np.ndarray):
     tmp = path + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def merge_adopted(manifests: list[tuple[str, dict]], out: str) -> dict:
+    """One adopted folder from the parts of a multi-machine `index` (or from several indexes): the index
+    files, offsets and labels are joined, labels renumbered over the union of classes; no tar is read."""
+    from .build import _class_order, format_rejects
+    os.makedirs(out, exist_ok=True)
+    for name in OURS:
+        if os.path.exists(os.path.join(out, name)):
+            raise AdoptError(f"{os.path.join(out, name)}: exists; merge into a folder without sslkit's files")
+    manifests = sorted(manifests, key=lambda dm: dm[1]["part"][0] if dm[1]["part"][1] > 1 else 0)
+    labelled = {bool(m["classes"]) for _, m in manifests}
+    if len(labelled) > 1:
+        raise AdoptError("cannot merge labelled and unlabelled folders")
+    classes = None
+    if labelled.pop():
+        classes = {c: i for i, c in enumerate(_class_order({c for _, m in manifests for c in m["classes"]}))}
+    index_dir = os.path.join(out, INDEX_DIR)
+    os.makedirs(index_dir, exist_ok=True)
+    shards, offsets, labels, rejects, first = [], [], [], [], 0
+    for d, m in manifests:
+        offsets.append(np.load(os.path.join(d, m["offsets"])))
+        if classes is not None:
+            remap = np.zeros(len(m["classes"]), np.int32)
+            for name, old in m["classes"].items():
+                remap[old] = classes[name]
+            labels.append(remap[np.load(os.path.join(d, m["labels"]["file"]))])
+        for s in m["shards"]:
+            name = f"{INDEX_DIR}/{len(shards):06d}.idx"
+            shutil.copyfile(os.path.join(d, s["index"]), os.path.join(out, name))
+            tar = os.path.abspath(os.path.join(d, s["path"]))
+            rel = os.path.relpath(tar, os.path.abspath(out))
+            shards.append(dict(s, path=rel if not rel.startswith("..") else tar, index=name, first_index=first))
+            first += s["count"]
+        with open(os.path.join(d, mf.REJECTED), encoding="utf-8") as f:
+            next(f, None)
+            rejects += [line.rstrip("\n").split("\t", 1) for line in f if line.strip()]
+    _save_npy(os.path.join(out, OFFSETS), np.concatenate(offsets))
+    counts = None
+    if classes is not None:
+        ids = np.concatenate(labels)
+        _save_npy(os.path.join(out, LABELS), ids)
+        tally = np.bincount(ids, minlength=len(classes))
+        counts = {c: int(tally[i]) for c, i in classes.items()}
+    first_m = manifests[0][1]
+    fingerprint = hashlib.sha256("".join(m["build"]["fingerprint"] for _, m in manifests).encode()).hexdigest()[:16]
+    manifest = dict(first_m, total=first, rejected=len(rejects), classes=classes, class_counts=counts,
+                    ignored=sum(m.get("ignored", 0) for _, m in manifests),
+                    inputs=first + len(rejects), part=[0, 1], shards=shards,
+                    image_formats=dict(sum((Counter(m.get("image_formats", {})) for _, m in manifests), Counter())),
+                    build=dict(first_m["build"], part=[0, 1], fingerprint=fingerprint,
+                               merged_from=[os.path.abspath(d) for d, _ in manifests]))
+    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
+    mf.write(out, manifest)
+    print(f"{out}: merged {len(manifests)} adopted folder(s): {first} samples in {len(shards)} tar(s), nothing copied",
+          file=sys.stderr)
+    return manifest

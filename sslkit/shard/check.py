@@ -91,7 +91,48 @@ def verify_shard(directory: str, shard: dict, components: list[str], n_classes: 
     return decoded
 
 
+def verify_adopted_shard(directory: str, m: dict, k: int, full: bool) -> int:
+    """Check one adopted tar: its sha256, and that scanning it again gives the same index, offsets and
+    labels; with `full`, decode every image (any format). Returns how many images were decoded."""
+    from .adopt import index_shard
+    shard = m["shards"][k]
+    tar, idx = os.path.join(directory, shard["path"]), os.path.join(directory, shard["index"])
+    digest = _sha256(tar)
+    if digest != shard["sha256"]:
+        raise VerifyError(f"{tar}: sha256 {digest[:12]}... does not match the manifest ({shard['sha256'][:12]}...); "
+                          "the tar changed since it was indexed: re-run `python -m sslkit.shard index`")
+    b = m["build"]
+    opts = {"label": m["labels"]["from"].split(":")[0] if m.get("labels") else "none",
+            "label_field": b.get("label_field"), "image_ext": [e.lower() for e in b["image_ext"]], "full": full}
+    fresh = os.path.join(os.path.dirname(os.path.abspath(idx)), f".verify-{os.getpid()}-{k}.idx")
+    try:
+        rec = index_shard((k, tar, fresh, opts))
+        with open(fresh) as f1, open(idx) as f2:
+            same = f1.read() == f2.read()
+    finally:
+        if os.path.exists(fresh):
+            os.remove(fresh)
+    if not same:
+        bad = next((r for r in rec["rejects"] if "decode" in r[1] or "empty image" in r[1]), None)
+        why = f" ({bad[0]}: {bad[1]})" if bad else ""
+        raise VerifyError(f"{idx}: does not match {tar} scanned again{why}; re-run `python -m sslkit.shard index`")
+    lo, hi = shard["first_index"], shard["first_index"] + shard["count"]
+    offsets = np.load(os.path.join(directory, m["offsets"]), mmap_mode="r")
+    if not np.array_equal(offsets[lo:hi], rec["offsets"]):
+        raise VerifyError(f"{os.path.join(directory, m['offsets'])}: entries {lo}..{hi - 1} do not match {tar}")
+    if m.get("labels"):
+        classes = m["classes"]
+        ids = [x if isinstance(x, int) else classes.get(str(x), -1) for x in rec["labels"]]
+        table = np.load(os.path.join(directory, m["labels"]["file"]), mmap_mode="r")
+        if not np.array_equal(table[lo:hi], np.asarray(ids, np.int32)):
+            raise VerifyError(f"{os.path.join(directory, m['labels']['file'])}: labels {lo}..{hi - 1} do not "
+                              f"match those in {tar}")
+    return shard["count"] if full else 0
+
+
 def _verify_star(args):
+    if args[0] == "adopted":
+        return verify_adopted_shard(*args[1:])
     return verify_shard(*args)
 
 
@@ -99,7 +140,10 @@ def verify(directory: str, full: bool = False, workers: int = 1) -> dict:
     """Raise VerifyError/ManifestError on the first mismatch; return a summary when all is well."""
     m = mf.load(directory)
     n_classes = len(m["classes"]) if m["classes"] else None
-    jobs = [(directory, s, m["components"], n_classes, full) for s in m["shards"]]
+    if mf.is_adopted(m):
+        jobs = [("adopted", directory, m, k, full) for k in range(len(m["shards"]))]
+    else:
+        jobs = [(directory, s, m["components"], n_classes, full) for s in m["shards"]]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
             decoded = sum(pool.imap(_verify_star, jobs))
@@ -112,12 +156,12 @@ def collect_info(directory: str, limit: int = 10_000) -> dict:
     """Counts from the manifest, plus image statistics from up to `limit` samples spread evenly."""
     m = mf.load(directory)
     tars, idxs = mf.shard_paths(directory, m)
-    jpg_bytes = []
-    picks = []
+    image, adopted = ("jpg", False) if not mf.is_adopted(m) else (m["components"][0], True)
+    jpg_bytes, picks = [], []
     for shard_no, idx in enumerate(idxs):
-        for j, sample in enumerate(read_index(idx)):
-            jpg_bytes.append(sample["jpg"][1])
-            picks.append((shard_no, sample["json"]))
+        for sample in read_index(idx):
+            jpg_bytes.append(sample[image][1])
+            picks.append((shard_no, sample[image] if adopted else sample["json"]))
     step = max(1, len(picks) // max(limit, 1))
     sides, mpix, formats, reencoded = [], [], Counter(), 0
     handles = {}
@@ -125,7 +169,15 @@ def collect_info(directory: str, limit: int = 10_000) -> dict:
         for shard_no, (off, size, _) in picks[::step]:
             f = handles.get(shard_no) or handles.setdefault(shard_no, open(tars[shard_no], "rb"))
             f.seek(off)
-            meta = json.loads(f.read(size))
+            if adopted:     # the image header alone: PIL reads the size without decoding
+                try:
+                    with Image.open(io.BytesIO(f.read(size))) as im:
+                        meta = {"size": im.size, "format": im.format}
+                except Exception:  # noqa: BLE001 -- counted, never fatal: info is a survey
+                    formats["undecodable"] += 1
+                    continue
+            else:
+                meta = json.loads(f.read(size))
             w, h = meta["size"]
             sides.append((min(w, h), max(w, h)))
             mpix.append(w * h / 1e6)
@@ -173,6 +225,8 @@ def format_info(directory: str, info: dict) -> str:
         f"    longer side   {fmt(info['longer_side'])} px",
         "    megapixels    " + (" / ".join(f"{info['megapixels'][p]:.2f}" for p in (0, 5, 50, 95, 100))
                                 if info["megapixels"] else "-"),
-        f"  source formats {info['source_formats']}, re-encoded {100 * info['reencoded_fraction']:.0f}%",
+        f"  source formats {info['source_formats']}, re-encoded {100 * info['reencoded_fraction']:.0f}%"
+        if not mf.is_adopted(m) else f"  formats   {info['source_formats']} (adopted in place: stored as their "
+                                      f"tool wrote them; labels from {(m.get('labels') or {}).get('from', 'none')})",
     ]
     return "\n".join(lines)

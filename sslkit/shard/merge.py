@@ -8,6 +8,7 @@ Input shards are checksummed while they are read, so a corrupted part cannot be 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tarfile
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .. import __version__
 from . import manifest as mf
 from .build import BuildError, _class_order, format_rejects
-from .tarwriter import ShardWriter, split_name
+from .tarwriter import ShardWriter, read_index, split_name
 
 
 class _HashingReader:
@@ -72,9 +73,59 @@ def _check_parts(manifests: list[tuple[str, dict]]):
             raise BuildError(f"{d}: built with other options than {manifests[0][0]}; parts must share them")
 
 
-def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool = True) -> dict:
+def _shared_samples(manifests: list[tuple[str, dict]]) -> str | None:
+    """Where two inputs hold the same samples: the same tar (sha256), or in built folders the same
+    source file (each sample's json names it). None when the inputs are disjoint."""
+    seen: dict[str, str] = {}
+    for d, m in manifests:
+        for s in m["shards"]:
+            if s["sha256"] in seen:
+                return f"{os.path.join(d, s['path'])} and {seen[s['sha256']]} are the same tar"
+            seen[s["sha256"]] = os.path.join(d, s["path"])
+    if any(mf.is_adopted(m) for _, m in manifests):
+        return None
+    sources: dict[str, str] = {}
+    for d, m in manifests:
+        for s in m["shards"]:
+            with open(os.path.join(d, s["path"]), "rb") as f:
+                for sample in read_index(os.path.join(d, s["index"])):
+                    off, size, _ = sample["json"]
+                    f.seek(off)
+                    src = json.loads(f.read(size)).get("source")
+                    if src is None:
+                        continue
+                    if src in sources and sources[src] != d:
+                        return f"{src} is a sample of both {sources[src]} and {d}"
+                    sources[src] = d
+    return None
+
+
+def _claim_out(out: str, inputs: list[str]):
+    """Merge writes into an empty (or new) folder, or one holding nothing but the inputs themselves."""
+    os.makedirs(out, exist_ok=True)
+    inside = {os.path.realpath(d) for d in inputs}
+    foreign = [n for n in sorted(os.listdir(out)) if os.path.realpath(os.path.join(out, n)) not in inside]
+    if foreign:
+        raise BuildError(f"{out} is not empty (it holds {foreign[0]}{' and more' if len(foreign) > 1 else ''}); "
+                         "merge into an empty or new folder")
+
+
+def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool = True,
+          allow_duplicates: bool = False) -> dict:
     manifests = [(d, mf.load(d)) for d in inputs]
+    if len({os.path.realpath(d) for d in inputs}) < len(inputs):
+        raise BuildError("the same folder is given twice")
     _check_parts(manifests)
+    if not allow_duplicates:
+        shared = _shared_samples(manifests)
+        if shared:
+            raise BuildError(f"cannot merge: {shared}; the inputs share samples (--allow-duplicates to keep both)")
+    adopted = {mf.is_adopted(m) for _, m in manifests}
+    if len(adopted) > 1:
+        raise BuildError("cannot merge adopted (shard index) and built (shard build) folders")
+    if adopted.pop():
+        from .adopt import merge_adopted
+        return merge_adopted(manifests, out)
     manifests.sort(key=lambda dm: dm[1].get("part", [0, 1])[0] if dm[1].get("part", [0, 1])[1] > 1 else 0)
     labelled = {bool(m["classes"]) for _, m in manifests}
     if len(labelled) > 1:
@@ -82,9 +133,7 @@ def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool
     classes = None
     if labelled.pop():
         classes = {c: i for i, c in enumerate(_class_order({c for _, m in manifests for c in m["classes"]}))}
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, mf.MANIFEST)):
-        raise BuildError(f"{out} already holds a manifest; merge into an empty folder")
+    _claim_out(out, inputs)
     prefix = prefix or manifests[0][1]["build"].get("prefix", "shard")
     shards, rejects, class_counts = [], [], {}
     index = 0

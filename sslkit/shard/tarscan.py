@@ -35,6 +35,7 @@ class ScanResult:
     bytes: int = 0
     ignored: int = 0             # directories, links and other non-file entries
     damage: str | None = None    # why the scan stopped before the end-of-archive marker
+    damaged_member: str | None = None   # the member being read when it stopped, if its header was intact
 
 
 class _Buffered:
@@ -152,11 +153,13 @@ def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanRes
                 data = r.get(data_at, size)
                 if data is None:
                     res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+                    res.damaged_member = name
                     break
             else:
                 r.drop(data_at + size)
                 if r.base + len(r.buf) < data_at + size:
                     res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+                    res.damaged_member = name
                     break
             res.members.append(Member(name, data_at, size, data))
             pos = nxt
