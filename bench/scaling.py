@@ -39,6 +39,7 @@ import math
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -277,7 +278,7 @@ def run_point(run: Runner, py: str, a, cfg: dict, pre_dir: str, eval_dirs: tuple
         cmd += ["--set", s]
     resumed = os.path.isdir(os.path.join(run_dir, "checkpoints"))
     say("pretraining" + (" (resuming its run folder)" if resumed else ""))
-    run("pretrain", cmd)
+    pretrain(run, cmd, run_dir)
     results = evaluate_trunk(run, a, run_dir, cfg["eval"], eval_dirs, os.path.join(folder, "results"), cfg["seed"],
                              say)
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -290,6 +291,36 @@ def run_point(run: Runner, py: str, a, cfg: dict, pre_dir: str, eval_dirs: tuple
                          "pretext_acc": epochs[-1].get("acc") if epochs else None,
                          "seconds": sum(r.get("epoch_s", 0.0) for r in epochs), "resumed": resumed},
             "results": results}
+
+
+def pretrain(run: Runner, argv: list[str], run_dir: str) -> None:
+    """Run train.py (recorded like every command) and pass SIGTERM/SIGUSR1 on to it, so a preempted study
+    leaves a checkpointed run that the next invocation resumes. train.py exits 0 after a preemption, so
+    the run is complete only when its log holds its last epoch; otherwise stop before evaluating."""
+    line = " ".join(shlex.quote(x) for x in argv)
+    run.commands.append(line)
+    print(f"\n$ {line}", flush=True)
+    t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    child = subprocess.Popen(argv, cwd=REPO)
+    forwarded = []
+
+    def forward(signum, _frame):
+        forwarded.append(signal.Signals(signum).name)
+        child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    run.add("pretrain", time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0)
+    if rc != 0:
+        sys.exit(f"error: pretraining failed (exit {rc}): {line}")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        last = json.load(f)["epochs"] - 1
+    if forwarded or not any(r.get("kind") == "epoch" and r.get("epoch") == last for r in _log_records(run_dir)):
+        sys.exit(f"stopped: pretraining in {run_dir} ended before its last epoch "
+                 f"({', '.join(forwarded) or 'train.py stopped early'}); re-run the same command to continue")
 
 
 def _log_records(run_dir: str) -> list[dict]:
