@@ -268,3 +268,18 @@ def test_train_evaluate_and_visualise_on_adopted_folders(folders, adopted, tmp_p
                         folders["i2d"][0], "--out", png], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.getsize(png) > 10_000
+
+
+def test_pseudolabel_over_an_adopted_pool_writes_valid_student_shards(folders, adopted, tmp_path):
+    """A teacher trained on the ImageNet-22K layout labels ShardWriter's jpg/png/webp pool: the student
+    folder is a built one (RGB JPEGs; PNG and WebP converted) that `verify --full` accepts."""
+    from sslkit.pseudolabel.run import Options, pseudolabel
+    from sslkit.shard import verify
+    from test_pseudolabel import make_teacher
+    teacher = make_teacher(str(tmp_path / "teacher"), folders["in22k"][0])
+    out = str(tmp_path / "student")
+    pseudolabel(Options(teacher=teacher, data=folders["wds"][0], out=out, top_p=1, top_k=4, batch_size=8, chunk=16,
+                        device="cpu", max_count=10, io_threads=1, loader_threads=1, progress=False))
+    m = load(out)
+    assert 0 < m["total"] <= 16 and set(m["classes"]) == {t[2] for t in folders["in22k"][1]}
+    assert verify(out, full=True)["decoded"] == m["total"]       # every image an RGB JPEG

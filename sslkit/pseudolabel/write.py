@@ -46,11 +46,26 @@ def _parse_index_line(line: str, where: str) -> dict[str, tuple[int, int]]:
     return {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
 
 
+def _as_built(image: bytes, where: str) -> dict[str, bytes]:
+    """An adopted sample's image as a built folder holds it: an RGB JPEG (passed through when it is one),
+    and the json metadata `sslkit.shard build` writes."""
+    from ..shard.images import Accepted, ImageOptions, convert
+    res = convert(image, where, ImageOptions(min_size=1))
+    if not isinstance(res, Accepted):
+        raise PseudolabelError(f"{where}: {res.reason}")
+    return {"jpg": res.jpg, "json": json.dumps(res.meta, sort_keys=True).encode()}
+
+
 class SourceSamples:
     """Random access to the components of chosen samples of a shard folder, located once through the
     DALI index files of the shards that hold them (only their lines are parsed)."""
 
     def __init__(self, directory: str, manifest: dict, indices: np.ndarray, components=("jpg", "index", "json")):
+        # An adopted folder (`sslkit.shard index`) holds its tool's image member (any of jpg/png/webp) and
+        # no index member: the image is read and turned into the RGB JPEG a built folder would hold.
+        self.adopted = mf.is_adopted(manifest)
+        if self.adopted:
+            components = (manifest["components"][0],)
         self.directory, self.components = directory, tuple(components)
         self.tars, idxs = mf.shard_paths(directory, manifest)
         self.indices = np.unique(np.asarray(indices, np.int64))
@@ -105,6 +120,8 @@ class SourceSamples:
                             raise PseudolabelError(f"{tar}: sample {mf.key_for(i)}.{comp} is cut short (the shard is "
                                                    "truncated; run python -m sslkit.shard verify)")
                         comps[comp] = data
+                    if self.adopted:
+                        comps = _as_built(comps[self.components[0]], f"{tar}@{int(self.loc[r, 0, 0])}")
                     if "index" in comps and comps["index"] != mf.key_for(i).encode():
                         raise PseudolabelError(f"{tar}: sample {i} holds index {comps['index'][:20]!r}; its DALI index "
                                                "does not match the tar (python -m sslkit.shard verify)")
