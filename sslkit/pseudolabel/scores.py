@@ -28,14 +28,13 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ..progress import Progress
 from ..shard import manifest as mf
 from .select import top_p
 from .teacher import PseudolabelError, Teacher
@@ -174,10 +173,8 @@ def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank:
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if o.precision == "bf16"
                 else contextlib.nullcontext)
     cls_dtype = torch.int16 if teacher.num_classes <= np.iinfo(np.int16).max else torch.int32
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=start, unit="img", desc=f"teacher (rank 0 of {world_size})",
-               disable=not (o.progress and rank == 0), file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-               mininterval=0.5 if tty else 30.0)
+    # a bar on a terminal; off it (Slurm, nohup) a line with rate and ETA every 60 s
+    bar = Progress(total, f"teacher (rank 0 of {world_size})", initial=start, enabled=o.progress and rank == 0)
     buf: list[tuple] = []
     written, n_new, corrupt = 0, 0, state.get("corrupt", 0) if state else 0
     t0 = time.perf_counter()
