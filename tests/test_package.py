@@ -131,3 +131,24 @@ def test_help_is_fast_and_imports_nothing_heavy(argv):
     assert out.stdout.startswith("usage:")
     assert out.stdout.strip().splitlines()[-1] == "HEAVY:", out.stdout.strip().splitlines()[-1]
     assert best < 1.5, f"{' '.join(argv)} --help took {best:.2f} s"
+
+
+def test_missing_dali_is_one_line_naming_the_extras(tmp_path, capsys, monkeypatch):
+    """DALI is an extra: a command that needs it says which extra to install, before any work."""
+    from sslkit import deps
+    from sslkit.eval import cli as eval_cli
+    from sslkit.pseudolabel import cli as pl_cli
+    from sslkit import viz
+    assert deps._installed("nvidia.dali") and not deps._installed("no_such_package_here.sub")
+    monkeypatch.setattr(deps, "_installed", lambda module: False)
+    d = str(tmp_path)
+    calls = [(eval_cli.main, ["knn", "--ckpt", "pixels", "--train", d, "--val", d], 2),
+             (pl_cli.main, ["--teacher", d, "--data", d, "--out", str(tmp_path / "o")], 1),
+             (pl_cli.main, ["evaluate", "--ckpt", d, "--data", d], 1),
+             (viz.main, ["--data", d, "--out", str(tmp_path / "v.png")], 1)]
+    for main, argv, code in calls:
+        assert main(argv) == code
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+        assert "needs NVIDIA DALI" in err and "sslkit[cuda13]" in err and "sslkit[cuda12]" in err
+    assert os.listdir(tmp_path) == []
