@@ -250,6 +250,20 @@ def decode_only(sample: dict) -> tuple:
 
 
 PREFETCH_FACTOR = 4   # batches each DataLoader worker keeps ready
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _image_key(sample: dict) -> str | None:
+    lower = {k.lower(): k for k in sample if not k.startswith("__")}
+    return next((lower[e] for e in IMAGE_KEYS if e in lower), None)
+
+
+def canonical(sample: dict) -> dict:
+    """Samples of built folders as they are; samples of adopted ones (tars written by other tools) get
+    `jpg` (their image, any format) and `index` -1 (a throughput baseline looks nothing up)."""
+    if "index" in sample:
+        return sample
+    return {**sample, "jpg": sample[_image_key(sample)], "index": b"-1"}
 
 
 def make_loader(tars: list[str], transform, batch_size: int, workers: int, seed: int = 0,
@@ -262,6 +276,7 @@ def make_loader(tars: list[str], transform, batch_size: int, workers: int, seed:
     """
     ds = (wds.WebDataset(tars, shardshuffle=False if resampled else len(tars), resampled=resampled, seed=seed,
                          workersplitter=wds.split_by_worker, empty_check=False)
+          .select(lambda sample: _image_key(sample) is not None).map(canonical)
           .shuffle(1000, seed=seed).map(transform).batched(batch_size, partial=False))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None, pin_memory=pin_memory)

@@ -112,7 +112,7 @@ def decode_stage(args, cfg):
 
     @pipeline_def
     def decode_only():
-        jpg, _, _, _ = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
+        jpg, _, _, _, _ = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
                                  want_label=False, seed=args.seed)
         return decode(jpg, args.device, hw)  # read() already swapped damaged samples for the placeholder
 

@@ -66,6 +66,9 @@ class LoaderConfig:
             raise LoaderError(f"rank {self.rank} outside world_size {self.world_size}")
         if self.device == "gpu" and not torch.cuda.is_available():
             raise LoaderError("device='gpu' but torch sees no CUDA device; use device='cpu'")
+        taken = {"index", "label", "intact"} & set(self.extra_keys)
+        if taken:
+            raise LoaderError(f"extra_keys {sorted(taken)}: these batch keys are the loader's own")
         if self.hw_decoder_load is not None and not 0.0 <= self.hw_decoder_load <= 1.0:
             raise LoaderError(f"hw_decoder_load={self.hw_decoder_load}: expected 0..1")
 
@@ -107,6 +110,8 @@ class DaliLoader:
         self.position = 0            # batches already yielded in the current epoch
         self.corrupt_epoch = 0       # placeholders served this epoch (this rank)
         self.corrupt_total = 0
+        self.corrupt_last_epoch = 0  # placeholders served in the epoch that ended last (this rank)
+        self._corrupt_seen: list[int] = []   # the first few replaced samples of this epoch, for the report
         self._names: list[str] = []
         self._pipe = self._build()
         meta = self._pipe.reader_meta(READER_NAME)
@@ -212,12 +217,14 @@ class DaliLoader:
         for _ in range(self._runs_per_epoch - n_batches):
             self._run()  # the dropped remainder keeps every rank's reader on the same epoch boundary
         if self.corrupt_epoch:
-            log.warning("rank %d epoch %d: %d corrupt sample(s) were replaced by placeholders; "
-                        "check the shards with `python -m sslkit.shard verify --full %s`",
-                        self.config.rank, self.epoch, self.corrupt_epoch, self.shards.directory)
+            names = ", ".join(self.shards.sample_name(i) for i in self._corrupt_seen)
+            more = f" and {self.corrupt_epoch - len(self._corrupt_seen)} more" if self.corrupt_epoch > len(self._corrupt_seen) else ""
+            log.warning("rank %d, epoch %d (0-based, as in log.jsonl): %d damaged image(s) replaced by a gray "
+                        "placeholder: %s%s; list them all with `python -m sslkit.shard verify --full %s`",
+                        self.config.rank, self.epoch, self.corrupt_epoch, names, more, self.shards.directory)
         self.epoch += 1
         self.position = 0
-        self.corrupt_epoch = 0
+        self.corrupt_last_epoch, self.corrupt_epoch, self._corrupt_seen = self.corrupt_epoch, 0, []
 
     def _to_torch(self, outputs, keep: int) -> dict[str, Any]:
         """Every output as a torch tensor on the loader's device (the first `keep` samples), then the
@@ -237,6 +244,8 @@ class DaliLoader:
             raw["label"] = parse_decimal(raw["label"])
         raw["intact"] = raw["intact"].view(-1).bool()
         broken = int((~raw["intact"]).sum())
+        if broken and len(self._corrupt_seen) < 5:
+            self._corrupt_seen += raw["index"][~raw["intact"]].tolist()[:5 - len(self._corrupt_seen)]
         self.corrupt_epoch += broken
         self.corrupt_total += broken
         batch = {name: t if isinstance(t, list) else _to_device(t, self.device) for name, t in raw.items()}

@@ -75,6 +75,17 @@ class ShardSet:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes else None
 
+    def sample_name(self, index: int) -> str:
+        """`<tar>:<image member>` of sample `index`, for messages (reads one line of one index file)."""
+        k = int(np.searchsorted(np.asarray(self.first_index), index, side="right")) - 1
+        with open(self.indexes[k]) as f:
+            for j, line in enumerate(f):
+                if j == index - self.first_index[k] + 1:
+                    fields = line.split()
+                    names = {fields[i]: fields[i + 3] for i in range(0, len(fields) - 3, 4)}
+                    return f"{self.tars[k]}:{names.get(self.image_component, '?')}"
+        return f"{self.tars[k]}:sample {index}"
+
     def locate(self, sources: list[bytes]) -> np.ndarray:
         """Sample indices of DALI source infos (`<tar>:<offset of the image>:<member name>`)."""
         by_path = self.__dict__.get("_by_path")

@@ -153,7 +153,7 @@ def test_broken_tars_are_counted_and_reported_never_fatal(tmp_path, photos):
     assert r.returncode == 1 and "good.tar: sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_full_rejects_undecodable_images_and_without_it_the_loader_counts_them(tmp_path, photos):
+def test_full_rejects_undecodable_images_and_without_it_the_loader_counts_them(tmp_path, photos, caplog):
     import io
     import tarfile
     d = str(tmp_path / "t")
@@ -169,8 +169,11 @@ def test_full_rejects_undecodable_images_and_without_it_the_loader_counts_them(t
     assert load(str(tmp_path / "full"))["total"] == 7
     assert "k3" in open(tmp_path / "full" / "rejected.tsv").read()
     cli("index", d, "--out", str(tmp_path / "fast"), "--no-progress")
-    seen = read_all(str(tmp_path / "fast"))
+    with caplog.at_level("WARNING", logger="sslkit.loader"):
+        seen = read_all(str(tmp_path / "fast"))
     assert len(seen) == 8 and [s["intact"] for _, s in sorted(seen.items())] == [True] * 3 + [False] + [True] * 4
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 damaged image(s)" in warning and os.path.join(d, "a.tar") + ":k3.jpg" in warning
 
 
 def test_interrupted_index_resumes_to_the_same_result(tmp_path, folders, monkeypatch):
@@ -283,3 +286,18 @@ def test_pseudolabel_over_an_adopted_pool_writes_valid_student_shards(folders, a
     m = load(out)
     assert 0 < m["total"] <= 16 and set(m["classes"]) == {t[2] for t in folders["in22k"][1]}
     assert verify(out, full=True)["decoded"] == m["total"]       # every image an RGB JPEG
+
+
+def test_adopting_built_shards_finds_the_same_sample_indices(sample_shards, tmp_path):
+    """sslkit's own shards, adopted as if another tool wrote them: the sample the loader names by the
+    index it derives from DALI's source info is the one the built folder stores at that index."""
+    from sslkit.shard.access import SampleReader
+    out = str(tmp_path / "adopted")
+    adopt.index(adopt.IndexOptions(sources=(sample_shards,), out=out, workers=1, progress=False))
+    assert load(out)["total"] == load(sample_shards)["total"] and load(out)["labels"]["from"] == "cls"
+    built = SampleReader(sample_shards)
+    seen = read_all(out, extra_keys=("json", "cls"))
+    assert sorted(seen) == list(range(load(sample_shards)["total"]))
+    for i, s in seen.items():
+        assert s["json"] == built.component(i, "json")          # the very sample stored at index i
+        assert s["label"] == int(s["cls"]) == int(built.component(i, "cls"))

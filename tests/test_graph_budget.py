@@ -70,3 +70,13 @@ def test_gpu_graph_fits_its_operator_budget(name, counts):
     # every image operator after the decoder runs on the GPU; the CPU does only scalar bookkeeping
     image_ops = {"Resize", "MultiPaste", "Crop", "Stack", "ExpandDims", "CropMirrorNormalize", "ColorTwist"}
     assert all(dev == "gpu" for t, dev in ops if t in image_ops), ops
+
+
+def test_an_adopted_folder_costs_one_cpu_operator_more(sample_shards, tmp_path):
+    """Adopted tars have no `index` member: the reader adds DALI's source info (one CPU operator)."""
+    from sslkit.shard.adopt import IndexOptions, index
+    adopted = str(tmp_path / "adopted")
+    index(IndexOptions(sources=(sample_shards,), out=adopted, workers=1, progress=False))
+    built, theirs = trace_gpu_graph("eval_val", sample_shards), trace_gpu_graph("eval_val", adopted)
+    assert len(theirs) == len(built) + 1
+    assert collections.Counter(theirs) - collections.Counter(built) == {("GetProperty", "cpu"): 1}

@@ -138,7 +138,7 @@ def _label(members: dict, tar: str, label: str, field_name: str | None):
         if "cls" not in members:
             raise ValueError("no cls member")
         text = members["cls"].data.strip()
-        if not re.fullmatch(rb"\d{1,9}", text):
+        if not re.fullmatch(rb"\d{1,10}", text) or int(text) >= 2 ** 31:
             raise ValueError(f"cls {text[:20]!r} is not a class id (a non-negative integer)")
         return int(text)
     if "json" not in members:

@@ -195,6 +195,7 @@ def collect_info(directory: str, limit: int = 10_000) -> dict:
         "shorter_side": pct(sides_a[:, 0]),
         "longer_side": pct(sides_a[:, 1]),
         "megapixels": pct(np.array(mpix)),
+        "megapixels_mean": float(np.mean(mpix)) if mpix else 0.0,
         "source_formats": dict(formats),
         "reencoded_fraction": reencoded / max(len(sides), 1),
     }
