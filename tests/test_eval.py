@@ -386,3 +386,15 @@ def test_progress_lines_off_a_terminal(shards64, tmp_path, capsys):
     probe = [ln for ln in lines if ln.startswith("linear probe (2 epochs):")]
     assert "8/8 step (100%)" in probe[-1] and "epoch 2/2" in probe[-1] and "loss" in probe[-1]
     assert not any("\r" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("kind,extra,line", [
+    ("svm", ["--costs", "1"], "SVMs pixels: {n}/{n} class (100%)"),
+    ("lowshot", ["--shots", "1,2,999", "--draws", "2", "--costs", "1"], "low-shot pixels: 4/4 draw (100%)"),
+])
+def test_svm_and_lowshot_progress_off_a_terminal(shards64, tmp_path, capsys, kind, extra, line):
+    assert cli.main([kind, "--ckpt", "pixels", "--train", shards64, "--val", shards64, "--size", "16", "--resize", "16",
+                     "--no-cache", *extra]) == 0
+    n = len(json.load(open(os.path.join(shards64, "manifest.json")))["classes"])
+    done = [ln for ln in capsys.readouterr().err.splitlines() if ln.endswith("| done")]
+    assert any(ln.startswith(line.format(n=n)) for ln in done), done

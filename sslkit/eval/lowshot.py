@@ -31,6 +31,13 @@ def sample_lowshot(labels, k: int, seed: int, num_classes: int | None = None) ->
     return np.sort(np.concatenate(rows))
 
 
+def feasible_shots(train_y, num_classes: int, shots) -> list[int]:
+    """The shot counts every class can supply (the others are skipped)."""
+    train_y = np.asarray(train_y)
+    smallest = min(int((train_y == c).sum()) for c in range(num_classes))
+    return [k for k in shots if k <= smallest]
+
+
 def lowshot_eval(train_x, train_y, val_x, val_y, num_classes: int, shots=DEFAULT_SHOTS, draws: int = DEFAULT_DRAWS,
                  seed: int = 0, classifier: str = "svm", costs=DEFAULT_COSTS, folds: int = FOLDS, knn_k: int = 20,
                  temperature: float = 0.07, jobs: int = 1, on_draw=None) -> dict:
@@ -39,11 +46,8 @@ def lowshot_eval(train_x, train_y, val_x, val_y, num_classes: int, shots=DEFAULT
     min(knn_k, samples) neighbours)."""
     train_x, val_x = np.asarray(train_x, dtype=np.float32), np.asarray(val_x, dtype=np.float32)
     train_y, val_y = np.asarray(train_y), np.asarray(val_y)
-    smallest = min(int((train_y == c).sum()) for c in range(num_classes))
     out = {}
-    for k in shots:
-        if k > smallest:
-            continue
+    for k in feasible_shots(train_y, num_classes, shots):
         per_draw = []
         for d in range(draws):
             rows = sample_lowshot(train_y, k, seed + d, num_classes)

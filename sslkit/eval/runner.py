@@ -134,12 +134,15 @@ def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
     elif o.kind == "linear":
         res = eval_linear(o, encoder, train, val)
     elif o.kind == "svm":
-        res = svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
-                           val.num_classes, o.costs, o.folds, o.jobs)
+        with Progress(val.num_classes, f"SVMs {name}", unit="class", enabled=o.progress, every=o.progress_every) as bar:
+            res = svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                               val.num_classes, o.costs, o.folds, o.jobs, on_class=bar.update)
     elif o.kind == "lowshot":
-        res = lowshot.lowshot_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
-                                   val.num_classes, o.shots, o.draws, o.seed, o.classifier, o.costs, o.folds,
-                                   o.lowshot_k, o.temperature, o.jobs)
+        draws = o.draws * len(lowshot.feasible_shots(train.labels.numpy(), val.num_classes, o.shots))
+        with Progress(draws, f"low-shot {name}", unit="draw", enabled=o.progress, every=o.progress_every) as bar:
+            res = lowshot.lowshot_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                                       val.num_classes, o.shots, o.draws, o.seed, o.classifier, o.costs, o.folds,
+                                       o.lowshot_k, o.temperature, o.jobs, on_draw=bar.update)
     else:
         raise EvalError(f"unknown evaluation {o.kind!r}; choose from {', '.join(KINDS)}")
     timings[name] = {"features": t1 - t0, "eval": time.perf_counter() - t1}

@@ -89,18 +89,21 @@ def _one_class(c: int, x, labels, val_x, costs, folds, fallback):
 
 
 def svm_eval(train_x, train_y, val_x, val_y, num_classes: int, costs=DEFAULT_COSTS, folds: int = FOLDS,
-             jobs: int = 1, fallback: float = FALLBACK_COST) -> dict:
+             jobs: int = 1, fallback: float = FALLBACK_COST, on_class=None) -> dict:
     """One-vs-rest SVMs for every class: {"mAP", "top1", "ap": [per class], "cost": [per class],
     "cv": [per class CV scores or None]}. Classes absent from the training set get AP NaN and are
-    left out of the mAP."""
+    left out of the mAP. `on_class()` is called as each class's SVM is done (progress)."""
     from joblib import Parallel, delayed
     x, vx = svm_normalize(train_x), svm_normalize(val_x)
     ty, vy = np.asarray(train_y), np.asarray(val_y)
     present = [c for c in range(num_classes) if (ty == c).any()]
-    fits = Parallel(n_jobs=jobs)(delayed(_one_class)(c, x, ty, vx, costs, folds, fallback) for c in present)
+    fits = Parallel(n_jobs=jobs, return_as="generator")(delayed(_one_class)(c, x, ty, vx, costs, folds, fallback)
+                                                         for c in present)
     decision = np.full((vx.shape[0], num_classes), -np.inf)
     ap, cost, cv = [float("nan")] * num_classes, [None] * num_classes, [None] * num_classes
     for c, (best, scores, d) in zip(present, fits):
+        if on_class:
+            on_class()
         decision[:, c] = d
         ap[c], cost[c], cv[c] = voc_ap(d, vy == c), best, scores
     valid = [a for a in ap if not np.isnan(a)]
