@@ -48,11 +48,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 from ssl_quality import REPO, Runner, build_shards, cpu_seconds, read_result  # noqa: E402  (stdlib only)
 
-AXES = ("data", "perms", "k", "arch")
-AXIS_LABEL = {"data": "pretraining images (log)", "perms": "|P| permutations (log)",
-              "k": "K nearest bins of the soft encoding", "arch": "trunk"}
-LOG_AXES = ("data", "perms")
-AXIS_OPTION = {"perms": "method_options.permutations", "k": "method_options.k"}
+AXES = ("data", "perms", "k", "arch", "option")
+AXIS_OPTION = {"perms": "method_options.permutations", "k": "method_options.k"}   # --axis option: --option KEY
+NOT_OPTIONS = ("arch", "data", "out", "seed", "device", "method", "preset")      # the study sets these itself
 RESNET_LAYERS, ALEXNET_LAYERS = "res5avg,res4,res3", "conv5,conv4,conv3"
 
 # Study presets. CPU ones run on the 2-core machine (Fashion-MNIST / the embedded colour corpus); `full-*`
@@ -60,6 +58,14 @@ RESNET_LAYERS, ALEXNET_LAYERS = "res5avg,res4,res3", "conv5,conv4,conv3"
 # Cost estimates are in docs/BENCHMARKS.md ("Scaling study").
 CPU_EVAL = dict(train_images=5000, test_images=None, layers=None, svm_layers=1, probe_epochs=28, shots="1,4,8",
                 draws=5, device="cpu")
+
+
+def _recipe(method: str, option: str, values: str) -> dict:
+    """A recipe sweep of a method's `fmnist` preset on 5,000 Fashion-MNIST images (--axis option)."""
+    return dict(method=method, train_preset="fmnist", axis="option", option=option, values=values,
+                arches="resnet_tiny", dataset="fmnist", seeds=1, **CPU_EVAL)
+
+
 PRESETS = {
     "tiny": dict(about="tests and smoke runs: jigsaw `tiny`, |P| 10 vs 100 on 64 colour crops, 1 epoch, "
                        "one layer pair; ~1 min on 2 cores",
@@ -79,6 +85,26 @@ PRESETS = {
                   method="colorization", train_preset="sample", axis="k", values="2,10,40",
                   arches="resnet_tiny,alexnet_colorization", dataset="sample", seeds=2,
                   **{**CPU_EVAL, "train_images": 600, "test_images": 300}),
+    "cpu-arch": dict(about="jigsaw `fmnist` at Goyal's geometry (64 px tiles of a 255 px crop, which AlexNet's "
+                           "trunk needs): resnet_tiny vs resnet18 vs alexnet_jigsaw, 3 epochs, 1 seed",
+                     method="jigsaw", train_preset="fmnist", axis="arch", values="resnet_tiny,resnet18,alexnet_jigsaw",
+                     dataset="fmnist", seeds=1, epochs=3, set=["method_options.geometry=goyal"], **CPU_EVAL),
+    # Recipe points for small images (issue 22, item 4): the variants the literature suggests, as config
+    # overrides of the `fmnist` presets (tile geometry, head width, |P| are cpu-perms, batch, epochs).
+    "cpu-jigsaw-geometry": dict(about="jigsaw `fmnist`: tile geometry small (16 px tiles of a 63 px crop) vs noroozi "
+                                      "(64 px tiles, per-tile normalisation) vs goyal (64 px of 255), 1 seed",
+                                **_recipe("jigsaw", "method_options.geometry", "small;noroozi;goyal")),
+    "cpu-jigsaw-head": dict(about="jigsaw `fmnist`: per-tile head width 64/128/512, 1 seed",
+                            **_recipe("jigsaw", "method_options.tile_dim", "64,128,512")),
+    "cpu-jigsaw-batch": dict(about="jigsaw `fmnist`: batch 16/32/64 at the same lr per 256 images and epochs, 1 seed",
+                             **_recipe("jigsaw", "batch_size", "16,32,64")),
+    "cpu-jigsaw-epochs": dict(about="jigsaw `fmnist`: 10/20/40 epochs, 1 seed",
+                              **_recipe("jigsaw", "epochs", "10,20,40")),
+    "cpu-jigclu-patch": dict(about="jigclu `fmnist`: 32/48/64 px patches (64-128 px montages; the method "
+                                   "refuses < 32), 1 seed",
+                             **_recipe("jigclu", "method_options.patch_size", "32,48,64")),
+    "cpu-jigclu-cross": dict(about="jigclu `fmnist`: patch overlap (cross) 0/0.15/0.3, 1 seed",
+                             **_recipe("jigclu", "method_options.cross", "0.0,0.15,0.3")),
     "full-data": dict(about="Goyal'19 Fig. 1: jigsaw |P| 2000 on 1M/10M/50M/100M images of a YFCC100M file list "
                             "at a fixed 134M images seen (ImageNet-1k x 105 epochs), ResNet-50 vs AlexNet, "
                             "VOC07 SVM transfer",
@@ -99,8 +125,8 @@ PRESETS = {
                    test_images=None, layers=None, svm_layers=3, probe_epochs=28, shots="1,2,4,8,16,32,64,96",
                    draws=5, device="cuda"),
 }
-DEFAULTS = dict(method=None, train_preset=None, axis=None, values=None, arches=None, dataset="fmnist", seeds=1,
-                epochs=None, budget_images=None, **CPU_EVAL)
+DEFAULTS = dict(method=None, train_preset=None, axis=None, option=None, values=None, arches=None, dataset="fmnist",
+                seeds=1, epochs=None, budget_images=None, **CPU_EVAL)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,8 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("the study")
     g.add_argument("--method", help="pretraining method of train.py (jigsaw, colorization, ...)")
     g.add_argument("--train-preset", help="its train.py preset (e.g. fmnist, sample, rn50_perm2000)")
-    g.add_argument("--axis", choices=AXES, help="what varies: data (images), perms (|P|), k (K), arch (trunk)")
-    g.add_argument("--values", help="comma-separated axis values (data accepts 1k, 10M; arch takes trunk names)")
+    g.add_argument("--axis", choices=AXES, help="what varies: data (images), perms (|P|), k (K), arch (trunk), "
+                                                "option (any train.py config field, --option KEY)")
+    g.add_argument("--option", metavar="KEY", help="--axis option: the config field varied, e.g. lr, "
+                                                   "method_options.tile_dim, method_options.geometry")
+    g.add_argument("--values", help="comma-separated axis values (data accepts 1k, 10M; arch takes trunk names; "
+                                    "option: values as --set reads them, ';'-separated when they hold commas)")
     g.add_argument("--arches", help="comma-separated trunks, one line each (not with --axis arch)")
     g.add_argument("--seeds", type=int, help="seeds per point (0..N-1): pretraining, random init and probes")
     g.add_argument("--epochs", type=int, help="pretraining epochs (default: the train preset's)")
@@ -143,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.list_presets:
         for name, s in PRESETS.items():
-            print(f"{name:<11} {s['about']}")
+            print(f"{name:<20} {s['about']}")
         sys.exit(0)
     return resolve(p, args)
 
@@ -165,13 +195,21 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
     """Preset, then command-line options; checks what a study needs before anything runs."""
     base = {**DEFAULTS, **PRESETS.get(args.preset, {})}
     for key, val in base.items():
-        if key != "about" and getattr(args, key, None) is None:
+        if key in ("set", "arch_set"):           # lists: the preset's, then the command line's
+            setattr(args, key, list(val) + getattr(args, key))
+        elif key != "about" and getattr(args, key, None) is None:
             setattr(args, key, val)
     for need in ("method", "train_preset", "axis", "values", "dataset"):
         if getattr(args, need) is None:
             p.error(f"--{need.replace('_', '-')} is required (or a --preset that sets it)")
+    if args.axis == "option":
+        if not args.option or args.option.split(".")[0] in NOT_OPTIONS or (args.option == "epochs" and args.epochs):
+            p.error(f"--axis option needs --option KEY, a train.py config field other than {', '.join(NOT_OPTIONS)} "
+                    "(and not epochs together with --epochs)")
+    text = str(args.values)
     try:
-        args.values = [v.strip() if args.axis == "arch" else _count(v) for v in str(args.values).split(",") if v.strip()]
+        args.values = [v.strip() if args.axis in ("arch", "option") else _count(v)
+                       for v in text.split(";" if ";" in text else ",") if v.strip()]
     except argparse.ArgumentTypeError as e:
         p.error(f"--values: {e}")
     if len(set(args.values)) != len(args.values) or not args.values:
@@ -185,13 +223,17 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
         if not sep or "=" not in kv:
             p.error(f"--arch-set {item!r}: expected ARCH:KEY=VALUE")
         args.arch_sets.setdefault(arch, []).append(kv)
-    if args.axis in AXIS_OPTION and any(s.split("=")[0] == AXIS_OPTION[args.axis] for s in args.set):
-        p.error(f"--set {AXIS_OPTION[args.axis]}=... is what --axis {args.axis} varies: drop it")
+    args.option = args.option if args.axis == "option" else AXIS_OPTION.get(args.axis)
+    if args.option and any(s.split("=")[0] == args.option for s in args.set):
+        p.error(f"--set {args.option}=... is what --axis {args.axis} varies: drop it")
     if (args.eval_train is None) != (args.eval_test is None):
         p.error("--eval-train and --eval-test go together")
     if args.dataset not in ("fmnist", "sample") and not os.path.exists(args.dataset):
         p.error(f"--dataset {args.dataset}: no such file or folder (fmnist, sample, or a shard build source)")
-    args.shots = [int(s) for s in str(args.shots).split(",") if s.strip()]
+    try:
+        args.shots = [_count(s) for s in str(args.shots).split(",") if s.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--shots: {e}")
     name = args.preset or f"{args.method}-{args.axis}"
     args.json = os.path.abspath(args.json or os.path.join(REPO, "bench", "out", f"scaling-{name}.json"))
     args.plot = os.path.abspath(args.plot or os.path.splitext(args.json)[0] + ".png")
@@ -230,7 +272,8 @@ def pretrain_set(run: Runner, py: str, a, value, eval_train: str) -> str:
         return eval_train
     if a.dataset in ("fmnist", "sample"):
         return build_shards(run, py, a.dataset, value, a.test_images, a.work)[0]
-    return source_subset(run, py, a.dataset, value, a.test_images or 10000, a.work)
+    skip = 0 if a.eval_train else (a.test_images or 10000)    # the source's test items are not pretrained on
+    return source_subset(run, py, a.dataset, value, skip, a.work)
 
 
 # --- points -------------------------------------------------------------------------------------------
@@ -246,14 +289,17 @@ def point_configs(a, data_id: dict) -> list[dict]:
                 if a.axis == "data" and a.budget_images:
                     epochs = max(1, round(a.budget_images / value))
                 sets = list(a.set) + a.arch_sets.get(arch, [])
-                if a.axis in AXIS_OPTION:
-                    sets.append(f"{AXIS_OPTION[a.axis]}={value}")
-                out.append({"method": a.method, "train_preset": a.train_preset, "arch": arch, "seed": seed,
-                            "axis": a.axis, "value": value, "epochs": epochs, "sets": sets, "data": data_id,
-                            "pretrain_images": value if a.axis == "data" else None, "device": a.device,
-                            "launcher": a.launcher,
-                            "eval": {"layers": layers.split(","), "svm_layers": a.svm_layers, "size": a.size,
-                                     "probe_epochs": a.probe_epochs, "shots": a.shots, "draws": a.draws}})
+                if a.option:
+                    sets.append(f"{a.option}={value}")
+                cfg = {"method": a.method, "train_preset": a.train_preset, "arch": arch, "seed": seed,
+                       "axis": a.axis, "value": value, "epochs": epochs, "sets": sets, "data": data_id,
+                       "pretrain_images": value if a.axis == "data" else None, "device": a.device,
+                       "launcher": a.launcher,
+                       "eval": {"layers": layers.split(","), "svm_layers": a.svm_layers, "size": a.size,
+                                "probe_epochs": a.probe_epochs, "shots": a.shots, "draws": a.draws}}
+                if a.axis == "option":
+                    cfg["option"] = a.option
+                out.append(cfg)
     return out
 
 
@@ -262,7 +308,9 @@ def point_key(cfg: dict) -> str:
 
 
 def point_name(cfg: dict) -> str:
-    return f"{cfg['method']}-{cfg['arch']}-{cfg['axis']}{cfg['value']}-seed{cfg['seed']}"
+    axis = cfg["option"].split(".")[-1] + "=" if cfg["axis"] == "option" else cfg["axis"]
+    name = f"{cfg['method']}-{cfg['arch']}-{axis}{cfg['value']}-seed{cfg['seed']}"
+    return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in name)[:120]
 
 
 def run_point(run: Runner, py: str, a, cfg: dict, pre_dir: str, eval_dirs: tuple[str, str], folder: str,

@@ -85,7 +85,10 @@ def plot_study(report: dict, path: str) -> None:
 
     study, points = report["study"], report["points"]
     axis, values = study["axis"], study["values"]
-    xs_of = (lambda idx: [values[i] for i in idx]) if axis != "arch" else (lambda idx: list(idx))
+    numeric = _numbers(values)
+    log_x = axis in LOG_AXES or (axis == "option" and numeric is not None and min(numeric) > 0
+                                 and max(numeric) >= 10 * min(numeric))
+    xs_of = (lambda idx: [numeric[i] for i in idx]) if numeric is not None else (lambda idx: list(idx))
     specs = panels(points)
     cols = min(4, len(specs))
     rows = -(-len(specs) // cols)
@@ -100,20 +103,21 @@ def plot_study(report: dict, path: str) -> None:
                         label=f"{study['method']} {trunk}" if trunk != "all" else study["method"])
             if trunk in rnd:
                 rx, rm, _ = rnd[trunk]
-                ax.plot(xs_of(rx), rm, ":", marker="x" if axis == "arch" else None, color=colors[c % len(colors)],
+                ax.plot(xs_of(rx), rm, ":", marker="x" if numeric is None else None, color=colors[c % len(colors)],
                         label=f"random init {trunk}" if trunk != "all" else "random init")
         pix = pixel_value(report, kind, shot)
         if pix is not None:
             ax.axhline(pix, ls="--", color="0.5", label="raw pixels")
         ax.set_title(f"{what} @ {' | '.join(sorted(names))}", fontsize=9)
-        if axis in LOG_AXES:
+        if log_x:
             ax.set_xscale("log")
-        if axis == "arch":
+        if numeric is None:
             ax.set_xticks(range(len(values)), values, rotation=15, fontsize=8)
+            ax.set_xlim(-0.5, len(values) - 0.5)
         else:
-            ax.set_xticks(values, [_short(v) for v in values], fontsize=8)
+            ax.set_xticks(numeric, [_short(v) for v in numeric], fontsize=8)
             ax.minorticks_off()
-        ax.set_xlabel(AXIS_LABEL[axis], fontsize=8)
+        ax.set_xlabel(study.get("option") if axis == "option" else AXIS_LABEL[axis], fontsize=8)
         ax.grid(alpha=0.3)
     spare = list(axes.flat)[len(specs):]
     for ax in spare:
@@ -125,7 +129,7 @@ def plot_study(report: dict, path: str) -> None:
         axes.flat[0].legend(fontsize=7)
     done = f"{report['points_done']}/{report['points_total']} points" + ("" if report["complete"] else ", INCOMPLETE")
     fig.suptitle(f"{study['method']} ({study['train_preset']}) on {os.path.basename(str(study['dataset']))}: "
-                 f"transfer vs {axis}; {study['seeds']} seed(s), {done}", fontsize=10)
+                 f"transfer vs {study.get('option') if axis == 'option' else axis}; {study['seeds']} seed(s), {done}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -134,7 +138,19 @@ def plot_study(report: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _numbers(values: list) -> list[float] | None:
+    """The axis values as numbers (x positions), or None when any is not a number (a categorical axis)."""
+    if not values or any(isinstance(v, bool) for v in values):
+        return None
+    try:
+        return [v if isinstance(v, (int, float)) else float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
 def _short(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     if isinstance(v, int) and v >= 1000:
         return f"{v // 1000000}M" if v % 1000000 == 0 else f"{v / 1000:g}k"
     return str(v)

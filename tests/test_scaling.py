@@ -81,3 +81,30 @@ def test_help_is_fast_and_bad_input_is_one_line(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_presets_resolve_to_the_points_the_paper_varies(tmp_path):
+    """Pure planning, nothing run: the data axis holds the images seen fixed, the option axes become
+    `--set` overrides, every point gets its own folder name and key."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import scaling
+    work = ["--work", str(tmp_path)]
+    a = scaling.parse_args(["--preset", "cpu-data", *work])
+    cfgs = scaling.point_configs(a, {})
+    assert [(c["value"], c["epochs"]) for c in cfgs if c["arch"] == "resnet_tiny" and c["seed"] == 0] == \
+        [(1000, 64), (4000, 16), (16000, 4), (60000, 1)]
+    assert len(cfgs) == 16 and len({scaling.point_key(c) for c in cfgs}) == 16
+    a = scaling.parse_args(["--preset", "cpu-k", *work])
+    assert {tuple(c["sets"]) for c in scaling.point_configs(a, {})} == {("method_options.k=2",), ("method_options.k=10",),
+                                                                      ("method_options.k=40",)}
+    a = scaling.parse_args(["--preset", "cpu-arch", "--set", "lr=0.05", *work])
+    cfgs = scaling.point_configs(a, {})
+    assert [c["arch"] for c in cfgs] == ["resnet_tiny", "resnet18", "alexnet_jigsaw"]
+    assert cfgs[2]["sets"] == ["method_options.geometry=goyal", "lr=0.05"]
+    assert cfgs[2]["eval"]["layers"] == ["conv5", "conv4", "conv3"]
+    a = scaling.parse_args(["--method", "jigsaw", "--train-preset", "fmnist", "--axis", "option", "--option",
+                            "method_options.patch_scale", "--values", "[0.2,1.0];[0.5,1.0]", *work])
+    cfgs = scaling.point_configs(a, {})
+    assert [c["sets"][-1] for c in cfgs] == ["method_options.patch_scale=[0.2,1.0]",
+                                             "method_options.patch_scale=[0.5,1.0]"]
+    assert all("/" not in scaling.point_name(c) and "[" not in scaling.point_name(c) for c in cfgs)
