@@ -4,11 +4,12 @@
     python train.py ...                      # one process works too
     python train.py --list-presets           # every method's named recipes
 
-Re-running the same command resumes from the newest complete checkpoint in --out. SIGTERM or
-SIGUSR1 (preemption) make every rank write a checkpoint and exit cleanly.
+Re-running the same command resumes from the newest complete checkpoint in --out that verifies against
+its checksums. SIGTERM or SIGUSR1 (preemption) make every rank write a checkpoint and exit cleanly. One
+run holds a run folder at a time (<out>/.lock names its host and pid).
 
-Stages, in order: 1 config -> 2 distributed -> 3 data and method -> 4 model on device -> 5 optimiser
-and schedule -> 6 resume -> 7 train loop -> 8 checkpoints. The trainer never branches on the method:
+Stages, in order: 1 config -> 2 distributed, then the run folder's lock -> 3 data and method -> 4 model
+on device -> 5 optimiser and schedule -> 6 resume -> 7 train loop -> 8 checkpoints. The trainer never branches on the method:
 a method is a module from the registry whose forward returns {"loss", ...} plus optional hooks.
 Every rank runs the same collectives at the same steps whatever its terminal or logging: the loss is
 read and the stop flag agreed only at log steps, which are the same steps on every rank.
@@ -126,9 +127,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # ----------------------------------------------------------------------------------------------
-    # 2. distributed: torchrun env -> process group (gloo on CPU, NCCL on GPU), with a timeout
+    # 2. distributed: torchrun env -> process group (gloo on CPU, NCCL on GPU), with a timeout; then
+    #    the run folder's lock (sslkit.runlock), held by rank 0 until the run ends
     # ----------------------------------------------------------------------------------------------
-    from sslkit import dist
+    from sslkit import dist, runlock
     from sslkit.log import get_logger
     try:
         info = dist.init(cfg.device, cfg.dist_timeout_s)
@@ -137,23 +139,26 @@ def main(argv=None) -> int:
         return 2
     log = get_logger(info.rank)
     stop = dist.StopRequest(info).install()  # before the slow build: a signal then is acted on at the first check
-    hung = False
+    lock, peer_gone = None, False
     try:
-        return train(cfg, info, log, stop)
+        lock = runlock.hold(cfg.out, info, log)  # one run per folder: before anything is read or written there
+        return train(cfg, info, log, stop, lock)
     except SslkitError as e:
-        log.error("%s", e)
+        if info.is_main or not isinstance(e, dist.AgreedError):  # an agreed error is said once, by rank 0
+            log.error("%s", e)
         return 2
     except Exception as e:
-        if not (info.backend and dist.is_timeout(e)):
+        why = dist.peer_failure(e, info)  # a collective failed: another rank is hung, stopped or dead
+        if why is None:
             raise
-        hung = True
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        log.error("rank %d: a collective failed (timeout %d s): another rank is hung, stopped or died (%s)",
-                  info.rank, cfg.dist_timeout_s, first)
+        peer_gone = True
+        log.error("%s", why)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         stop.uninstall()
-        if not hung:  # a group whose peer is gone cannot be torn down politely
+        if not peer_gone:  # a group whose peer is gone cannot be torn down politely
             dist.shutdown(info)
 
 
@@ -278,11 +283,11 @@ def epoch_batches(run: Run, epoch: int):
     yield from run.loader
 
 
-def train(cfg: TrainConfig, info, log, stop) -> int:
+def train(cfg: TrainConfig, info, log, stop, lock) -> int:
     import torch
 
     from sslkit import ckpt, dist
-    from sslkit.log import JsonLog, MetricLogger, StepLog
+    from sslkit.log import JsonLog, MetricLogger, StepLog, open_run_files
     from sslkit.shard.manifest import identity, load
 
     run = build(cfg, info, log, stop.check)
@@ -317,25 +322,24 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
         log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
         return 0
     mid_epoch = resumed is not None and loader.position > 0
-    if info.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            f.write(dumps(cfg) + "\n")
+    saved_step = step if resumed else None  # the step the newest checkpoint holds (None: none yet)
+    # config.json and log.jsonl (rank 0, under the lock); a failure there stops every rank alike
+    jlog = dist.on_main(lambda: open_run_files(cfg.out, dumps(cfg), step, lock, cfg.tensorboard), info) or JsonLog(None)
 
     def save(keep: bool):
+        nonlocal saved_step
         g = {"config": to_dict(cfg), "model": method.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict(), "epoch": epoch, "trunk": method.trunk_spec, "data": data}
         r = {"loader": loader.state_dict(), "method": method.rank_state_dict(), "stats": stats.state_dict(),
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         ckpt.save(cfg.out, step, g, r, info, keep=keep, keep_last=cfg.keep_ckpts)
+        saved_step = step
 
     # ----------------------------------------------------------------------------------------------
     # 7. train loop: per-step lr, forward/backward/step; every log_every steps (the same steps on
     #    every rank) one collective reads the mean loss and agrees on stopping
     # ----------------------------------------------------------------------------------------------
-    jlog = JsonLog(os.path.join(cfg.out, "log.jsonl") if info.is_main else None,
-                   os.path.join(cfg.out, "tb") if cfg.tensorboard and info.is_main else None, resume_step=step)
     total_steps = cfg.epochs * run.ctx.steps_per_epoch
     progress = StepLog(jlog, log, info.is_main, total_steps, step, run.global_batch, device)
     run.model.train()
@@ -381,8 +385,10 @@ def train(cfg: TrainConfig, info, log, stop) -> int:
                      rec["data_stall_pct"])
             save(keep=(cfg.ckpt_every > 0 and epoch % cfg.ckpt_every == 0) or epoch == cfg.epochs)
     except dist.Preempted as p:
-        log.warning("preempted (%s) in the epoch-%d start hook; the last checkpoint (step %d) resumes it: re-run "
-                    "the same command", p.signal_name, epoch, step)
+        resumes = (f"the last checkpoint (step {saved_step}) resumes it" if saved_step is not None else
+                   "no checkpoint exists yet, so it starts from the beginning")
+        log.warning("preempted (%s) in the epoch-%d start hook; %s: re-run the same command", p.signal_name, epoch,
+                    resumes)
         return 0
     finally:
         progress.close()

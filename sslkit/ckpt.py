@@ -1,79 +1,181 @@
-"""Atomic, per-rank checkpoints with retention and automatic resume.
+"""Atomic, checksummed, per-rank checkpoints with retention and automatic resume.
 
 Layout under `<out>/checkpoints/`:
     step-00001234/global.pt      config, model, optimizer, scaler, step, epoch, trunk, data (rank 0)
     step-00001234/rank{R}.pt     loader position, method per-rank state, RNG, epoch statistics (every rank)
-    step-00001234/COMPLETE       written by rank 0 after every rank has written its file
+    step-00001234/COMPLETE       written last, by rank 0, once every rank has written its file: the size
+                                 and sha256 of every file above (JSON), checked whenever one is loaded
     step-00001234/KEEP           a periodic checkpoint (every `ckpt_every` epochs): never pruned
     latest                       the name of the newest complete checkpoint (for people and tools)
 
 Resuming never trusts `latest` alone: every rank tries the checkpoints newest first and all ranks take
-the newest one that EVERY rank can read, saying in one line which newer ones were skipped and why
-(missing COMPLETE, a truncated file, ...). With checkpoint folders present but none usable, resuming
-is an error: silently starting over would overwrite a run.
+the newest one that EVERY rank can read and verify, saying in one line which newer ones were skipped and
+why (missing COMPLETE, a truncated file, a sha256 that differs from the one recorded, ...). With
+checkpoint folders present but none usable, resuming is an error: silently starting over would
+overwrite a run. Tools reading a run (`global_file`: eval, convert, pseudolabel, init_from) fall back the
+same way. Checkpoints written before checksums existed (an empty COMPLETE) are checked with the CRC-32
+that torch's zip format stores for every member (it catches truncation and flipped bytes) and loaded
+with a one-line note.
+
+A checkpoint that cannot be written (full disk, read-only folder, ...) stops every rank with the same
+one line naming the file; the files of the failed checkpoint and every `.tmp` are removed, and the
+previous complete checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import shutil
-from typing import Any
+import zipfile
+from typing import Any, Callable
 
 import torch
 
-from .dist import DistInfo, barrier, broadcast_object, gather_objects
+from .dist import AgreedError, DistInfo, broadcast_object, gather_objects
 from .errors import SslkitError
+from .runlock import os_reason
 
 VERSION = 2
 PREFIX = "step-"
+COMPLETE = "COMPLETE"
 
 
 class CheckpointError(SslkitError, RuntimeError):
     """A checkpoint that cannot be resumed here (one-line reason)."""
 
 
-def _atomic_save(obj: Any, path: str):
+def write_error(e: BaseException, path: str) -> str:
+    """One line naming the file and what went wrong while writing it."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"cannot write {e.filename or path}: {os_reason(e)}"
+    first = (str(e).splitlines() or [""])[0][:160]
+    return f"cannot write {path}: {type(e).__name__}: {first}"
+
+
+class _HashingWriter:
+    """What torch.save writes, passed on to a file while its size and sha256 are taken."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _remove(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_save(obj: Any, path: str) -> dict:
+    """torch.save via `path.tmp`, fsync, rename: {"bytes", "sha256"} of the file. Any failure removes
+    the .tmp and re-raises (through a Python file object, a full disk is an OSError with its errno,
+    not torch's `basic_ios::clear`)."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return {"bytes": w.bytes, "sha256": w.sha.hexdigest()}
 
 
 def _write_text(path: str, text: str):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def save(out: str, step: int, global_state: dict, rank_state: dict, info: DistInfo, keep: bool, keep_last: int):
     """Collective: every rank calls it. `keep` marks a periodic checkpoint that retention never prunes;
-    besides those, the newest `keep_last` checkpoints are kept."""
+    besides those, the newest `keep_last` checkpoints are kept. Every rank learns every rank's outcome
+    (one gather, one broadcast), so a failure anywhere is the same CheckpointError on every rank."""
     root = os.path.join(out, "checkpoints")
     d = os.path.join(root, f"{PREFIX}{step:08d}")
-    os.makedirs(d, exist_ok=True)
-    _atomic_save({"version": VERSION, "step": step, **rank_state}, os.path.join(d, f"rank{info.rank}.pt"))
+    files = {f"rank{info.rank}.pt": {"version": VERSION, "step": step, **rank_state}}
     if info.is_main:
-        _atomic_save({"version": VERSION, "step": step, "world_size": info.world_size, **global_state},
-                     os.path.join(d, "global.pt"))
-    barrier(info)
-    if info.is_main:
+        files["global.pt"] = {"version": VERSION, "step": step, "world_size": info.world_size, **global_state}
+    written, why, current = {}, None, d
+    try:
+        os.makedirs(d, exist_ok=True)
+        if info.is_main:
+            _remove(os.path.join(d, COMPLETE))  # rewriting a step: its old list no longer describes it
+        for name, obj in files.items():
+            current = os.path.join(d, name)
+            written[name] = _atomic_save(obj, current)
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must reach the gather below
+        why = write_error(e, current)
+    outcomes = gather_objects((written, why), info)  # also the barrier: every rank's file is on disk
+    problems = [w for _, w in outcomes if w]
+    if not problems:
+        why = None
+        if info.is_main:
+            why = _complete(root, d, {n: s for w, _ in outcomes for n, s in w.items()}, keep, keep_last)
+        why = broadcast_object(why, info)
+        problems = [why] if why else []
+    if problems:
+        for name in written:
+            _remove(os.path.join(d, name))
+        last = find_latest(out)
+        if info.is_main:
+            _remove(os.path.join(d, "KEEP"))
+            try:
+                os.rmdir(d)  # only if empty: another rank may still be removing its file
+            except OSError:
+                pass
+            try:  # `latest` may have named the step just rewritten; on a full disk this may fail too
+                _write_text(os.path.join(root, "latest"), os.path.basename(last)) if last else None
+            except OSError:
+                pass
+        msg = (f"{problems[0]}; the step-{step} checkpoint was not saved (the last complete one, "
+               f"{last or 'none yet'}, is intact)")
+        raise CheckpointError(msg) if info.is_main else AgreedError(msg)
+
+
+def _complete(root: str, d: str, sums: dict, keep: bool, keep_last: int) -> str | None:
+    """Rank 0, once every rank's file is written: KEEP, then COMPLETE with every file's checksum,
+    `latest`, retention. The reason it failed, or None."""
+    path = os.path.join(d, "KEEP")
+    try:
         if keep:
-            _write_text(os.path.join(d, "KEEP"), "")
-        _write_text(os.path.join(d, "COMPLETE"), "")
-        _write_text(os.path.join(root, "latest"), os.path.basename(d))
-        prune(root, keep_last)
-    barrier(info)
+            _write_text(path, "")
+        path = os.path.join(d, COMPLETE)
+        _write_text(path, json.dumps({"files": sums}, indent=1, sort_keys=True) + "\n")
+        path = os.path.join(root, "latest")
+        _write_text(path, os.path.basename(d))
+    except Exception as e:  # noqa: BLE001
+        return write_error(e, path)
+    prune(root, keep_last)
+    return None
 
 
 def _step_dirs(root: str) -> list[str]:
     """Checkpoint folder names, newest (highest step) first."""
     try:
         names = [n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(names, key=lambda n: int(n[len(PREFIX):]), reverse=True)
 
@@ -81,7 +183,7 @@ def _step_dirs(root: str) -> list[str]:
 def prune(root: str, keep_last: int):
     """Keep the newest `keep_last` complete checkpoints and every periodic (KEEP) one; drop the rest,
     including incomplete folders older than the newest complete checkpoint."""
-    complete = [n for n in _step_dirs(root) if os.path.exists(os.path.join(root, n, "COMPLETE"))]
+    complete = [n for n in _step_dirs(root) if os.path.exists(os.path.join(root, n, COMPLETE))]
     if not complete:
         return
     keep = set(complete[:max(keep_last, 1)])
@@ -90,44 +192,81 @@ def prune(root: str, keep_last: int):
         d = os.path.join(root, n)
         if n in keep or os.path.exists(os.path.join(d, "KEEP")):
             continue
-        if os.path.exists(os.path.join(d, "COMPLETE")) or int(n[len(PREFIX):]) < newest:
+        if os.path.exists(os.path.join(d, COMPLETE)) or int(n[len(PREFIX):]) < newest:
             shutil.rmtree(d, ignore_errors=True)
 
 
 def find_latest(out: str) -> str | None:
     """The newest checkpoint folder of run `out` that is marked complete (no file is read), or None.
-    For tools (evaluation, export); the trainer resumes with `load_agreed`, which also reads them."""
+    For messages; tools read a run with `global_file`, the trainer with `load_agreed` (both verify)."""
     root = os.path.join(out, "checkpoints")
     for n in _step_dirs(root):
-        if os.path.exists(os.path.join(root, n, "COMPLETE")):
+        if os.path.exists(os.path.join(root, n, COMPLETE)):
             return os.path.join(root, n)
     return None
 
 
-def global_file(path: str) -> str:
-    """A run folder (its newest complete checkpoint), a checkpoint folder or a `global.pt` -> the
-    `global.pt` to read; a CheckpointError naming the path otherwise."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, "global.pt")):
-        return os.path.join(path, "global.pt")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        d = find_latest(path)
-        if d is None:
-            raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/ (is the run still starting?)")
-        return os.path.join(d, "global.pt")
+# -- verification ------------------------------------------------------------------------------------
+
+def checksums(d: str) -> dict | None:
+    """{file name: {"bytes", "sha256"}} from checkpoint folder `d`'s COMPLETE; None for a checkpoint
+    written before checksums existed (an empty COMPLETE). A CheckpointError when COMPLETE is missing
+    or damaged."""
+    path = os.path.join(d, COMPLETE)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{d} is incomplete (no {COMPLETE} marker: interrupted while saving)") from None
+    if not text.strip():
+        return None
+    try:
+        files = json.loads(text)["files"]
+        if not all(isinstance(v["bytes"], int) and isinstance(v["sha256"], str) for v in files.values()):
+            raise TypeError("an entry without bytes/sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged checksum list ({type(e).__name__}: {str(e)[:80]})") from None
+    return files
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(path: str, sums: dict | None):
+    """CheckpointError unless `path` has the size and sha256 recorded in `sums` (its folder's COMPLETE);
+    without a list (an older checkpoint) the CRC-32 of every member of torch's zip format is checked."""
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
-    raise CheckpointError(f"{path}: neither a run folder (checkpoints/), a checkpoint folder nor a global.pt")
+        raise CheckpointError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if sums is None:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:80]})") from None
+        if bad is not None:
+            raise CheckpointError(f"{path}: corrupt (member {bad} fails its CRC-32)")
+        return
+    want = sums.get(os.path.basename(path))
+    if want is None:
+        raise CheckpointError(f"{path}: not listed in its {COMPLETE} (written by another checkpoint?)")
+    if size != want["bytes"]:
+        what = "truncated" if size < want["bytes"] else "grown"
+        raise CheckpointError(f"{path}: unreadable ({what}: {size} bytes, {want['bytes']} when written)")
+    if _sha256(path) != want["sha256"]:
+        raise CheckpointError(f"{path}: corrupt (its sha256 differs from the one recorded when it was written)")
 
 
-def read_global(d: str) -> dict:
-    """`global.pt` of checkpoint folder `d`, or a CheckpointError naming the file."""
-    return _read(os.path.join(d, "global.pt"))
-
-
-def _read(path: str) -> dict:
-    if not os.path.exists(path):
+def _read(path: str, sums: dict | None = None, verify: bool = False) -> dict:
+    """A checkpoint file, verified first when `verify` (against `sums`, see verify_file)."""
+    if verify:
+        verify_file(path, sums)
+    elif not os.path.exists(path):
         raise CheckpointError(f"{path}: missing")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -139,36 +278,100 @@ def _read(path: str) -> dict:
     return obj
 
 
-def _try_load(d: str, info: DistInfo) -> tuple[dict | None, dict | None, str | None]:
-    """This rank's view of checkpoint `d`: (global, rank state, None) or (None, None, why not)."""
-    if not os.path.exists(os.path.join(d, "COMPLETE")):
-        return None, None, f"{d} is incomplete (no COMPLETE marker: interrupted while saving)"
+def _unverified_note(d: str) -> str:
+    return (f"{d} has no checksum list (written before sslkit recorded them): checked with the zip format's "
+            "CRC-32s only")
+
+
+def _default_warn(msg: str):
+    logging.getLogger("sslkit").warning("%s", msg)
+
+
+def verified_global(path: str, warn: Callable[[str], None] | None = None) -> str:
+    """`path` (a global.pt) after checking it against the checksums of its checkpoint folder; a file
+    outside a checkpoint folder (no COMPLETE beside it) is returned as it is."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(os.path.join(d, COMPLETE)):
+        return path
+    sums = checksums(d)
+    verify_file(path, sums)
+    if sums is None:
+        (warn or _default_warn)(_unverified_note(d))
+    return path
+
+
+def global_file(path: str, warn: Callable[[str], None] | None = None) -> str:
+    """A run folder (its newest complete checkpoint whose global.pt verifies), a checkpoint folder or
+    a `global.pt` -> the verified `global.pt` to read; a CheckpointError naming the path otherwise.
+    In a run folder, newer checkpoints that fail verification are skipped with one line through `warn`
+    (default: the "sslkit" logger), as the trainer's resume does."""
+    if os.path.isfile(path):
+        return verified_global(path, warn)
+    if os.path.isfile(os.path.join(path, "global.pt")):
+        return verified_global(os.path.join(path, "global.pt"), warn)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        root, skipped = os.path.join(path, "checkpoints"), []
+        for n in _step_dirs(root):
+            d = os.path.join(root, n)
+            if not os.path.exists(os.path.join(d, COMPLETE)):
+                continue  # being written (or interrupted): never a candidate, as for find_latest
+            try:
+                notes = []
+                file = verified_global(os.path.join(d, "global.pt"), notes.append)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                continue
+            if skipped:
+                (warn or _default_warn)(f"using {d}, not the newer {'; '.join(skipped)}")
+            for note in notes:
+                (warn or _default_warn)(note)
+            return file
+        if skipped:
+            raise CheckpointError(f"{root}: no usable complete checkpoint (newest: {skipped[0]})")
+        raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/ (is the run still starting?)")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    raise CheckpointError(f"{path}: neither a run folder (checkpoints/), a checkpoint folder nor a global.pt")
+
+
+def read_global(d: str, warn: Callable[[str], None] | None = None) -> dict:
+    """`global.pt` of checkpoint folder `d`, verified, or a CheckpointError naming the file."""
+    return _read(verified_global(os.path.join(d, "global.pt"), warn))
+
+
+def _try_load(d: str, info: DistInfo) -> tuple[dict | None, dict | None, str | None, bool]:
+    """This rank's view of checkpoint `d`: (global, rank state, None, verified by sha256) or
+    (None, None, why not, False)."""
     try:
-        g = _read(os.path.join(d, "global.pt"))
-        r = _read(os.path.join(d, f"rank{info.rank}.pt"))
+        sums = checksums(d)
+        g = _read(os.path.join(d, "global.pt"), sums, verify=True)
+        r = _read(os.path.join(d, f"rank{info.rank}.pt"), sums, verify=True)
     except CheckpointError as e:
-        return None, None, str(e)
+        return None, None, str(e), False
     if r["step"] != g["step"]:
-        return None, None, f"{d}: rank{info.rank}.pt is from step {r['step']}, global.pt from step {g['step']}"
-    return g, r, None
+        return None, None, f"{d}: rank{info.rank}.pt is from step {r['step']}, global.pt from step {g['step']}", False
+    return g, r, None, sums is not None
 
 
 def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | None:
-    """Collective. The newest checkpoint every rank can read: (folder, global state, this rank's
-    state); None when the run has no checkpoint folder at all (a fresh start)."""
+    """Collective. The newest checkpoint every rank can read and verify: (folder, global state, this
+    rank's state); None when the run has no checkpoint folder at all (a fresh start)."""
     root = os.path.join(out, "checkpoints")
     names = broadcast_object(_step_dirs(root), info)  # rank 0's listing: every rank walks the same list
     skipped = []
     for n in names:
         d = os.path.join(root, n)
-        g, r, why = _try_load(d, info)
+        g, r, why, verified = _try_load(d, info)
         problems = [p for p in gather_objects(why, info) if p]
         if not problems:
             if g["world_size"] != info.world_size:
                 raise CheckpointError(f"{d} was written by {g['world_size']} ranks; resume with the same world size "
                                       "(per-rank memory banks and loader positions cannot be re-split)")
-            if skipped and log is not None and info.is_main:
-                log.warning("resuming from %s, not from the newer %s", d, "; ".join(skipped))
+            if log is not None and info.is_main:
+                if skipped:
+                    log.warning("resuming from %s, not from the newer %s", d, "; ".join(skipped))
+                if not verified:
+                    log.warning("%s", _unverified_note(d))
             return d, g, r
         skipped.append(problems[0])
     if names:
@@ -180,7 +383,7 @@ def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | 
 def init_from(method, source: str, log=None):
     """Start a fresh run from another run's weights: every tensor of its model whose name and shape
     match `method`'s (the trunk at least; e.g. a student's trunk and classifier for fine-tuning)."""
-    path = global_file(source)
+    path = global_file(source, log.warning if log is not None else lambda _note: None)
     theirs, mine = _read(path)["model"], method.state_dict()
     taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
     if not any(k.startswith("backbone.") for k in taken):

@@ -6,14 +6,22 @@ LOCAL_RANK); without them the run is a world of one and no process group is crea
 Every collective here must be called by every rank at the same point of the program, whatever its
 terminal, logging or data: control flow that differs between ranks around a collective is a deadlock
 (or, with the timeout below, a `HungRankError` after `timeout_s`).
+
+A collective that fails because another rank is hung, stopped or dead becomes one line naming the
+rank and what happened (`peer_failure`); work only rank 0 does (taking the run folder's lock, writing
+its files) reports its outcome to every rank through one broadcast (`on_main`), so a failure there
+stops every rank with the same message instead of leaving the others waiting.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
+import socket
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +32,11 @@ from .errors import SslkitError
 
 class HungRankError(SslkitError):
     """A collective waited longer than the timeout: another rank is hung, stopped or dead."""
+
+
+class AgreedError(SslkitError):
+    """An error every rank raises together with the same message: rank 0 reports it, the others do not
+    repeat it."""
 
 
 class Preempted(Exception):
@@ -42,6 +55,7 @@ class DistInfo:
     device: torch.device
     backend: str | None
     timeout_s: float = 600.0
+    peers: tuple = ()           # (host, pid) of every rank, in rank order: who died, when one does
 
     @property
     def is_main(self) -> bool:
@@ -78,13 +92,85 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         # The default timeout is 30 minutes: a stopped rank would hold the whole job that long.
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local, dev, backend, float(timeout_s))
+        peers = [None] * world
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        return DistInfo(rank, world, local, dev, backend, float(timeout_s), tuple(peers))
+    return DistInfo(rank, world, local, dev, backend, float(timeout_s), ((socket.gethostname(), os.getpid()),))
 
 
 def is_timeout(e: BaseException) -> bool:
     """True for the error a collective raises when its peers do not answer in time."""
     text = str(e).lower()
     return isinstance(e, getattr(dist, "DistError", RuntimeError)) or "timed out" in text or "timeout" in text
+
+
+# what gloo/NCCL say when the other end of a connection is gone (the process died, its host went down)
+LOST_PEER_WORDS = ("connection reset", "connection closed", "closed by peer", "broken pipe", "connection refused",
+                   "remote process exited", "socket closed", "end of file", "network error")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def dead_peers(info: DistInfo) -> list[tuple[int, int]]:
+    """(rank, pid) of the other ranks on this host whose process has ended."""
+    host = socket.gethostname()
+    return [(r, pid) for r, (h, pid) in enumerate(info.peers) if r != info.rank and h == host and not _alive(pid)]
+
+
+def peer_failure(e: BaseException, info: DistInfo) -> str | None:
+    """One line for an error a collective raised because another rank is gone, hung or stopped (naming
+    the dead rank when it ran on this host); None for any other error."""
+    if not info.backend:
+        return None
+    text = str(e).strip()
+    # gloo's first sentence, without its source location: "Connection closed by peer [127.0.0.1]:3504"
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__).split(". ")[0][:160]
+    if any(w in text.lower() for w in LOST_PEER_WORDS):
+        dead = dead_peers(info)
+        who = (", ".join(f"rank {r} (pid {pid})" for r, pid in dead) + " died" if dead
+               else "another rank closed its connection: it died or its host is unreachable")
+        return (f"rank {info.rank}: {who}; this rank stops too (re-run the same command to resume from the last "
+                f"checkpoint) ({first})")
+    if is_timeout(e):
+        return (f"rank {info.rank}: a collective failed (timeout {info.timeout_s:.0f} s): another rank is hung, "
+                f"stopped or died ({first})")
+    return None
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T | None:
+    """`fn()` on rank 0 only (None elsewhere). Collective: every rank learns through one broadcast
+    whether it raised an SslkitError; rank 0 re-raises it, the others raise an AgreedError with its
+    message, so no rank waits in a later collective for a rank 0 that has stopped."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except SslkitError as e:
+            error = e
+    why = broadcast_object(None if error is None else str(error), info)
+    if error is not None:
+        raise error
+    if why is not None:
+        raise AgreedError(why)
+    return result
 
 
 def barrier(info: DistInfo):

@@ -6,7 +6,10 @@
   at log steps and epoch ends; its state is checkpointed per rank, so a resumed epoch's summary equals
   an uninterrupted one's.
 - `JsonLog`: rank 0 appends every record to `<out>/log.jsonl`; on resume the records after the resumed
-  step are dropped first, so the log reads as one uninterrupted run.
+  step are dropped first, so the log reads as one uninterrupted run. Dropping them replaces the file,
+  so it is only done while holding the run folder's lock (`sslkit.runlock`): never under another run's
+  open handle. A record that cannot be written (full disk) is a one-line warning, not a crash of
+  rank 0 alone; the next checkpoint then stops every rank together.
 """
 
 from __future__ import annotations
@@ -135,10 +138,13 @@ class JsonLog:
     """Append-only JSON lines (rank 0 only); optional TensorBoard mirror. `resume_step`: records of
     steps after it (written before a crash, after the checkpoint resumed from) are dropped first."""
 
-    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_step: int | None = None):
-        self.f = None
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_step: int | None = None,
+                 lock=None):
+        self.f, self.path, self.failed = None, path, False
         if path:
             if resume_step is not None and os.path.exists(path):
+                if lock is None or not lock.holds(path):
+                    raise RuntimeError(f"{path}: records are dropped on resume only under the run folder's lock")
                 _truncate(path, resume_step)
             self.f = open(path, "a")
         self.tb = None
@@ -151,8 +157,15 @@ class JsonLog:
 
     def write(self, record: dict):
         if self.f:
-            self.f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-            self.f.flush()
+            try:
+                self.f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+                self.f.flush()
+            except OSError as e:
+                if not self.failed:  # once: the next checkpoint write stops the run with the same cause
+                    from .runlock import os_reason
+                    logging.getLogger("sslkit").warning("%s: record of step %s not written: %s", self.path,
+                                                        record.get("step"), os_reason(e))
+                self.failed = True
         if self.tb and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -160,10 +173,30 @@ class JsonLog:
 
     def close(self):
         if self.f:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                pass  # already reported by write()
             self.f = None
         if self.tb:
             self.tb.close()
+
+
+def open_run_files(out: str, config_text: str, resume_step: int, lock, tensorboard: bool) -> JsonLog:
+    """Rank 0, holding `lock` on `out`: `<out>/config.json` (replaced atomically) and the run's JsonLog
+    (records after `resume_step` dropped). A file that cannot be written is a one-line RunFolderError."""
+    from .runlock import RunFolderError, os_reason
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(config_text + "\n")
+        os.replace(path + ".tmp", path)
+        path = os.path.join(out, "log.jsonl")
+        return JsonLog(path, os.path.join(out, "tb") if tensorboard else None, resume_step, lock)
+    except OSError as e:
+        if os.path.exists(os.path.join(out, "config.json.tmp")):
+            os.remove(os.path.join(out, "config.json.tmp"))
+        raise RunFolderError(f"cannot write {e.filename or path}: {os_reason(e)}") from None
 
 
 def _truncate(path: str, step: int):
@@ -177,6 +210,11 @@ def _truncate(path: str, step: int):
             if rec.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
