@@ -383,7 +383,7 @@ def test_progress_lines_off_a_terminal(shards64, tmp_path, capsys):
     feats = [ln for ln in lines if ln.startswith("features pixels s64:")]
     assert feats[0].endswith("started") and feats[-1].endswith("done") and "64/64 img (100%)" in feats[-1]
     assert any("img/s" in ln and "eta" in ln for ln in feats[1:-1])
-    probe = [ln for ln in lines if ln.startswith("linear probe (2 epochs):")]
+    probe = [ln for ln in lines if ln.startswith("linear probe pixels (2 epochs):")]
     assert "8/8 step (100%)" in probe[-1] and "epoch 2/2" in probe[-1] and "loss" in probe[-1]
     assert not any("\r" in ln for ln in lines)
 

@@ -101,7 +101,8 @@ def _augmented_batches(o: EvalOptions, encoder):
     return batches, len(loader)
 
 
-def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: feats.FeatureSet) -> dict:
+def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: feats.FeatureSet,
+                name: str = "") -> dict:
     if o.fast:
         batches, steps = linear.cached_batches(train.x, train.labels, o.batch_size, o.seed)
     else:
@@ -109,7 +110,7 @@ def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: fe
     torch.manual_seed(o.seed)
     probe = linear.LinearProbe(val.x.shape[1], val.channels, val.num_classes).to(o.device)
     lr, wd = linear.scaled_lr(o.lr, o.batch_size), _weight_decay(o, encoder)
-    with Progress(o.epochs * steps, f"linear probe ({o.epochs} epochs)", unit="step", enabled=o.progress,
+    with Progress(o.epochs * steps, f"linear probe {name} ({o.epochs} epochs)", unit="step", enabled=o.progress,
                   every=o.progress_every) as bar:
         def on_epoch(epoch, loss):
             bar.set_postfix(epoch=f"{epoch + 1}/{o.epochs}", loss=round(loss, 4))
@@ -132,7 +133,7 @@ def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
     if o.kind == "knn":
         res = knn.knn_eval(train.x, train.labels, val.x, val.labels, val.num_classes, o.ks, o.temperature, o.device)
     elif o.kind == "linear":
-        res = eval_linear(o, encoder, train, val)
+        res = eval_linear(o, encoder, train, val, name)
     elif o.kind == "svm":
         with Progress(val.num_classes, f"SVMs {name}", unit="class", enabled=o.progress, every=o.progress_every) as bar:
             res = svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
