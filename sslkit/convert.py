@@ -153,16 +153,19 @@ def target_note(model, spec, num_classes: int | None = None) -> str:
 
 # -- a supervised run's classifier ---------------------------------------------------------------------
 def _read_mapped(file: str):
-    """The checkpoint or state dict in `file`, tensors memory-mapped (cheap to read a second time:
-    only the tensors used are paged in). Pickled objects only from our own `global.pt`."""
+    """The checkpoint or state dict in `file`, tensors memory-mapped where the file allows it (cheap to
+    read a second time: only the tensors used are paged in; files in torch's legacy format are read
+    whole). Pickled objects only from our own `global.pt`."""
     import torch
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - unreadable input is a one-line user error
-        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-        if os.path.basename(file) != "global.pt":
-            raise ConvertError(f"{file}: cannot be read as a state dict or checkpoint ({first})") from None
-    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    first = ""
+    for weights_only in (True, False) if os.path.basename(file) == "global.pt" else (True,):
+        for mmap in (True, False):
+            try:
+                return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=mmap)
+            except Exception as e:  # noqa: BLE001 - unreadable input is a one-line user error
+                if not mmap:   # the reason without the mmap attempt's own complaint
+                    first = first or f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    raise ConvertError(f"{file}: cannot be read as a state dict or checkpoint ({first})")
 
 
 def _checkpoint_classifier(file: str) -> tuple[dict, list[str] | None]:

@@ -343,3 +343,22 @@ def test_targets_of_alexnet_and_colorization_exports(tmp_path, capsys):
         assert f.metadata()["format"] == "torchvision-1ch" and tuple(f.get_tensor("conv1.weight").shape) == (64, 1, 7, 7)
     back, spec = load_trunk(st)
     assert spec.input == "L" and back.layer4[0].conv2.stride == (1, 1)
+
+
+def test_with_classifier_from_torchvision_style_files(tmp_path, capsys):
+    """A classifier .pth from elsewhere (torch's legacy format too) re-exports whole; junk and trunk-only
+    files are one-line errors."""
+    full = trained_like("resnet_tiny", num_classes=5)
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save(full.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    out = str(tmp_path / "out.pth")
+    assert convert.main(["export", legacy, "--arch", "resnet_tiny", "--with-classifier", "--out", out]) == 0
+    same_tensors(torch.load(out, weights_only=True), full.state_dict())
+    (tmp_path / "junk.pth").write_text("junk")
+    torch.save(trained_like("resnet_tiny").state_dict(), tmp_path / "trunk.pth")
+    capsys.readouterr()
+    for name, why in (("junk.pth", "cannot be read as a state dict"), ("trunk.pth", "no fc.weight/fc.bias")):
+        assert convert.main(["export", str(tmp_path / name), "--arch", "resnet_tiny", "--with-classifier",
+                             "--out", str(tmp_path / "x.pth")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and why in err and "\n" not in err
