@@ -362,3 +362,11 @@ def test_with_classifier_from_torchvision_style_files(tmp_path, capsys):
                              "--out", str(tmp_path / "x.pth")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and why in err and "\n" not in err
+
+
+def test_light_copies_of_trunk_constants_agree():
+    """convert and the eval CLI keep torch-free copies of two constants of sslkit.trunk (for --help)."""
+    from sslkit import trunk
+    from sslkit.eval import defaults
+    assert convert.INPUTS == defaults.INPUTS == trunk.INPUTS
+    assert convert.SAFETENSORS_EXT == trunk.SAFETENSORS_EXT

@@ -11,6 +11,7 @@ import sys
 # Only light modules before parsing (`--help` in well under a second): torch, DALI and the metric
 # modules are imported by `main` once the arguments are known.
 from ..errors import SslkitError
+from ..progress import DEFAULT_EVERY
 from . import defaults
 
 DESCRIPTION = """\
@@ -85,8 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="write the results as JSON here (default: print only)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
-    g.add_argument("--progress-every", type=float, default=60.0, metavar="S",
-                   help="seconds between progress lines when not on a terminal (60)")
+    g.add_argument("--progress-every", type=float, default=DEFAULT_EVERY, metavar="S",
+                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
