@@ -6,8 +6,8 @@ Panels, all against the training step: loss (every logged step, and the epoch me
 images/s, data stall (% of each iteration spent waiting for the loader: per log window from the
 step records, per epoch from `data_stall_pct`), then one panel per other numeric field: a method's
 extra outputs (e.g. `top1`), and every field of records of any other kind (a monitor's kNN top-1,
-say), so new fields show up without a change here. Lines that are not JSON (a record cut short by a
-kill) are counted and skipped.
+say), so new fields show up without a change here (not plotted: `epoch_s`, `corrupt_samples`).
+Lines that are not JSON (a record cut short by a kill) are counted and skipped.
 """
 
 from __future__ import annotations
