@@ -1,7 +1,8 @@
 """Load a trained trunk for evaluation or export: `load_trunk(path) -> (model, TrunkSpec)`.
 
 `path` can be
-- a run folder (`--out` of train.py): its newest complete checkpoint (`sslkit.ckpt.find_latest`);
+- a run folder (`--out` of train.py): its newest complete checkpoint that verifies against its
+  checksums (`sslkit.ckpt.global_file`: a corrupt newer one is skipped with one warning);
 - a checkpoint folder (`<out>/checkpoints/step-XXXXXXXX`) or its `global.pt`;
 - a torchvision-layout state dict, `.pth`/`.pt` or `.safetensors` (what `python -m sslkit.convert`
   writes); `.pth` files carry no architecture, so pass `arch=` (safetensors carry it as metadata);
@@ -147,13 +148,13 @@ def random_trunk(arch: str, kwargs: dict | None = None, input: str | None = None
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run folder, a checkpoint folder or a file -> the file to read (a TrunkError otherwise)."""
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise TrunkError(f"{path}: no such file or folder")
-        return path
+    """A run folder, a checkpoint folder or a file -> the file to read (a TrunkError otherwise). A
+    checkpoint's file is checked against its checksums; in a run folder a newer checkpoint that fails
+    them is skipped with one warning (`sslkit.ckpt.global_file`)."""
+    if not os.path.isdir(path) and not os.path.exists(path):
+        raise TrunkError(f"{path}: no such file or folder")
     try:
-        return ckpt.global_file(path)
+        return ckpt.global_file(path) if os.path.isdir(path) else ckpt.verified_global(path)
     except ckpt.CheckpointError as e:
         raise TrunkError(str(e)) from None
 

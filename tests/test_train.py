@@ -1,7 +1,8 @@
 """train.py end to end: 2 gloo ranks under a pseudo-terminal, preemption on an epoch's last step and in
 the middle of one (step AND epoch records equal an uninterrupted run's), a SIGKILL + an unreadable
-newest checkpoint + moved run and shard folders (resume falls back, says so, continues exactly), a hung
-rank (one-line error after the collective timeout), one-line config errors."""
+newest checkpoint + moved run and shard folders (resume falls back, says so, takes over the killed
+run's lock, continues exactly), a hung rank (one-line error after the collective timeout), one-line
+config errors. More faults (a second run, dead ranks, full disks, corrupt files): test_faults.py."""
 
 from __future__ import annotations
 
@@ -227,6 +228,9 @@ def test_killed_run_falls_back_past_an_unreadable_checkpoint_after_moving(shards
     warning = [line for line in r.stderr.splitlines() if "not from the newer" in line]
     assert len(warning) == 1 and "step-00000024/global.pt: unreadable" in warning[0], r.stderr[-3000:]
     assert "resumed from" in r.stderr and "step-00000012" in r.stderr and "data moved" in r.stderr
+    # the killed run never released its folder: its lock (copied along) is taken over, in one line
+    stale = [line for line in r.stderr.splitlines() if "taking over the stale lock" in line]
+    assert len(stale) == 1 and f"pid {proc.pid}" in stale[0], r.stderr[-3000:]
     assert_same_records(ref, moved_out)
 
 
@@ -304,7 +308,7 @@ def test_config_errors_are_one_line_and_early(shards, tmp_path, args, env, words
     assert code == 2, err
     assert words in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
-    assert not (out / "checkpoints").exists()
+    assert not out.exists()  # nothing left behind, not even the folder the run's lock created
 
 
 def test_help_and_presets_answer_without_loading_dali():
