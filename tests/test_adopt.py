@@ -4,7 +4,6 @@ evaluated and visualised exactly like built shards -- and not one byte of the us
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
@@ -266,6 +265,11 @@ def test_train_evaluate_and_visualise_on_adopted_folders(folders, adopted, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.load(open(out))
     assert rep["val"]["total"] == 16 and 0 <= rep["results"]["ckpt"]["top1"]["3"] <= 1
+    # integer cls ids named 0..3 against names from a JSON field: refused before any feature is extracted
+    r = subprocess.run([PY, "-m", "sslkit.eval", "knn", "--ckpt", run, "--train", folders["wds"][0], "--val",
+                        folders["json"][0], "--cache-dir", str(tmp_path / "cache2"), "--no-progress"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "different classes" in r.stderr and not os.path.exists(tmp_path / "cache2")
     png = str(tmp_path / "views.png")
     r = subprocess.run([PY, "-m", "sslkit.viz", "--pipeline", "multicrop", "--preset", "tiny", "--data",
                         folders["i2d"][0], "--out", png], cwd=REPO, env=env, capture_output=True, text=True)

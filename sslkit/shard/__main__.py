@@ -8,13 +8,14 @@ import os
 import sys
 
 from ..config import parse_size
-from .adopt import IMAGE_EXTS, LABEL_SOURCES, AdoptError, IndexOptions, index
-from .build import BuildError, BuildOptions, build
-from .check import VerifyError, collect_info, format_info, verify
+from ..errors import SslkitError
+from ..runlock import os_reason
+from .adopt import IMAGE_EXTS, LABEL_SOURCES, IndexOptions, index
+from .build import BuildOptions, build
+from .check import collect_info, format_info, verify
 from .images import ImageOptions
-from .manifest import ManifestError
 from .merge import merge
-from .sources import SourceError, SourceOptions
+from .sources import SourceOptions
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -79,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         "a quick, deterministic subset")
     b.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
                    help="build only the I-th (0-based) of N disjoint slices; combine with `merge`")
+    b.add_argument("--overwrite", action="store_true",
+                   help="build into a folder that holds other files or another dataset: files named like this "
+                        "build's shards, manifest and rejected.tsv are replaced, nothing else is touched")
     b.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: one per core)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -110,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("dir")
     v.add_argument("--full", action="store_true", help="also decode every image and parse every label/metadata")
     v.add_argument("--workers", type=int, default=1, help="shards checked in parallel")
+    v.add_argument("--no-progress", action="store_true", help="no progress display")
 
     i = sub.add_parser("info", help="counts, classes and the image-size distribution of a shard folder")
     i.add_argument("dir")
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
                                      label_column=args.label_column, root=args.root, seed=args.seed),
                 image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,
                                    max_pixels=args.max_pixels, force_reencode=args.force_reencode),
-                workers=args.workers, progress=not args.no_progress)
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
             build(opts)
         elif args.cmd == "index":
             if args.label_field and args.label == "auto":
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
                                label=args.label, label_field=args.label_field, class_names=args.class_names,
                                full=args.full, part=part, workers=args.workers, progress=not args.no_progress))
         elif args.cmd == "verify":
-            s = verify(args.dir, full=args.full, workers=args.workers)
+            s = verify(args.dir, full=args.full, workers=args.workers, progress=False if args.no_progress else None)
             extra = f", {s['decoded']} images decoded" if args.full else ""
             print(f"{args.dir}: OK ({s['total']} samples in {s['shards']} shards{extra})")
         elif args.cmd == "info":
@@ -163,8 +168,17 @@ def main(argv=None) -> int:
         elif args.cmd == "merge":
             merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress,
                   allow_duplicates=args.allow_duplicates)
-    except (AdoptError, BuildError, SourceError, ManifestError, VerifyError) as e:
+    except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `shard info DIR | head`: the reader left; say nothing more (and keep Python from complaining
+        # about the closed stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        where = e.filename or ""
+        print(f"error: {where + ': ' if where else ''}{os_reason(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

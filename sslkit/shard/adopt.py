@@ -38,6 +38,7 @@ import numpy as np
 from .. import __version__
 from ..errors import SslkitError
 from ..progress import Progress
+from ..runlock import RunLock
 from . import manifest as mf
 from .tarscan import scan
 from .tarwriter import split_name
@@ -149,6 +150,14 @@ def _label(members: dict, tar: str, label: str, field_name: str | None):
         raise ValueError(f"the json member has no field {field_name!r} holding an integer or a string") from None
 
 
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:      # tarscan keeps undecodable bytes as surrogates
+        return True
+    return False
+
+
 def _decodes(data: bytes) -> str | None:
     from PIL import Image
     try:
@@ -197,8 +206,9 @@ def index_shard(job: tuple) -> dict:
         image_ext = next((e for e in o["image_ext"] if e in members), None)
         if reason is None and image_ext is None:
             reason = f"no image member ({'/'.join(o['image_ext'])}); it has {', '.join(sorted(members)) or 'nothing'}"
-        if reason is None and any(re.search(r"\s", m.name) for m in members.values()):
-            reason = "a member name holds white space, which DALI's index format cannot hold"
+        if reason is None and any(re.search(r"\s", m.name) or not m.name.isprintable() or _not_utf8(m.name)
+                                  for m in members.values()):
+            reason = "a member name holds white space or bytes that are not UTF-8 text, which DALI's index cannot hold"
         label = None
         if reason is None and o["label"] != "none":
             try:
@@ -212,7 +222,8 @@ def index_shard(job: tuple) -> dict:
             continue
         img = members[image_ext]
         parts = [f"{IMAGE_COMPONENT} {img.offset} {img.size} {img.name}"]
-        parts += [f"{e} {m.offset} {m.size} {m.name}" for e, m in sorted(members.items()) if e != image_ext]
+        parts += [f"{e} {m.offset} {m.size} {m.name}" for e, m in sorted(members.items())
+                  if e not in (image_ext, IMAGE_COMPONENT)]
         lines.append(" ".join(parts))
         offsets.append(img.offset)
         labels.append(label)
@@ -269,12 +280,23 @@ def _replay(state: str, fp: str, index_dir: str) -> dict[int, dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     break       # a torn last line from a kill
-                k = rec["k"]
-                if not (os.path.exists(os.path.join(index_dir, f"{k:06d}.idx"))
-                        and os.path.exists(os.path.join(state, f"{k:06d}.npz"))):
+                if not _intact(rec, state, index_dir):
                     break
-                done[k] = rec
+                done[rec["k"]] = rec
     return done
+
+
+def _intact(rec: dict, state: str, index_dir: str) -> bool:
+    """A journalled tar's index file and tables are complete (the counts agree)."""
+    k = rec["k"]
+    try:
+        with open(os.path.join(index_dir, f"{k:06d}.idx")) as f:
+            header = f.readline().split()
+        with np.load(os.path.join(state, f"{k:06d}.npz")) as z:
+            n = len(z["offsets"])
+    except (OSError, ValueError):
+        return False
+    return header == ["v1.2", str(rec["count"])] and n == rec["count"]
 
 
 def _journal(state: str, rec: dict):
@@ -284,10 +306,10 @@ def _journal(state: str, rec: dict):
         np.savez(f, offsets=rec["offsets"], labels=np.asarray([json.dumps(x) for x in rec["labels"]]))
     os.replace(tmp, os.path.join(state, f"{k:06d}.npz"))
     small = {key: v for key, v in rec.items() if key not in ("offsets", "labels")}
+    # not fsync'd (it cost more than reading a small tar): after a crash, `_replay` keeps only the
+    # records whose files are complete, and anything lost is simply indexed again
     with open(os.path.join(state, "shards.jsonl"), "a") as f:
         f.write(json.dumps(small) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _classes(raw_labels: set, class_names: str | None) -> dict[str, int]:
@@ -325,19 +347,25 @@ def index(opts: IndexOptions) -> dict:
         print(f"{out}: already indexed ({finished['total']} samples); nothing to do", file=sys.stderr)
         return finished
     state, index_dir = os.path.join(out, STATE_DIR), os.path.join(out, INDEX_DIR)
-    os.makedirs(state, exist_ok=True)
-    os.makedirs(index_dir, exist_ok=True)
-    done = _replay(state, fp, index_dir)
-    mf.atomic_write(os.path.join(state, "options.json"), json.dumps({"fingerprint": fp, **opts.content()}))
-    label = opts.label
-    if label == "auto":
-        label = "cls" if any(split_name(m.name)[1].lower() == "cls" for m in scan(tars[0]).members) else "none"
-    o = {"label": label, "label_field": opts.label_field, "image_ext": [e.lower().lstrip(".") for e in opts.image_ext],
-         "full": opts.full}
-    jobs = [(k, t, os.path.join(index_dir, f"{k:06d}.idx"), o) for k, t in enumerate(tars) if k not in done]
-    if done:
-        print(f"{out}: resuming after {len(done)} of {len(tars)} indexed tar(s)", file=sys.stderr)
-    _run_jobs(jobs, state, done, opts, total_bytes=sum(os.path.getsize(t) for t in tars))
+    # one index at a time per folder: a second one is a one-line error naming the first (host, pid)
+    lock = RunLock.acquire(state, lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+        done = _replay(state, fp, index_dir)
+        mf.atomic_write(os.path.join(state, "options.json"), json.dumps({"fingerprint": fp, **opts.content()}))
+        label = opts.label
+        if label == "auto":
+            peek = scan(tars[0], max_members=64).members     # the first samples of the first tar decide
+            label = "cls" if any(split_name(m.name)[1].lower() == "cls" for m in peek) else "none"
+        o = {"label": label, "label_field": opts.label_field,
+             "image_ext": [e.lower().lstrip(".") for e in opts.image_ext], "full": opts.full}
+        jobs = [(k, t, os.path.join(index_dir, f"{k:06d}.idx"), o) for k, t in enumerate(tars) if k not in done]
+        if done:
+            print(f"{out}: resuming after {len(done)} of {len(tars)} indexed tar(s)", file=sys.stderr)
+        _run_jobs(jobs, state, done, opts, total_bytes=sum(os.path.getsize(t) for t in tars))
+        return _finish(opts, tars, done, label, fp, state)
+    finally:
+        lock.release()
     return _finish(opts, tars, done, label, fp, state)
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,13 +28,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import __version__
 from ..errors import SslkitError
+from ..progress import Progress
 from . import manifest as mf
 from .images import Accepted, ImageOptions, ItemReader, Rejected
 from .sources import Item, SourceOptions, parse_source
+from ..runlock import LOCK_NAME, RunLock
 from .tarwriter import ShardWriter
 
 STATE_DIR = ".build"
@@ -59,11 +61,12 @@ class BuildOptions:
     limit: int | None = None  # then take at most N items
     workers: int = 0          # 0: one per CPU core; does not change the output
     progress: bool = True     # does not change the output
+    overwrite: bool = False   # build into a folder that holds other files (replacing only its own names)
 
     def content(self) -> dict:
         """Everything that determines the bytes written (not workers/progress/out)."""
         d = asdict(self)
-        for k in ("out", "workers", "progress"):
+        for k in ("out", "workers", "progress", "overwrite"):
             d.pop(k)
         d["sources"] = [os.path.abspath(s) if os.path.exists(s) else s for s in self.sources]
         d["part"] = list(self.part)
@@ -120,8 +123,7 @@ def make_plan(opts: BuildOptions, state: str) -> dict:
     labels: set[str] = set()
     count = 0
     tmp = os.path.join(state, "plan.jsonl.tmp")
-    with open(tmp, "w") as f, tqdm(desc="planning", unit=" items", disable=not opts.progress,
-                                     mininterval=1.0, file=sys.stderr) as bar:
+    with open(tmp, "w") as f, Progress(None, "planning", unit="items", enabled=opts.progress, every=30.0) as bar:
         pos = 0
         seen = 0
         for source in sources:
@@ -260,30 +262,57 @@ def _sample_components(index: int, res: Accepted, label_id: int | None, label: s
     return comps
 
 
-def build(opts: BuildOptions) -> dict:
-    """Build (or finish building) the shard folder `opts.out`; return its manifest."""
-    opts.validate()
+def _claim(opts: BuildOptions, fp: str) -> dict | None:
+    """May this build write into `opts.out`? Yes when it is new or empty, holds this build unfinished, or
+    --overwrite says so; the finished manifest when this very build is already complete."""
     out = opts.out
-    out_existed = os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    fp = opts.fingerprint()
     manifest_path = os.path.join(out, mf.MANIFEST)
     if os.path.exists(manifest_path):
         try:
-            with open(manifest_path) as f:
+            with open(manifest_path, encoding="utf-8") as f:
                 existing = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BuildError(f"{manifest_path}: not a readable manifest ({e}); {out} is not a finished build "
-                             "of this command: delete the file or use another --out") from None
-        if not isinstance(existing, dict):
-            raise BuildError(f"{manifest_path}: not a manifest (a JSON object is expected); delete it or use another --out")
-        if existing.get("build", {}).get("fingerprint") == fp:
-            print(f"{out}: already complete ({existing['total']} samples); nothing to do", file=sys.stderr)
+        except (ValueError, UnicodeDecodeError) as e:
+            if opts.overwrite:
+                return None
+            raise BuildError(f"{manifest_path}: not a readable manifest ({str(e)[:80]}); {out} is not a finished "
+                             "build of this command: use another --out, or --overwrite to build over it") from None
+        if isinstance(existing, dict) and existing.get("build", {}).get("fingerprint") == fp:
             return existing
-        raise BuildError(f"{out} already holds a different build (manifest.json with other options); "
-                         "use another --out or delete it")
+        if not opts.overwrite:
+            raise BuildError(f"{out} already holds a different build ({manifest_path}); use another --out, or "
+                             "--overwrite to build over it")
+        return None
+    if os.path.exists(os.path.join(out, STATE_DIR, "options.json")):
+        return None     # an unfinished build of this command (its options are checked under the lock)
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names and not opts.overwrite:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        raise BuildError(f"{out} is not empty (it holds {names[0]}{more}) and is not a build of this command; use a "
+                         "new or empty --out, or --overwrite to build into it (files named like its shards are "
+                         "replaced, nothing else is touched)")
+    return None
+
+
+def build(opts: BuildOptions) -> dict:
+    """Build (or finish building) the shard folder `opts.out`; return its manifest. The build holds
+    `OUT/.build/.lock` while it runs: a second build into the same folder is a one-line error."""
+    opts.validate()
+    fp = opts.fingerprint()
+    existing = _claim(opts, fp)
+    if existing is not None:
+        print(f"{opts.out}: already complete ({existing['total']} samples); nothing to do", file=sys.stderr)
+        return existing
+    out_existed = os.path.isdir(opts.out)
+    lock = RunLock.acquire(os.path.join(opts.out, STATE_DIR), lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    try:
+        return _build_locked(opts, fp, out_existed)
+    finally:
+        lock.release()
+
+
+def _build_locked(opts: BuildOptions, fp: str, out_existed: bool) -> dict:
+    out = opts.out
     state = os.path.join(out, STATE_DIR)
-    os.makedirs(state, exist_ok=True)
     options_path = os.path.join(state, "options.json")
     if os.path.exists(options_path):
         with open(options_path) as f:
@@ -293,11 +322,14 @@ def build(opts: BuildOptions) -> dict:
             if os.path.exists(journal) and os.path.getsize(journal) > 0:
                 raise BuildError(f"{out} holds an unfinished build with other options; re-run that command, "
                                  f"or delete {state} to start over")
-            shutil.rmtree(state)  # nothing was finished under the old options: start over
-            os.makedirs(state)
+            for name in os.listdir(state):   # nothing was finished under the old options: start over
+                if name != LOCK_NAME:
+                    path = os.path.join(state, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     mf.atomic_write(options_path, json.dumps({"fingerprint": fp, **opts.content()}))
-    for name in os.listdir(out):  # leftovers of a shard that was being written when killed
-        if name.endswith(".tmp"):
+    own_tmp = re.compile(rf"{re.escape(opts.prefix)}-\d{{6}}\.(tar|idx)\.tmp")
+    for name in os.listdir(out):  # leftovers of a shard this build was writing when killed
+        if own_tmp.fullmatch(name):
             os.remove(os.path.join(out, name))
 
     try:
@@ -326,8 +358,7 @@ def build(opts: BuildOptions) -> dict:
     class_counts: Counter = Counter()
     first_index = next_index
     t0, n_new = time.time(), 0
-    bar = tqdm(total=hi - lo, initial=pos - lo, unit="img", desc="build", disable=not opts.progress,
-               mininterval=0.5, file=sys.stderr, smoothing=0.05)
+    bar = Progress(hi - lo, "build", unit="img", initial=pos - lo, enabled=opts.progress, every=30.0)
 
     def open_writer():
         name = f"{opts.prefix}-{shard_no:06d}"
@@ -348,7 +379,7 @@ def build(opts: BuildOptions) -> dict:
         shard_no += 1
         first_index = next_index
         writer, rejects, class_counts = None, [], Counter()
-        bar.set_postfix(shards=shard_no, rejected=sum(len(r["rejected"]) for r in done), refresh=False)
+        bar.set_postfix(shards=shard_no, rejected=sum(len(r["rejected"]) for r in done))
 
     try:
         for p, (item, res) in enumerate(ordered_map((plan[q] for q in range(pos, hi)), opts.image, workers),

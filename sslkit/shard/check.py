@@ -136,19 +136,34 @@ def _verify_star(args):
     return verify_shard(*args)
 
 
-def verify(directory: str, full: bool = False, workers: int = 1) -> dict:
-    """Raise VerifyError/ManifestError on the first mismatch; return a summary when all is well."""
+LONG_VERIFY_BYTES = 2_000_000_000   # off a terminal, progress lines only for folders this large (> ~10 s)
+
+
+def verify(directory: str, full: bool = False, workers: int = 1, progress: bool | None = None) -> dict:
+    """Raise VerifyError/ManifestError on the first mismatch; return a summary when all is well.
+    `progress` None: a bar on a terminal, and off it lines every 30 s for folders over 2 GB."""
+    import sys
+
+    from ..progress import Progress
     m = mf.load(directory)
     n_classes = len(m["classes"]) if m["classes"] else None
     if mf.is_adopted(m):
         jobs = [("adopted", directory, m, k, full) for k in range(len(m["shards"]))]
     else:
         jobs = [(directory, s, m["components"], n_classes, full) for s in m["shards"]]
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            decoded = sum(pool.imap(_verify_star, jobs))
-    else:
-        decoded = sum(_verify_star(j) for j in jobs)
+    if progress is None:
+        progress = sys.stderr.isatty() or sum(s["bytes"] for s in m["shards"]) > LONG_VERIFY_BYTES
+    decoded = 0
+    with Progress(m["total"], "verify", unit="img", enabled=progress, every=30.0) as bar:
+        if workers > 1 and len(jobs) > 1:
+            with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+                for n, shard in zip(pool.imap(_verify_star, jobs), m["shards"]):
+                    decoded += n
+                    bar.update(shard["count"])
+        else:
+            for job, shard in zip(jobs, m["shards"]):
+                decoded += _verify_star(job)
+                bar.update(shard["count"])
     return {"shards": len(m["shards"]), "total": m["total"], "decoded": decoded}
 
 

@@ -13,9 +13,9 @@ import os
 import sys
 import tarfile
 
-from tqdm import tqdm
 
 from .. import __version__
+from ..progress import Progress
 from . import manifest as mf
 from .build import BuildError, _class_order, format_rejects
 from .tarwriter import ShardWriter, read_index, split_name
@@ -138,7 +138,7 @@ def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool
     shards, rejects, class_counts = [], [], {}
     index = 0
     total = sum(m["total"] for _, m in manifests)
-    bar = tqdm(total=total, unit="img", desc="merge", disable=not progress, file=sys.stderr)
+    bar = Progress(total, "merge", unit="img", enabled=progress, every=30.0)
     for d, m in manifests:
         remap = None
         if classes is not None:

@@ -95,6 +95,13 @@ class ListSource:
         return header.index(col)
 
     def items(self) -> Iterator[Item]:
+        try:
+            yield from self._rows()
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{self.path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}); "
+                              "save the list as UTF-8") from None
+
+    def _rows(self) -> Iterator[Item]:
         with open(self.path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f, delimiter=self.delimiter)
             header = next(reader, []) if self.has_header else []

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 READ_SIZE = 8 << 20
 
 
@@ -39,62 +40,67 @@ class ScanResult:
 
 
 class _Buffered:
-    """Sequential reads of one file through a sliding window, hashing every byte exactly once."""
+    """Sequential reads of one file through a sliding window, hashing every byte exactly once. `drop`
+    only moves a mark; the window is compacted when the next block is read, so skipping a member costs
+    no copy."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
-        self.buf, self.base, self.eof = b"", 0, False
+        self.buf, self.base, self.keep, self.eof = b"", 0, 0, False
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
 
     def _fill(self, end: int):
-        while self.base + len(self.buf) < end and not self.eof:
-            block = self.f.read(max(READ_SIZE, end - self.base - len(self.buf)))
+        while self.end < end and not self.eof:
+            block = self.f.read(max(READ_SIZE, end - self.end))
             if not block:
                 self.eof = True
                 break
             self.sha.update(block)
-            self.buf += block
+            cut = max(0, min(self.keep, self.end) - self.base)
+            self.buf, self.base = self.buf[cut:] + block, self.base + cut
 
     def get(self, start: int, n: int) -> bytes | None:
         """Bytes [start, start + n), or None when the file ends first."""
-        self._fill(start + n)
         lo = start - self.base
         if lo < 0:
             raise AssertionError("tar scan went backwards")
-        if self.base + len(self.buf) < start + n:
-            return None
+        if lo + n > len(self.buf):
+            self._fill(start + n)
+            lo = start - self.base
+            if lo + n > len(self.buf):
+                return None
         return self.buf[lo:lo + n]
 
     def drop(self, before: int):
         """Forget bytes before `before` (they were hashed already); reads on through a large member
         block by block without keeping it."""
-        while self.base + len(self.buf) < before and not self.eof:
-            self.base += len(self.buf)
-            self.buf = b""
-            self._fill(min(before, self.base + READ_SIZE))
-        cut = min(before, self.base + len(self.buf)) - self.base
-        if cut > 0:
-            self.buf, self.base = self.buf[cut:], self.base + cut
+        while self.end < before and not self.eof:
+            self.buf, self.base = b"", self.end
+            self._fill(min(before, self.end + READ_SIZE))
+        self.keep = max(self.keep, min(before, self.end))
 
     def drain(self) -> int:
         """Hash the rest of the file; return its size."""
         while not self.eof:
-            self.base += len(self.buf)
-            self.buf = b""
-            self._fill(self.base + READ_SIZE)
-        return self.base + len(self.buf)
+            self.buf, self.base = b"", self.end
+            self._fill(self.end + READ_SIZE)
+        return self.end
 
 
 def _octal(field_bytes: bytes) -> int:
-    if field_bytes and field_bytes[0] & 0x80:          # GNU base-256 for sizes over 8 GB
+    if field_bytes[0] & 0x80:          # GNU base-256 for sizes over 8 GB
         return int.from_bytes(field_bytes[1:], "big")
-    text = field_bytes.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    return int(field_bytes.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
 def _header_ok(h: bytes) -> bool:
     stored = _octal(h[148:156])
-    return stored in (sum(h[:148]) + 256 + sum(h[156:]),
-                      sum((b - 256 if b > 127 else b) for b in h[:148] + b" " * 8 + h[156:]))
+    if stored == sum(h[:148]) + 256 + sum(h[156:]):      # the checksum field counts as 8 spaces
+        return True
+    return stored == sum((b - 256 if b > 127 else b) for b in h[:148] + b" " * 8 + h[156:])  # old signed tars
 
 
 def _pax(data: bytes) -> dict[str, str]:
@@ -111,8 +117,9 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanResult:
-    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`."""
+def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_members: int | None = None) -> ScanResult:
+    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`.
+    With `max_members`, stop after that many (a peek: no sha256, `bytes` 0)."""
     res = ScanResult()
     with open(path, "rb") as f:
         r = _Buffered(f)
@@ -120,10 +127,10 @@ def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanRes
         while True:
             h = r.get(pos, BLOCK)
             if h is None:
-                if pos < r.base + len(r.buf):
+                if pos < r.end:
                     res.damage = f"the file ends inside a tar header at byte {pos}"
                 break   # tar without its end-of-archive blocks: every complete member is still there
-            if h == bytes(BLOCK):
+            if h == ZERO_BLOCK:
                 break   # end of archive
             if not _header_ok(h):
                 res.damage = f"a damaged tar header at byte {pos}"
@@ -138,8 +145,8 @@ def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanRes
                     break
                 if kind == b"L":
                     long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                elif kind == b"x":
-                    pax = _pax(body)
+                elif kind == b"x" and (b"path=" in body or b"size=" in body):
+                    pax = _pax(body)   # only names and sizes matter here (webdataset writes mtime records)
                 pos = nxt
                 continue
             name = long_name or pax.get("path") or _ustar_name(h)
@@ -157,13 +164,15 @@ def scan(path: str, want: Callable[[str], bool] = lambda name: False) -> ScanRes
                     break
             else:
                 r.drop(data_at + size)
-                if r.base + len(r.buf) < data_at + size:
+                if r.end < data_at + size:
                     res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
                     res.damaged_member = name
                     break
             res.members.append(Member(name, data_at, size, data))
+            if max_members is not None and len(res.members) >= max_members:
+                return res
             pos = nxt
-            r.drop(min(pos, r.base + len(r.buf)))
+            r.drop(pos)
         res.bytes = r.drain()
         res.sha256 = r.sha.hexdigest()
     return res
