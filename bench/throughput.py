@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help="train mode: the backbone (default: the preset's)")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="train mode: a config override as train.py's --set (repeatable)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="train mode: torch intra-op threads (0: OMP_NUM_THREADS when set, else the share of the cores "
+                        "the row's DALI threads leave, as the CLIs set it; sslkit.threads)")
     p.add_argument("--train-preset", default=None,
                    help="train mode: the method's preset (default: tiny on CPU, the method's default on GPU)")
     p.add_argument("--smoke", action="store_true",
@@ -118,6 +121,8 @@ def parse_args(argv=None):
         args.hw_list = [None] if args.device == "cpu" else (
             [default_hw_decoder_load(0)] if args.hw_decoder_load is None
             else [_share(x) for x in args.hw_decoder_load.split(",")])
+        if args.torch_threads < 0:
+            raise BenchError("--torch-threads must be >= 0 (0: automatic)")
         if min(args.rounds, args.batches) < 1 or args.warmup < 0:
             raise BenchError("--rounds and --batches must be >= 1, --warmup >= 0")
     except BenchError as e:

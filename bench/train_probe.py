@@ -39,6 +39,7 @@ def train_records(args, cfg) -> list[dict]:
     from sslkit.config import TrainConfig, apply_overrides, parse_set
     from sslkit.log import get_logger
     from sslkit.methods import method_entry
+    from sslkit.threads import use_threads
 
     name = args.method or "deepclusterv2"
     entry = method_entry(name)
@@ -57,6 +58,9 @@ def train_records(args, cfg) -> list[dict]:
     rec = new_record("train", f"{name}:{preset or 'default'}", "trainer", args, cfg)
     rec.update(method=name, arch=tcfg.arch, preset=preset, steps_per_s={"real": None, "synthetic": None},
                data_stall_pct=None, recipe={"config": {k: str(v) for k, v in vars(tcfg).items()}})
+    # torch beside DALI, as the CLIs run it: the share of the cores that this row's DALI threads leave
+    threads = use_threads(args.device, cfg["threads"], getattr(args, "torch_threads", 0))
+    rec.update(torch_threads=threads.torch, torch_threads_from=threads.torch_from)
     try:
         info = dist.init(tcfg.device)
         run = trainer.build(tcfg, info, get_logger(0))

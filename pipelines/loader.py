@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from nvidia.dali import pipeline_def
 
 from sslkit.errors import SslkitError
+from sslkit import threads
 
 from .augment import image_shape
 from .family import GraphInputs, Pipeline
@@ -73,16 +73,10 @@ class LoaderConfig:
             raise LoaderError(f"hw_decoder_load={self.hw_decoder_load}: expected 0..1")
 
 
-# DALI threads per GPU beyond which more did not help (H200, 2026-11-30: 4 threads beat 16 for every
-# graph; the GPU does the pixel work, the threads only feed it). bench/gpu.sh's sweep re-measures it.
-GPU_THREADS = 4
-
-
 def default_threads(processes_per_machine: int = 1, device: str = "cpu") -> int:
-    """This process' share of the CPU cores it may use; at most GPU_THREADS for a GPU pipeline."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // max(1, processes_per_machine))
-    return min(share, GPU_THREADS) if device == "gpu" else share
+    """This process' share of the CPU cores it may use; at most sslkit.threads.GPU_THREADS for a GPU
+    pipeline (sslkit.threads, which also gives torch its threads beside these)."""
+    return threads.dali_threads(threads.core_share(threads.machine_cores(), processes_per_machine), device)
 
 
 def default_hw_decoder_load(device_id: int) -> float:

@@ -12,6 +12,7 @@ import sys
 # modules are imported by `main` once the arguments are known.
 from ..errors import SslkitError
 from ..progress import DEFAULT_EVERY
+from ..threads import use_threads
 from . import defaults
 
 DESCRIPTION = """\
@@ -79,7 +80,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the trunk runs and DALI decodes (auto: cuda when torch sees a GPU)")
     g.add_argument("--batch-size", type=int, default=256, help="images per batch: extraction and probe (256)")
-    g.add_argument("--threads", type=int, default=0, help="DALI CPU threads (0: this machine's cores)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="DALI CPU threads (0: this process' share of the cores; at most 4 with --device cuda)")
+    g.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads (0: OMP_NUM_THREADS when set, else the share of the cores that "
+                        "DALI's threads leave, at least 1)")
     g.add_argument("--cache-dir", default=defaults.DEFAULT_CACHE,
                    help=f"feature cache folder ({defaults.DEFAULT_CACHE}; env SSLKIT_EVAL_CACHE)")
     g.add_argument("--no-cache", action="store_true", help="extract into memory only")
@@ -134,12 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args: argparse.Namespace, argv: list[str]):
+def options(args: argparse.Namespace, argv: list[str], plan=None):
     from .runner import EvalOptions
     fields = set(EvalOptions.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in fields}
     kw["cache_dir"] = None if args.no_cache else args.cache_dir
     kw["extra"] = {"command": "python -m sslkit.eval " + " ".join(shlex.quote(a) for a in argv)}
+    if plan is not None:
+        kw["extra"]["threads"] = {"dali": plan.dali, "torch": plan.torch, "torch_from": plan.torch_from,
+                                  "cores": plan.cores, "processes": plan.processes}
     return EvalOptions(**kw)
 
 
@@ -152,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SslkitError(f"--size {args.size} / --resize {args.resize}: need 8 <= size <= resize")
         if args.progress_every <= 0:
             raise SslkitError(f"--progress-every {args.progress_every}: expected seconds > 0")
+        if args.threads < 0 or args.torch_threads < 0:
+            raise SslkitError("--threads / --torch-threads: expected a count >= 0 (0: automatic)")
         from ..deps import require_dali
         require_dali("sslkit eval")
         import torch
@@ -160,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import run, title
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        report = run(options(args, argv))
+        # torch beside DALI: each takes its part of this process' share of the cores (sslkit.threads)
+        plan = use_threads("gpu" if args.device == "cuda" else "cpu", args.threads, args.torch_threads)
+        logging.getLogger("sslkit.eval").info("%s", plan.describe())
+        args.threads = plan.dali
+        report = run(options(args, argv, plan))
     except SslkitError as e:
         # the pipeline's and manifest's own one-line errors are not SslkitError subclasses (yet)
         print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,9 @@ output shards are kept. The teacher's scores stay in --work (default OUT/.pseudo
 with another --top-k (and another --out, same --work) selects again without running the teacher.
 """
 
+TORCH_THREADS_HELP = ("torch intra-op threads per rank (0: OMP_NUM_THREADS when set, else the share of the cores "
+                      "that the DALI threads leave, at least 1)")
+
 
 def label_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -63,6 +66,7 @@ def label_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=parse_size, default=1_000_000_000, help="bytes per output shard at most")
     p.add_argument("--io-threads", type=int, default=8, help="source shards read in parallel while copying")
     p.add_argument("--loader-threads", type=int, default=0, help="DALI threads per rank (0: its share of the cores)")
+    p.add_argument("--torch-threads", type=int, default=0, help=TORCH_THREADS_HELP)
     p.add_argument("--stop-after-chunks", type=int, default=None, metavar="N",
                    help="time-boxed runs: every rank stops after N new chunks; re-run to continue")
     p.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
@@ -81,7 +85,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: size / 0.875)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--loader-threads", type=int, default=0)
+    p.add_argument("--loader-threads", type=int, default=0, help="DALI threads (0: this process' share of the cores)")
+    p.add_argument("--torch-threads", type=int, default=0, help=TORCH_THREADS_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -100,6 +105,19 @@ def random_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _threads(args, log):
+    """Each rank's DALI and torch threads from its share of the cores (sslkit.threads), logged once."""
+    import torch
+
+    from ..threads import use_threads
+    if args.loader_threads < 0 or args.torch_threads < 0:
+        raise SslkitError("--loader-threads / --torch-threads: expected a count >= 0 (0: automatic)")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    plan = use_threads("gpu" if on_gpu else "cpu", args.loader_threads, args.torch_threads)
+    log.info("%s", plan.describe())
+    return plan
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -107,10 +125,11 @@ def main(argv=None) -> int:
             args = evaluate_parser().parse_args(argv[1:])
             require_dali("sslkit pseudolabel evaluate")
             from ..log import get_logger
-            get_logger(0)
+            log = get_logger(0)
             from .evaluate import evaluate
+            threads = _threads(args, log)
             r = evaluate(args.ckpt, args.data, size=args.size, resize=args.resize, batch_size=args.batch_size,
-                         device=args.device, loader_threads=args.loader_threads, progress=not args.no_progress)
+                         device=args.device, loader_threads=threads.dali, progress=not args.no_progress)
             k = next(key for key in r if key.startswith("top") and key != "top1")
             print(f"{args.data}: top-1 {100 * r['top1']:.2f}%  {k} {100 * r[k]:.2f}%  ({r['samples']} images, "
                   f"{r['checkpoint']}, step {r['step']})")
@@ -126,14 +145,15 @@ def main(argv=None) -> int:
         args = label_parser().parse_args(argv)
         require_dali("sslkit pseudolabel")
         from ..log import get_logger
-        get_logger(int(os.environ.get("RANK", "0")))
+        log = get_logger(int(os.environ.get("RANK", "0")))
         from .run import Options, pseudolabel
+        threads = _threads(args, log)
         o = Options(teacher=args.teacher, data=args.data, out=args.out, top_p=args.top_p, top_k=args.top_k,
                     size=args.size, resize=args.resize, batch_size=args.batch_size, chunk=args.chunk,
                     device=args.device, precision=args.precision, work=args.work, shuffle=not args.no_shuffle,
                     seed=args.seed,
                     prefix=args.prefix, max_count=args.max_count, max_size=args.max_size, io_threads=args.io_threads,
-                    loader_threads=args.loader_threads, progress=not args.no_progress,
+                    loader_threads=threads.dali, progress=not args.no_progress,
                     stop_after_chunks=args.stop_after_chunks, stop_after_shards=args.stop_after_shards)
         pseudolabel(o)
         return 0

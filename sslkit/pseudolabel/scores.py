@@ -36,6 +36,7 @@ import torch
 
 from ..progress import Progress
 from ..shard import manifest as mf
+from ..threads import plan_threads
 from .select import top_p
 from .teacher import PseudolabelError, Teacher
 
@@ -144,8 +145,7 @@ def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank:
             os.remove(os.path.join(rdir, name))
 
     on_gpu = o.device == "cuda"
-    threads = o.loader_threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                           else os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = o.loader_threads or plan_threads("gpu" if on_gpu else "cpu").dali
     try:
         loader = make_loader("eval_val", data_dir, batch_size=o.batch_size, device="gpu" if on_gpu else "cpu",
                              rank=rank, world_size=world_size, seed=0, shuffle_buffer=1, size=o.size,
