@@ -145,3 +145,15 @@ def test_info_into_a_closed_pipe_says_nothing_more(small):
     r = subprocess.run(f"{PY} -m sslkit.shard info {small} | head -1", shell=True, capture_output=True, text=True,
                        cwd=REPO)
     assert r.stdout.strip() == small and r.stderr == ""
+
+
+def test_the_trainer_names_the_manifest_field_too(small, tmp_path):
+    d = str(tmp_path / "m")
+    shutil.copytree(small, d)
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    m["shards"][0].pop("count")
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    r = subprocess.run([PY, "train.py", "--preset", "tiny", "--data", d, "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "manifest.json: shards[0] lacks 'count'" in r.stderr.strip().splitlines()[-1]
