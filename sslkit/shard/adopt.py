@@ -150,6 +150,9 @@ def _label(members: dict, tar: str, label: str, field_name: str | None):
         raise ValueError(f"the json member has no field {field_name!r} holding an integer or a string") from None
 
 
+_BLANK = re.compile(r"\s")
+
+
 def _not_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
@@ -206,8 +209,8 @@ def index_shard(job: tuple) -> dict:
         image_ext = next((e for e in o["image_ext"] if e in members), None)
         if reason is None and image_ext is None:
             reason = f"no image member ({'/'.join(o['image_ext'])}); it has {', '.join(sorted(members)) or 'nothing'}"
-        if reason is None and any(re.search(r"\s", m.name) or not m.name.isprintable() or _not_utf8(m.name)
-                                  for m in members.values()):
+        if reason is None and any(not m.name.isprintable() or _BLANK.search(m.name)
+                                  or not m.name.isascii() and _not_utf8(m.name) for m in members.values()):
             reason = "a member name holds white space or bytes that are not UTF-8 text, which DALI's index cannot hold"
         label = None
         if reason is None and o["label"] != "none":

@@ -16,6 +16,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 READ_SIZE = 8 << 20
@@ -93,12 +95,15 @@ class _Buffered:
 def _octal(field_bytes: bytes) -> int:
     if field_bytes[0] & 0x80:          # GNU base-256 for sizes over 8 GB
         return int.from_bytes(field_bytes[1:], "big")
-    return int(field_bytes.split(b"\0", 1)[0].strip() or b"0", 8)
+    try:
+        return int(field_bytes.strip(b" \0") or b"0", 8)   # the usual forms: "0001234\0", "001234\0 "
+    except ValueError:
+        return int(field_bytes.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
 def _header_ok(h: bytes) -> bool:
-    stored = _octal(h[148:156])
-    if stored == sum(h[:148]) + 256 + sum(h[156:]):      # the checksum field counts as 8 spaces
+    stored, field = _octal(h[148:156]), h[148:156]
+    if stored == sum(h) - sum(field) + 256:      # the checksum field counts as 8 spaces
         return True
     return stored == sum((b - 256 if b > 127 else b) for b in h[:148] + b" " * 8 + h[156:])  # old signed tars
 
@@ -117,65 +122,112 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
+class _Headers:
+    """Headers met so far, checked in batches (a numpy sum is ~20x cheaper than Python's per header):
+    the scan runs ahead on each header's size and, when a checksum fails, is cut back to that header."""
+    BATCH = 4096
+
+    def __init__(self):
+        self.blocks: list[bytes] = []
+        self.where: list[tuple[int, int]] = []     # (byte offset, members listed before it)
+
+    def add(self, h: bytes, pos: int, members: int) -> int | None:
+        self.blocks.append(h)
+        self.where.append((pos, members))
+        return self.check() if len(self.blocks) >= self.BATCH else None
+
+    def check(self) -> int | None:
+        """The first failing header's index into `where`, or None (then the batch is forgotten)."""
+        if not self.blocks:
+            return None
+        arr = np.frombuffer(b"".join(self.blocks), np.uint8).reshape(-1, BLOCK)
+        sums = arr.sum(1, dtype=np.int64) - arr[:, 148:156].sum(1, dtype=np.int64) + 256
+        for i in np.flatnonzero(sums != [_stored_checksum(h) for h in self.blocks]):
+            if not _header_ok(self.blocks[i]):          # the signed variant of old tars, one by one
+                return int(i)
+        self.blocks, self.where = [], []
+        return None
+
+
+def _stored_checksum(h: bytes) -> int:
+    try:
+        return _octal(h[148:156])
+    except ValueError:
+        return -1
+
+
 def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_members: int | None = None) -> ScanResult:
     """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`.
     With `max_members`, stop after that many (a peek: no sha256, `bytes` 0)."""
     res = ScanResult()
+    headers = _Headers()
     with open(path, "rb") as f:
         r = _Buffered(f)
-        pos, long_name, pax = 0, None, {}
-        while True:
-            h = r.get(pos, BLOCK)
-            if h is None:
-                if pos < r.end:
-                    res.damage = f"the file ends inside a tar header at byte {pos}"
-                break   # tar without its end-of-archive blocks: every complete member is still there
-            if h == ZERO_BLOCK:
-                break   # end of archive
-            if not _header_ok(h):
-                res.damage = f"a damaged tar header at byte {pos}"
-                break
-            size = int(pax["size"]) if "size" in pax else _octal(h[124:136])
-            kind = h[156:157]
-            data_at, nxt = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
-            if kind in (b"L", b"x", b"g"):
-                body = r.get(data_at, size)
-                if body is None:
-                    res.damage = f"the file ends inside a tar header at byte {pos}"
-                    break
-                if kind == b"L":
-                    long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                elif kind == b"x" and (b"path=" in body or b"size=" in body):
-                    pax = _pax(body)   # only names and sizes matter here (webdataset writes mtime records)
-                pos = nxt
-                continue
-            name = long_name or pax.get("path") or _ustar_name(h)
-            long_name, pax = None, {}
-            if kind not in (b"0", b"\0", b"7"):
-                res.ignored += 1
-                pos = nxt
-                continue
-            data = None
-            if want(name):
-                data = r.get(data_at, size)
-                if data is None:
-                    res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
-                    res.damaged_member = name
-                    break
-            else:
-                r.drop(data_at + size)
-                if r.end < data_at + size:
-                    res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
-                    res.damaged_member = name
-                    break
-            res.members.append(Member(name, data_at, size, data))
-            if max_members is not None and len(res.members) >= max_members:
-                return res
-            pos = nxt
-            r.drop(pos)
+        try:
+            bad = _walk(r, res, headers, want, max_members)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:   # fields of a damaged header
+            bad = headers.check()
+            if bad is None:
+                res.damage = f"an unreadable tar header ({e})"
+        if bad is None:
+            bad = headers.check()
+        if bad is not None:
+            pos, listed = headers.where[bad]
+            del res.members[listed:]
+            res.damage, res.damaged_member = f"a damaged tar header at byte {pos}", None
+        if max_members is not None and len(res.members) >= max_members:
+            return res
         res.bytes = r.drain()
         res.sha256 = r.sha.hexdigest()
     return res
+
+
+def _walk(r: _Buffered, res: ScanResult, headers: _Headers, want, max_members) -> int | None:
+    """The header loop of `scan`; returns a failing header's index when a batch check finds one."""
+    pos, long_name, pax = 0, None, {}
+    while True:
+        h = r.get(pos, BLOCK)
+        if h is None:
+            if pos < r.end:
+                res.damage = f"the file ends inside a tar header at byte {pos}"
+            return None   # a tar without its end-of-archive blocks: every complete member is still there
+        if h == ZERO_BLOCK:
+            return None   # end of archive
+        bad = headers.add(h, pos, len(res.members))
+        if bad is not None:
+            return bad
+        size = int(pax["size"]) if "size" in pax else _octal(h[124:136])
+        kind = h[156:157]
+        data_at, nxt = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
+        if kind in (b"L", b"x", b"g"):
+            body = r.get(data_at, size)
+            if body is None:
+                res.damage = f"the file ends inside a tar header at byte {pos}"
+                return None
+            if kind == b"L":
+                long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x" and (b"path=" in body or b"size=" in body):
+                pax = _pax(body)   # only names and sizes matter here (webdataset writes mtime records)
+            pos = nxt
+            continue
+        name = long_name or pax.get("path") or _ustar_name(h)
+        long_name, pax = None, {}
+        if kind not in (b"0", b"\0", b"7"):
+            res.ignored += 1
+            pos = nxt
+            continue
+        data = r.get(data_at, size) if want(name) else None
+        if data is None:
+            r.drop(data_at + size)
+            if r.end < data_at + size:
+                res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+                res.damaged_member = name
+                return None
+        res.members.append(Member(name, data_at, size, data))
+        if max_members is not None and len(res.members) >= max_members:
+            return None
+        pos = nxt
+        r.drop(pos)
 
 
 def _ustar_name(h: bytes) -> str:
