@@ -379,16 +379,21 @@ def shard_images(directory: str, limit: int | None = None) -> Iterator[np.ndarra
 
 
 def _prior_cli(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from .progress import Progress
     from .shard import load
 
     total = load(args.data)["total"]
     n = total if args.limit is None else min(args.limit, total)
     if n == 0:
         raise ValueError(f"{args.data}: no samples")
-    prior = ab_prior(tqdm(shard_images(args.data, args.limit), total=n, unit="img", desc="ab prior"),
-                     size=args.size or None)
+
+    def counted(images, bar):
+        for image in images:
+            yield image
+            bar.update(1)
+
+    with Progress(n, "ab prior", unit="img") as bar:
+        prior = ab_prior(counted(shard_images(args.data, args.limit), bar), size=args.size or None)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(args.out, prior)
     p = prior[prior > 0]

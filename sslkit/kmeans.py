@@ -155,7 +155,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk_size: int | None = No
 @torch.no_grad()
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None,
                      group: dist.ProcessGroup | None = None, init_centroids: torch.Tensor | None = None,
-                     *, chunk_size: int | None = None, on_iteration=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     *, chunk_size: int | None = None, on_iteration=None,
+                     on_round_done=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepClusterV2's distributed spherical k-means on this rank's rows.
 
     Args:
@@ -170,6 +171,8 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.
         chunk_size: rows per E-step chunk; None sizes chunks to E_STEP_MAX_ELEMENTS scores.
         on_iteration: called before each round on every rank (e.g. a collective preemption check,
             so a long clustering stops within one round of a signal).
+        on_round_done: called after each round on every rank (progress display; it must not run
+            a collective on some ranks only).
 
     Returns:
         (centroids [k, d] float32 unit rows, identical on all ranks; assignments [n_local] int64).
@@ -200,6 +203,8 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(sums.dtype)
         centroids = F.normalize(centroids, dim=1)
+        if on_round_done is not None:
+            on_round_done()
     return centroids, assign(x, centroids, chunk_size)
 
 

@@ -77,20 +77,21 @@ class Progress:
         if self.bar is not None and not self.closed:
             self.bar.set_postfix({k: _fmt(v) for k, v in self.postfix.items()}, refresh=False)
 
-    def close(self) -> None:
+    def close(self, note: str = "done") -> None:
         if self.closed:
             return
         self.closed = True
         if self.bar is not None:
             self.bar.close()
         else:
-            self._line("done")
+            self._line(note)
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # a step left by an exception (a preemption, an error) did not finish: say so
+        self.close("done" if exc_type is None else "stopped")
 
     def status(self, note: str = "") -> str:
         """The line written off a terminal."""

@@ -350,3 +350,23 @@ def test_one_line_errors(base, tmp_path, capsys):
     assert main(["--teacher", str(tmp_path / "nothing"), "--data", base["data"], "--out", str(tmp_path / "o4")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and err[-1].endswith("nothing: no such file or folder")
+
+
+def test_progress_lines_off_a_terminal(base, capsys):
+    """The teacher pass, the student write, evaluate and the random-label copy: plain lines with rate and
+    ETA off a terminal (pytest's stderr), never tqdm's carriage returns."""
+    out = str(base["root"] / "progress")
+    pseudolabel(options(base, out, progress=True, progress_every=1e-9))
+    evaluate(base["teacher"], base["data"], size=32, resize=37, batch_size=16, device="cpu", progress_every=1e-9)
+    random_labels(out, str(base["root"] / "progress-random"), seed=3, progress_every=1e-9)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    n_out = manifest_of(out)["total"]
+    for desc, total in (("teacher (rank 0 of 1)", N_IMAGES), ("write", n_out), ("evaluate pool", N_IMAGES),
+                        ("random labels", n_out)):
+        mine = [ln for ln in lines if ln.startswith(desc + ": ")]
+        assert mine[0].endswith("| started") and mine[-1].endswith("| done"), (desc, mine)
+        assert f"{total}/{total} img (100%)" in mine[-1], (desc, mine[-1])
+        assert any(" img/s | " in ln and "| eta " in ln for ln in mine[1:-1]), (desc, mine)
+    assert "top1 " in [ln for ln in lines if ln.startswith("evaluate pool: ")][-1]

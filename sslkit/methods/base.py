@@ -13,7 +13,8 @@ Optional hooks: `on_train_start(loader)` (before the first epoch of a fresh run)
 `prepare_benchmark()` (steps without a real history), and
 `rank_state_dict`/`load_rank_state_dict` for per-rank state (a memory bank) that the trainer saves in
 per-rank checkpoint files without looking inside. Long hooks call `ctx.check_stop()` between their
-steps: a collective that raises `sslkit.dist.Preempted` on every rank after a preemption signal.
+steps: a collective that raises `sslkit.dist.Preempted` on every rank after a preemption signal, and
+show their progress with `ctx.progress_bar(...)` (rank 0 only, display only).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from .. import models
 from ..config import ConfigError
+from ..progress import DEFAULT_EVERY, Progress
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,18 @@ class RunContext:
     channels_last: bool = False       # feed the backbone channels_last tensors (GPU)
     pipeline: dict = field(default_factory=dict)   # the loader's description of its pipeline
     check_stop: Callable = lambda: None            # collective; raises Preempted after a stop signal
+    progress: bool = True             # show long hooks' progress (rank 0 only; display, never a collective)
+    progress_every: float = DEFAULT_EVERY          # seconds between progress lines off a terminal
 
     def __post_init__(self):
         if self.autocast is None:
             import contextlib
             object.__setattr__(self, "autocast", contextlib.nullcontext)
+
+    def progress_bar(self, total: int | None, desc: str, unit: str) -> Progress:
+        """A long hook's progress: a bar on rank 0's terminal, plain lines with rate and ETA off it,
+        nothing on the other ranks. Display only: the same calls on every rank, no collective."""
+        return Progress(total, desc, unit=unit, enabled=self.progress and self.rank == 0, every=self.progress_every)
 
 
 class Method(nn.Module):

@@ -143,11 +143,13 @@ class DeepClusterV2(MultiCropMethod):
         self.bank_ptr = 0
         if ctx.log:
             ctx.log.info("filling the memory bank: one pass of %d batches before epoch 0", ctx.steps_per_epoch)
-        with torch.no_grad(), ctx.autocast():
+        with torch.no_grad(), ctx.autocast(), ctx.progress_bar(ctx.steps_per_epoch * ctx.batch_size,
+                                                                "memory bank", "img") as bar:
             for i, batch in enumerate(loader):
                 z = self.embed(batch["views"][:max(self.o.crops_for_assign) + 1])
                 # embed() saw only the first views, so crop c sits at rows c*n..(c+1)*n as in forward
                 self._remember(z, batch["index"], batch["index"].shape[0])
+                bar.update(batch["index"].shape[0])
                 if i % 20 == 19:
                     ctx.check_stop()
         if ctx.log:
@@ -167,14 +169,18 @@ class DeepClusterV2(MultiCropMethod):
         filled = self.bank_ptr
         banks = self.bank[:, :filled]
         index = self.bank_index[:filled]
-        for h, k in enumerate(self.o.n_prototypes):
-            # a generator per (seed, epoch, head): identical on every rank and after a resume
-            g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 101 + h)
-            j = h % len(self.o.crops_for_assign)
-            centroids, local = spherical_kmeans(banks[j], k, iters=self.o.kmeans_iters, generator=g, group=ctx.group,
-                                                on_iteration=ctx.check_stop)
-            getattr(self, f"prototypes{h}").copy_(centroids)
-            self.assignments[h] = gather_assignments(local, index, self.assignments.shape[1], group=ctx.group)
+        heads = len(self.o.n_prototypes)
+        with ctx.progress_bar(heads * self.o.kmeans_iters, f"k-means epoch {epoch} ({heads} heads)", "round") as bar:
+            for h, k in enumerate(self.o.n_prototypes):
+                # a generator per (seed, epoch, head): identical on every rank and after a resume
+                g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 101 + h)
+                j = h % len(self.o.crops_for_assign)
+                bar.set_postfix(head=f"{h + 1}/{heads}", k=k)
+                centroids, local = spherical_kmeans(banks[j], k, iters=self.o.kmeans_iters, generator=g,
+                                                    group=ctx.group, on_iteration=ctx.check_stop,
+                                                    on_round_done=bar.update)
+                getattr(self, f"prototypes{h}").copy_(centroids)
+                self.assignments[h] = gather_assignments(local, index, self.assignments.shape[1], group=ctx.group)
         self.bank_ptr = 0  # this epoch's embeddings overwrite the bank from the start
 
     def rank_state_dict(self) -> dict:

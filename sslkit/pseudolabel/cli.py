@@ -12,6 +12,7 @@ import sys
 from ..config import parse_size
 from ..deps import require_dali
 from ..errors import SslkitError
+from ..progress import DEFAULT_EVERY
 
 EPILOG = """\
 examples:
@@ -26,6 +27,17 @@ Re-running the same command after a kill resumes: finished chunks of the teacher
 output shards are kept. The teacher's scores stay in --work (default OUT/.pseudolabel/): a later run
 with another --top-k (and another --out, same --work) selects again without running the teacher.
 """
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
 
 TORCH_THREADS_HELP = ("torch intra-op threads per rank (0: OMP_NUM_THREADS when set, else the share of the cores "
                       "that the DALI threads leave, at least 1)")
@@ -71,7 +83,10 @@ def label_parser() -> argparse.ArgumentParser:
                    help="time-boxed runs: every rank stops after N new chunks; re-run to continue")
     p.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
                    help="time-boxed runs: stop after N new output shards; re-run to continue")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
+    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
+                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
     return p
 
 
@@ -88,7 +103,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-threads", type=int, default=0, help="DALI threads (0: this process' share of the cores)")
     p.add_argument("--torch-threads", type=int, default=0, help=TORCH_THREADS_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
+    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
+                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
     return p
 
 
@@ -101,7 +119,10 @@ def random_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="labelled shard folder")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
+    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
+                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
     return p
 
 
@@ -129,7 +150,8 @@ def main(argv=None) -> int:
             from .evaluate import evaluate
             threads = _threads(args, log)
             r = evaluate(args.ckpt, args.data, size=args.size, resize=args.resize, batch_size=args.batch_size,
-                         device=args.device, loader_threads=threads.dali, progress=not args.no_progress)
+                         device=args.device, loader_threads=threads.dali, progress=not args.no_progress,
+                         progress_every=args.progress_every)
             k = next(key for key in r if key.startswith("top") and key != "top1")
             print(f"{args.data}: top-1 {100 * r['top1']:.2f}%  {k} {100 * r[k]:.2f}%  ({r['samples']} images, "
                   f"{r['checkpoint']}, step {r['step']})")
@@ -140,7 +162,8 @@ def main(argv=None) -> int:
         if argv[:1] == ["random-labels"]:
             args = random_parser().parse_args(argv[1:])
             from .write import random_labels
-            random_labels(args.src, args.out, seed=args.seed, progress=not args.no_progress)
+            random_labels(args.src, args.out, seed=args.seed, progress=not args.no_progress,
+                          progress_every=args.progress_every)
             return 0
         args = label_parser().parse_args(argv)
         require_dali("sslkit pseudolabel")
@@ -153,7 +176,7 @@ def main(argv=None) -> int:
                     device=args.device, precision=args.precision, work=args.work, shuffle=not args.no_shuffle,
                     seed=args.seed,
                     prefix=args.prefix, max_count=args.max_count, max_size=args.max_size, io_threads=args.io_threads,
-                    loader_threads=threads.dali, progress=not args.no_progress,
+                    loader_threads=threads.dali, progress=not args.no_progress, progress_every=args.progress_every,
                     stop_after_chunks=args.stop_after_chunks, stop_after_shards=args.stop_after_shards)
         pseudolabel(o)
         return 0

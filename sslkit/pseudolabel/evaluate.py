@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 
 import torch
-from tqdm import tqdm
 
+from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
 from .teacher import PseudolabelError, default_resize, load_teacher
 
@@ -41,7 +40,8 @@ def class_map(model_classes: list[str], classes_from: str, data_classes: dict, d
 
 
 def evaluate(ckpt: str, data: str, size: int | None = None, resize: int | None = None, batch_size: int = 256,
-             device: str = "auto", loader_threads: int = 0, progress: bool = True) -> dict:
+             device: str = "auto", loader_threads: int = 0, progress: bool = True,
+             progress_every: float = DEFAULT_EVERY) -> dict:
     from pipelines import LoaderError, make_loader
 
     if device == "auto":
@@ -67,9 +67,8 @@ def evaluate(ckpt: str, data: str, size: int | None = None, resize: int | None =
     k = min(5, teacher.num_classes)
     n = top1 = topk = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=m["total"], unit="img", desc=f"evaluate {os.path.basename(os.path.normpath(data))}",
-               disable=not progress, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(m["total"], f"evaluate {os.path.basename(os.path.normpath(data))}",
+                                          unit="img", enabled=progress, every=progress_every) as bar:
         for batch in loader:
             x = batch["views"][0].to(dev)
             with autocast():
@@ -79,8 +78,7 @@ def evaluate(ckpt: str, data: str, size: int | None = None, resize: int | None =
             top1 += int((pred[:, 0] == target).sum())
             topk += int((pred == target[:, None]).any(1).sum())
             n += x.shape[0]
-            bar.update(x.shape[0])
-    bar.close()
+            bar.update(x.shape[0], top1=f"{100 * top1 / n:.1f}%")
     if n != m["total"]:
         raise PseudolabelError(f"{data}: the loader gave {n} samples of {m['total']}")
     return {"checkpoint": teacher.checkpoint, "step": teacher.step, "data": os.path.abspath(data), "samples": n,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..progress import DEFAULT_EVERY
 from ..shard import manifest as mf
 from . import scores as sc
 from .select import SelectionError, TopKSelector, records
@@ -44,6 +45,7 @@ class Options:
     io_threads: int = 8             # parallel source-shard reads when copying images
     loader_threads: int = 0
     progress: bool = True
+    progress_every: float = DEFAULT_EVERY   # seconds between progress lines off a terminal
     stop_after_chunks: int | None = None   # time-boxed runs and tests: stop after N new chunks per rank
     stop_after_shards: int | None = None   # ... or after N new output shards
 
@@ -100,7 +102,8 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
     size = o.size or teacher.size
     resize = o.resize or default_resize(size)
     po = sc.PassOptions(size=size, resize=resize, top_p=o.top_p, batch_size=o.batch_size, chunk=o.chunk,
-                        device=device, loader_threads=o.loader_threads, progress=o.progress, amp=o.precision)
+                        device=device, loader_threads=o.loader_threads, progress=o.progress, amp=o.precision,
+                        progress_every=o.progress_every)
     data_identity = mf.identity(data_m)
     fp = o.output_fingerprint(teacher.identity, data_identity, size, resize, po.precision)
     os.makedirs(o.out, exist_ok=True)
@@ -192,7 +195,8 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
         "max_size": o.max_size}}
     manifest = write_student(o.out, o.data, data_m, selection, teacher.classes, build, shuffle=o.shuffle,
                              seed=o.seed, prefix=o.prefix, max_count=o.max_count, max_size=o.max_size,
-                             io_threads=o.io_threads, progress=o.progress, max_shards=o.stop_after_shards)
+                             io_threads=o.io_threads, progress=o.progress, progress_every=o.progress_every,
+                             max_shards=o.stop_after_shards)
     if manifest is None:
         log.info("stopped after %d new output shard(s) (stop_after_shards); re-run the same command to continue",
                  o.stop_after_shards)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..progress import Progress
+from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
 from ..threads import plan_threads
 from .select import top_p
@@ -55,6 +55,7 @@ class PassOptions:
     device: str = "cpu"            # "cpu" | "cuda"
     loader_threads: int = 0        # DALI threads (0: this rank's share of the cores)
     progress: bool = True
+    progress_every: float = DEFAULT_EVERY   # seconds between progress lines off a terminal
     amp: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
 
     @property
@@ -174,7 +175,8 @@ def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank:
                 else contextlib.nullcontext)
     cls_dtype = torch.int16 if teacher.num_classes <= np.iinfo(np.int16).max else torch.int32
     # a bar on a terminal; off it (Slurm, nohup) a line with rate and ETA every 60 s
-    bar = Progress(total, f"teacher (rank 0 of {world_size})", initial=start, enabled=o.progress and rank == 0)
+    bar = Progress(total, f"teacher (rank 0 of {world_size})", initial=start, enabled=o.progress and rank == 0,
+                   every=o.progress_every)
     buf: list[tuple] = []
     written, n_new, corrupt = 0, 0, state.get("corrupt", 0) if state else 0
     t0 = time.perf_counter()

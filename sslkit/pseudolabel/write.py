@@ -24,9 +24,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import __version__
+from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
 from ..shard.build import format_rejects
 from ..shard.tarwriter import ShardWriter, read_index
@@ -298,7 +298,8 @@ def _cls(c: int) -> bytes:
 def write_student(out: str, data_dir: str, data_manifest: dict, selection, classes: list[str],
                   build: dict, *, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
                   max_count: int = 10_000, max_size: int = 1_000_000_000, io_threads: int = 8,
-                  progress: bool = True, max_shards: int | None = None) -> dict | None:
+                  progress: bool = True, progress_every: float = DEFAULT_EVERY,
+                  max_shards: int | None = None) -> dict | None:
     """Write the selected records (cls, score, index; canonical order from the selector) as a shard
     folder. Returns the manifest, or None after `max_shards` new shards (a time-boxed run)."""
     cls, score, index = selection
@@ -319,8 +320,7 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
         print(f"{out}: resuming after {len(shards.done)} complete shard(s), at sample {pos} of {n}", file=sys.stderr)
     source = SourceSamples(data_dir, data_manifest, index[pos:])
     known = set(classes)
-    bar = tqdm(total=n, initial=pos, unit="img", desc="write", disable=not progress, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = Progress(n, "write", unit="img", initial=pos, enabled=progress, every=progress_every)
     block = max(1, min(max_count, 4096))
     try:
         for b0 in range(pos, n, block):
@@ -346,6 +346,7 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
         shards.close()
     except BaseException:
         shards.abort()
+        bar.close("stopped")
         raise
     finally:
         bar.close()
@@ -365,7 +366,7 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
 # The random-label control
 # ------------------------------------------------------------------------------------------------
 
-def random_labels(src: str, out: str, seed: int = 0, progress: bool = True,
+def random_labels(src: str, out: str, seed: int = 0, progress: bool = True, progress_every: float = DEFAULT_EVERY,
                   max_shards: int | None = None) -> dict | None:
     """A copy of the labelled shard folder `src` whose labels are a random permutation (by `seed`) of
     its labels: the same images in the same order and the same class counts, but labels that say
@@ -393,8 +394,8 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True,
     # one output shard per source shard: the same boundaries
     shards = JournalledShards(out, journal, m.get("build", {}).get("prefix", "shard"), max_count=1 << 62,
                               max_size=1 << 62)
-    bar = tqdm(total=m["total"], initial=shards.position, unit="img", desc="random labels", disable=not progress,
-               file=sys.stderr)
+    bar = Progress(m["total"], "random labels", unit="img", initial=shards.position, enabled=progress,
+                   every=progress_every)
     try:
         for s, tar, idx in zip(m["shards"], tars, idxs):
             if s["first_index"] + s["count"] <= shards.position:
@@ -419,6 +420,7 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True,
                 return None
     except BaseException:
         shards.abort()
+        bar.close("stopped")
         raise
     finally:
         bar.close()
