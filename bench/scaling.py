@@ -387,7 +387,9 @@ def eval_once(run: Runner, kind: str, argv: list[str], out: str) -> dict:
     full = [kind, *argv, "--out", out]
     line = "python -m sslkit.eval " + " ".join(shlex.quote(x) for x in full)
     run.commands.append(line)
-    if not os.path.exists(out):
+    if os.path.exists(out):
+        run.reused.append(line)
+    else:
         from sslkit.eval.cli import main as eval_main
         print(f"\n$ {line}", flush=True)
         t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
@@ -442,6 +444,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     t_start, load_start = time.perf_counter(), list(os.getloadavg())
     run, py = Runner(), sys.executable
+    run.reused = []       # evaluations whose JSON an earlier invocation wrote (not run again)
     os.makedirs(a.work, exist_ok=True)
     print(f"scaling study: {a.method} ({a.train_preset}), axis {a.axis} = {a.values}, trunks {a.arches}, "
           f"{a.seeds} seed(s); work folder {a.work}", flush=True)
@@ -503,7 +506,8 @@ def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start,
               "references": {"pixels": pixels, "random": "each point's results[...]['random']"},
               "points": points,
               "commands": run.commands + [c for p in points if p.get("cached") for c in p["commands"]],
-              "commands_this_run": run.commands, "plot": a.plot if points else None,
+              "commands_this_run": run.commands, "reused_this_run": run.reused,
+              "plot": a.plot if points else None,
               "seconds": {**run.seconds, "total": time.perf_counter() - t_start}, "cpu_seconds": run.cpu_seconds,
               "load_average": {"start": load_start, "end": list(os.getloadavg())},
               "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

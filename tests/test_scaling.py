@@ -41,6 +41,8 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     assert os.stat(done).st_mtime_ns == stamp
     assert sorted(os.listdir(os.path.join(p1["pretrain"]["run"], "checkpoints"))) == ckpts
     assert not any(p1["pretrain"]["run"] in c for c in rep2["commands_this_run"])
+    # the raw-pixel reference was read back too (its four evaluations), nothing else was reused
+    assert len(rep2["reused_this_run"]) == 4 and all("--ckpt pixels" in c for c in rep2["reused_this_run"])
     assert p1["results"] == first["results"]
     # both points hold their commands: the pretraining run and every evaluation of the point
     for p, perms in ((p1, 10), (p2, 100)):
