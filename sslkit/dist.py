@@ -157,15 +157,19 @@ T = TypeVar("T")
 
 def on_main(fn: Callable[[], T], info: DistInfo) -> T | None:
     """`fn()` on rank 0 only (None elsewhere). Collective: every rank learns through one broadcast
-    whether it raised an SslkitError; rank 0 re-raises it, the others raise an AgreedError with its
-    message, so no rank waits in a later collective for a rank 0 that has stopped."""
+    whether it raised; rank 0 re-raises the error (a bug keeps its traceback there), the others raise
+    an AgreedError with its message, so no rank waits in a later collective for a rank 0 that stopped."""
     result, error = None, None
     if info.is_main:
         try:
             result = fn()
-        except SslkitError as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
             error = e
-    why = broadcast_object(None if error is None else str(error), info)
+    text = None
+    if error is not None:
+        text = str(error) if isinstance(error, SslkitError) else \
+            f"rank 0 failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+    why = broadcast_object(text, info)
     if error is not None:
         raise error
     if why is not None:
