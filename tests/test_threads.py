@@ -113,3 +113,26 @@ def test_pseudolabel_cli_threads(monkeypatch, torch_threads_restored):
     with pytest.raises(SslkitError, match="--torch-threads"):
         cli._threads(Namespace(loader_threads=0, torch_threads=-2, device="cpu"), log)
     assert cli.evaluate_parser().parse_args(["--ckpt", "c", "--data", "d", "--torch-threads", "2"]).torch_threads == 2
+
+
+def test_bench_threads_runs_every_row(sample_shards, tmp_path):
+    """bench/threads.py end to end at its smallest: both thread counts, alone and beside a busy loop,
+    a JSON with one timed round per row (the figures themselves are docs/BENCHMARKS.md's, not a test's)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    out = tmp_path / "threads.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    argv = [sys.executable, "bench/threads.py", "--data", sample_shards, "--rounds", "1", "--steps", "1",
+            "--batch-size", "8", "--json", str(out),
+            "--train-set", "method_options.kernel=torch"]     # the torch colour stage: no numba compilation
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert [(row["label"], row["hog"]) for row in rep["rows"]] == [
+        ("torch default", 0), ("sslkit.threads share", 0), ("torch default", 1), ("sslkit.threads share", 1)]
+    assert rep["rows"][1]["torch_threads"] == plan_threads("cpu", environ={}).torch
+    assert all(len(row["rounds"]) == 1 and row["s_per_step"]["median"] > 0 for row in rep["rows"])
+    assert "s/step" in r.stdout
