@@ -10,7 +10,8 @@
 - eval/convert/pseudolabel on a run whose newest checkpoint is corrupt: the previous one, with one line;
 - a read-only --out (a read-only mount: root ignores permission bits) and an --out under a file;
 - SIGTERM in DeepClusterV2's memory-bank pass: the message does not promise a checkpoint that is not there;
-- a lock left by a killed process: taken over with a warning; a held one refused.
+- a lock left by a killed process: taken over with a warning; a held one refused; log.jsonl is never
+  rewritten without the lock, and a full disk under it is one warning, not a crash of rank 0 alone.
 Shared: one 2-rank, 2-epoch run (checkpoints at steps 12 and 24) that each test copies. The two
 2-rank scenarios each inject two faults into one run: every torchrun launch costs ~15 s of start-up
 on 2 cores.
@@ -97,6 +98,17 @@ def flip_tensor_byte(path: str):
         f.seek(at)
         f.write(bytes([byte ^ 0x10]))
     torch.load(path, map_location="cpu", weights_only=False)  # still loads: only a checksum can tell
+
+
+class Lines(logging.Handler):
+    """The messages of the warnings a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 def rank_pid(proc, rank: int) -> int:
@@ -188,6 +200,24 @@ def test_the_log_is_never_rewritten_without_the_folders_lock(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [3]
 
 
+def test_a_full_disk_under_the_log_is_one_warning_not_a_crash_of_rank_0(tmp_path):
+    """Only rank 0 writes log.jsonl: an exception there would leave the other ranks waiting in their
+    next collective. A record that cannot be written is one warning; the run goes on to its next
+    checkpoint, which then stops every rank together (tested above)."""
+    path = tmp_path / "log.jsonl"
+    os.symlink("/dev/full", path)           # every write: ENOSPC
+    seen, logger = Lines(), logging.getLogger("sslkit")
+    logger.addHandler(seen)
+    try:
+        log = JsonLog(str(path))
+        for step in (3, 6, 9):
+            log.write({"kind": "step", "step": step})
+        log.close()
+    finally:
+        logger.removeHandler(seen)
+    assert len(seen.lines) == 1 and "no space left on device" in seen.lines[0] and str(path) in seen.lines[0]
+
+
 # -- dead peers, full disks, read-only folders ---------------------------------------------------------
 
 def read_only(folder: str) -> list[str]:
@@ -240,15 +270,6 @@ def test_a_flipped_byte_is_caught_and_a_full_disk_is_one_line_losing_nothing(sha
     assert not {"COMPLETE", "global.pt", "rank0.pt"} & set(os.listdir(failing))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000012"
     assert_checkpoint_intact(os.path.join(out, "checkpoints", "step-00000012"))
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def test_eval_convert_and_pseudolabel_fall_back_past_a_corrupt_newest_checkpoint(run2, tmp_path):
