@@ -164,7 +164,7 @@ def test_soft_encode_properties():
     d2 = _brute_sq_dist(ab)
     np.testing.assert_array_equal(dense.argmax(axis=1), d2.argmin(axis=1))
     # The non-zeros sit on the k nearest bins.
-    nearest = np.sort(np.argsort(d2, axis=1)[:, :k], axis=1)
+    nearest = np.sort(np.argsort(d2, axis=1, kind="stable")[:, :k], axis=1)   # ties: the lower bin, as soft_encode
     np.testing.assert_array_equal(np.sort(np.nonzero(dense)[1].reshape(-1, k), axis=1), nearest)
     # Weight ratios follow the Gaussian kernel: w1 / w2 = exp(-(d1^2 - d2^2) / (2 sigma^2)).
     for s in (sigma, 12.0):
