@@ -72,23 +72,25 @@ PRESETS = {
                  method="jigsaw", train_preset="tiny", axis="perms", values="10,100", arches="resnet_tiny",
                  dataset="sample", seeds=1, epochs=1, **{**CPU_EVAL, "train_images": 64, "test_images": 48,
                  "layers": "res5avg,res3", "probe_epochs": 2, "shots": "1,2", "draws": 2}),
+    # resnet18's jigsaw step is ~12x resnet_tiny's on 2 cores, so only cpu-perms carries both lines;
+    # `--arches resnet_tiny,resnet18` adds the second line to cpu-data (~2.5 h more).
     "cpu-data": dict(about="jigsaw `fmnist`, 1k/4k/16k/60k Fashion-MNIST images at 64,000 images seen "
-                           "(2,000 steps at batch 32), resnet_tiny vs resnet18, 2 seeds",
+                           "(2,000 steps at batch 32), resnet_tiny, 2 seeds",
                      method="jigsaw", train_preset="fmnist", axis="data", values="1000,4000,16000,60000",
-                     arches="resnet_tiny,resnet18", dataset="fmnist", seeds=2, budget_images=64000, **CPU_EVAL),
+                     arches="resnet_tiny", dataset="fmnist", seeds=2, budget_images=64000, **CPU_EVAL),
     "cpu-perms": dict(about="jigsaw `fmnist` on 5,000 Fashion-MNIST images, |P| 10/100/1000, resnet_tiny vs "
-                            "resnet18, 2 seeds, 8 epochs (1,250 steps)",
+                            "resnet18, 2 seeds, 5 epochs (780 steps)",
                       method="jigsaw", train_preset="fmnist", axis="perms", values="10,100,1000",
-                      arches="resnet_tiny,resnet18", dataset="fmnist", seeds=2, epochs=8, **CPU_EVAL),
+                      arches="resnet_tiny,resnet18", dataset="fmnist", seeds=2, epochs=5, **CPU_EVAL),
     "cpu-k": dict(about="colorization `sample` on the embedded colour corpus (600 / 300 crops), K 2/10/40, "
                         "resnet_tiny vs alexnet_colorization, 2 seeds",
                   method="colorization", train_preset="sample", axis="k", values="2,10,40",
                   arches="resnet_tiny,alexnet_colorization", dataset="sample", seeds=2,
                   **{**CPU_EVAL, "train_images": 600, "test_images": 300}),
     "cpu-arch": dict(about="jigsaw `fmnist` at Goyal's geometry (64 px tiles of a 255 px crop, which AlexNet's "
-                           "trunk needs): resnet_tiny vs resnet18 vs alexnet_jigsaw, 3 epochs, 1 seed",
+                           "trunk needs): resnet_tiny vs resnet18 vs alexnet_jigsaw, 1 epoch, 1 seed",
                      method="jigsaw", train_preset="fmnist", axis="arch", values="resnet_tiny,resnet18,alexnet_jigsaw",
-                     dataset="fmnist", seeds=1, epochs=3, set=["method_options.geometry=goyal"], **CPU_EVAL),
+                     dataset="fmnist", seeds=1, epochs=1, set=["method_options.geometry=goyal"], **CPU_EVAL),
     # Recipe points for small images (issue 22, item 4): the variants the literature suggests, as config
     # overrides of the `fmnist` presets (tile geometry, head width, |P| are cpu-perms, batch, epochs).
     "cpu-jigsaw-geometry": dict(about="jigsaw `fmnist`: tile geometry small (16 px tiles of a 63 px crop) vs noroozi "
@@ -126,7 +128,7 @@ PRESETS = {
                    draws=5, device="cuda"),
 }
 DEFAULTS = dict(method=None, train_preset=None, axis=None, option=None, values=None, arches=None, dataset="fmnist",
-                seeds=1, epochs=None, budget_images=None, **CPU_EVAL)
+                seeds=1, epochs=None, budget_images=None, label_column=None, **CPU_EVAL)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -151,8 +153,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="passed on to train.py for that trunk only (e.g. alexnet_jigsaw:method_options.geometry=goyal)")
     g.add_argument("--launcher", help="prefix of train.py instead of this Python, e.g. 'torchrun --nproc_per_node=8'")
     g = p.add_argument_group("data and evaluation")
-    g.add_argument("--dataset", help="fmnist, sample, or a source `sslkit.shard build` reads (image folder or file "
-                                     "list: the first --test-images items are the test set, the rest train)")
+    g.add_argument("--dataset", help="fmnist, sample, an image folder (classes: its subfolders; taken in a fixed "
+                                     "random order) or a file list (in its order): the first --test-images items "
+                                     "are the test set, subsets of the rest train")
+    g.add_argument("--label-column", help="--dataset FILE_LIST: its column of class names (a folder's classes "
+                                           "are its first-level subfolders)")
     g.add_argument("--train-images", type=_count, help="evaluation training set (fmnist: 5000; sample: 600)")
     g.add_argument("--test-images", type=_count, help="test set (fmnist: 10000; sample: 300)")
     g.add_argument("--eval-train", help="labelled shard folder to evaluate on instead (e.g. VOC07 trainval)")
@@ -243,12 +248,37 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def source_subset(run: Runner, py: str, src: str, n: int | None, skip: int, work: str) -> str:
-    """Items skip..skip+n of a `sslkit.shard build` source as a shard folder under work/shards (built once)."""
-    tag = hashlib.sha1(os.path.abspath(src).encode()).hexdigest()[:8]
-    out = os.path.join(work, "shards", f"{os.path.basename(src.rstrip('/'))}-{tag}-skip{skip}-n{n or 'all'}")
+def shuffled_list(folder: str, work: str) -> str:
+    """A folder tree (first-level subfolders = classes) as a file list in a fixed random order (seed 0),
+    written once under work/lists: `--skip/--limit` on a sorted walk would take whole classes, on this
+    list they take nested random subsets (the first N images of every larger subset, as data axes need)."""
+    import random
+    from sslkit.shard.sources import FolderSource, SourceOptions
+    root = os.path.abspath(folder)
+    out = os.path.join(work, "lists", f"{os.path.basename(root)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}.tsv")
+    if not os.path.exists(out):
+        items = [(it.ref, it.label) for it in FolderSource(root, SourceOptions(labels="dirs")).items()]
+        random.Random(0).shuffle(items)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            f.write("path\tlabel\n" + "".join(f"{path}\t{label}\n" for path, label in items))
+        os.replace(out + ".tmp", out)
+        print(f"{root}: {len(items)} images listed in a fixed random order in {out}", flush=True)
+    return out
+
+
+def source_subset(run: Runner, py: str, a, n: int | None, skip: int) -> str:
+    """Items skip..skip+n of --dataset (a folder: of its shuffled list) as a shard folder under work/shards,
+    built once with `sslkit.shard build --skip --limit`."""
+    src, labels = a.dataset, ["--label-column", a.label_column] if a.label_column else []
+    if os.path.isdir(src):
+        src, labels = shuffled_list(src, a.work), ["--label-column", "label"]
+    tag = hashlib.sha1(os.path.abspath(a.dataset).encode()).hexdigest()[:8]
+    name = os.path.basename(os.path.abspath(a.dataset))
+    out = os.path.join(a.work, "shards", f"{name}-{tag}-skip{skip}-n{n or 'all'}")
     if not os.path.exists(os.path.join(out, "manifest.json")):
-        cmd = [py, "-m", "sslkit.shard", "build", src, "--out", out, "--skip", str(skip), "--shuffle", "--no-progress"]
+        cmd = [py, "-m", "sslkit.shard", "build", src, *labels, "--out", out, "--skip", str(skip), "--shuffle",
+               "--no-progress"]
         run("shards", cmd + (["--limit", str(n)] if n else []))
     return out
 
@@ -262,8 +292,7 @@ def eval_sets(run: Runner, py: str, a) -> tuple[str, str]:
         train, test, _ = build_shards(run, py, a.dataset, n, a.test_images, a.work)
         return train, test
     n_test = a.test_images or 10000
-    return source_subset(run, py, a.dataset, a.train_images, n_test, a.work), \
-        source_subset(run, py, a.dataset, n_test, 0, a.work)
+    return source_subset(run, py, a, a.train_images, n_test), source_subset(run, py, a, n_test, 0)
 
 
 def pretrain_set(run: Runner, py: str, a, value, eval_train: str) -> str:
@@ -273,7 +302,7 @@ def pretrain_set(run: Runner, py: str, a, value, eval_train: str) -> str:
     if a.dataset in ("fmnist", "sample"):
         return build_shards(run, py, a.dataset, value, a.test_images, a.work)[0]
     skip = 0 if a.eval_train else (a.test_images or 10000)    # the source's test items are not pretrained on
-    return source_subset(run, py, a.dataset, value, skip, a.work)
+    return source_subset(run, py, a, value, skip)
 
 
 # --- points -------------------------------------------------------------------------------------------
@@ -334,7 +363,7 @@ def run_point(run: Runner, py: str, a, cfg: dict, pre_dir: str, eval_dirs: tuple
     log = _log_records(run_dir)
     epochs = [r for r in log if r.get("kind") == "epoch"]
     return {"pretrain": {"run": run_dir, "data": pre_dir, "epochs": train_cfg["epochs"],
-                         "batch_size": train_cfg["batch_size"], "steps": max([r.get("step", 0) for r in log] or [0]),
+                         "data_counts": _counts(pre_dir), "batch_size": train_cfg["batch_size"], "steps": max([r.get("step", 0) for r in log] or [0]),
                          "epoch_losses": [r["loss"] for r in epochs],
                          "pretext_acc": epochs[-1].get("acc") if epochs else None,
                          "seconds": sum(r.get("epoch_s", 0.0) for r in epochs), "resumed": resumed},
@@ -480,8 +509,8 @@ def main(argv=None) -> int:
                 points.append(rec)
                 continue
         if a.max_points is not None and computed >= a.max_points:
-            stopped = True
-            break
+            stopped = True         # later points may still be cached: keep reading them back
+            continue
         t0, n_cmd = time.perf_counter(), len(run.commands)
         pre_dir = pretrain_set(run, py, a, cfg["value"], eval_dirs[0])
         rec = {"name": point_name(cfg), "key": point_key(cfg), "folder": folder, "config": cfg,
@@ -502,7 +531,7 @@ def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start,
     complete = len(points) == len(configs)
     report = {"study": {k: v for k, v in vars(a).items() if k not in ("list_presets",)},
               "complete": complete, "points_total": len(configs), "points_done": len(points),
-              "eval_sets": {"train": eval_dirs[0], "test": eval_dirs[1]},
+              "eval_sets": {"train": _counts(eval_dirs[0]), "test": _counts(eval_dirs[1])},
               "references": {"pixels": pixels, "random": "each point's results[...]['random']"},
               "points": points,
               "commands": run.commands + [c for p in points if p.get("cached") for c in p["commands"]],
@@ -527,6 +556,13 @@ def _identity(shard_dir: str) -> dict:
         m = json.load(f)
     digest = hashlib.sha1("".join(s.get("sha256", "") for s in m.get("shards", [])).encode()).hexdigest()[:12]
     return {"dir": shard_dir, "total": m.get("total"), "shards": digest}
+
+
+def _counts(shard_dir: str) -> dict:
+    """A shard folder's size and what its build rejected (listed in its rejected.tsv)."""
+    with open(os.path.join(shard_dir, "manifest.json")) as f:
+        m = json.load(f)
+    return {"dir": shard_dir, "total": m.get("total"), "rejected": m.get("rejected")}
 
 
 def _write_json(path: str, obj) -> None:
