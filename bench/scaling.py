@@ -7,10 +7,12 @@
 
 Every point (one axis value x one trunk x one seed) is:
 1. pretraining: `train.py --method M --preset P --arch A --seed S --data SUBSET --out RUN` plus the axis'
-   override: --axis data: the first N images of the training source (`sslkit.shard build --limit N`) at a
+   override: --axis data: the first N images of the training source (`sslkit.shard build --limit N`; an
+   image folder is first listed once in a fixed random order, so subsets are nested and mix classes) at a
    fixed number of images seen (--budget-images B: B/N epochs, to the nearest whole epoch, so steps stay
    about equal at the preset's batch); --axis perms: `--set method_options.permutations=V`; --axis k:
-   `--set method_options.k=V`; --axis arch: `--arch V` (the values are the trunks);
+   `--set method_options.k=V`; --axis arch: `--arch V` (the values are the trunks); --axis option:
+   `--set KEY=V` for --option KEY (any train.py config field: recipe sweeps);
 2. evaluation on fixed labelled sets, whatever the axis (the `bench/ssl_quality.py` protocol): the first
    --train-images of the training source (kNN memory, probe and SVM training set) and --test-images test
    images (every number is measured on them); kNN (k=20, T=0.07) and a linear probe (--fast: cached
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import resource
 import shlex
@@ -46,7 +47,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
-from ssl_quality import REPO, Runner, build_shards, cpu_seconds, read_result  # noqa: E402  (stdlib only)
+from ssl_quality import REPO, Runner, build_shards, cpu_seconds  # noqa: E402  (stdlib only at import)
 
 AXES = ("data", "perms", "k", "arch", "option")
 AXIS_OPTION = {"perms": "method_options.permutations", "k": "method_options.k"}   # --axis option: --option KEY
@@ -233,6 +234,9 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
         p.error(f"--set {args.option}=... is what --axis {args.axis} varies: drop it")
     if (args.eval_train is None) != (args.eval_test is None):
         p.error("--eval-train and --eval-test go together")
+    for opt, d in (("--eval-train", args.eval_train), ("--eval-test", args.eval_test)):
+        if d is not None and not os.path.exists(os.path.join(d, "manifest.json")):
+            p.error(f"{opt} {d}: no manifest.json there (a shard folder from `python -m sslkit.shard build`)")
     if args.dataset not in ("fmnist", "sample") and not os.path.exists(args.dataset):
         p.error(f"--dataset {args.dataset}: no such file or folder (fmnist, sample, or a shard build source)")
     try:
@@ -363,7 +367,8 @@ def run_point(run: Runner, py: str, a, cfg: dict, pre_dir: str, eval_dirs: tuple
     log = _log_records(run_dir)
     epochs = [r for r in log if r.get("kind") == "epoch"]
     return {"pretrain": {"run": run_dir, "data": pre_dir, "epochs": train_cfg["epochs"],
-                         "data_counts": _counts(pre_dir), "batch_size": train_cfg["batch_size"], "steps": max([r.get("step", 0) for r in log] or [0]),
+                         "data_counts": _counts(pre_dir), "batch_size": train_cfg["batch_size"],
+                         "steps": max([r.get("step", 0) for r in log] or [0]),
                          "epoch_losses": [r["loss"] for r in epochs],
                          "pretext_acc": epochs[-1].get("acc") if epochs else None,
                          "seconds": sum(r.get("epoch_s", 0.0) for r in epochs), "resumed": resumed},

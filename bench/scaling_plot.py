@@ -129,7 +129,8 @@ def plot_study(report: dict, path: str) -> None:
         axes.flat[0].legend(fontsize=7)
     done = f"{report['points_done']}/{report['points_total']} points" + ("" if report["complete"] else ", INCOMPLETE")
     fig.suptitle(f"{study['method']} ({study['train_preset']}) on {os.path.basename(str(study['dataset']))}: "
-                 f"transfer vs {study.get('option') if axis == 'option' else axis}; {study['seeds']} seed(s), {done}", fontsize=10)
+                 f"transfer vs {study.get('option') if axis == 'option' else axis}; {study['seeds']} seed(s), {done}",
+                 fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"

@@ -78,6 +78,8 @@ def test_help_is_fast_and_bad_input_is_one_line(tmp_path):
     for args, message in ((["--preset", "tiny", "--dataset", str(tmp_path / "missing")], "no such file"),
                           (["--method", "jigsaw"], "--train-preset is required"),
                           (["--preset", "tiny", "--values", "10,10"], "distinct"),
+                          (["--preset", "tiny", "--eval-train", str(tmp_path), "--eval-test", str(tmp_path)],
+                           "no manifest.json"),
                           (["--preset", "tiny", "--set", "method_options.permutations=5"], "what --axis perms varies")):
         proc = subprocess.run([sys.executable, SCRIPT, *args, "--work", str(tmp_path / "w")], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
@@ -93,14 +95,15 @@ def test_presets_resolve_to_the_points_the_paper_varies(tmp_path):
     work = ["--work", str(tmp_path)]
     a = scaling.parse_args(["--preset", "cpu-data", *work])
     cfgs = scaling.point_configs(a, {})
-    assert [(c["value"], c["epochs"]) for c in cfgs if c["seed"] == 0] == [(1000, 64), (4000, 16), (16000, 4), (60000, 1)]
+    assert [(c["value"], c["epochs"]) for c in cfgs if c["seed"] == 0] == \
+        [(1000, 64), (4000, 16), (16000, 4), (60000, 1)]
     assert len(cfgs) == 8 and len({scaling.point_key(c) for c in cfgs}) == 8
     a = scaling.parse_args(["--preset", "cpu-perms", *work])
     assert [(c["value"], c["arch"], c["seed"]) for c in scaling.point_configs(a, {})][:4] == \
         [(10, "resnet_tiny", 0), (10, "resnet_tiny", 1), (10, "resnet18", 0), (10, "resnet18", 1)]
     a = scaling.parse_args(["--preset", "cpu-k", *work])
-    assert {tuple(c["sets"]) for c in scaling.point_configs(a, {})} == {("method_options.k=2",), ("method_options.k=10",),
-                                                                      ("method_options.k=40",)}
+    assert {tuple(c["sets"]) for c in scaling.point_configs(a, {})} == \
+        {("method_options.k=2",), ("method_options.k=10",), ("method_options.k=40",)}
     a = scaling.parse_args(["--preset", "cpu-arch", "--set", "lr=0.05", *work])
     cfgs = scaling.point_configs(a, {})
     assert [c["arch"] for c in cfgs] == ["resnet_tiny", "resnet18", "alexnet_jigsaw"]
