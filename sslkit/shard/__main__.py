@@ -10,12 +10,7 @@ import sys
 from ..config import parse_size
 from ..errors import SslkitError
 from ..runlock import os_reason
-from .adopt import IMAGE_EXTS, LABEL_SOURCES, IndexOptions, index
-from .build import BuildOptions, build
-from .check import collect_info, format_info, verify
-from .images import ImageOptions
-from .merge import merge
-from .sources import SourceOptions
+from .manifest import IMAGE_EXTS, LABEL_SOURCES
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -135,42 +130,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.cmd == "build":
-            opts = BuildOptions(
-                sources=tuple(args.sources), out=args.out, prefix=args.prefix, max_count=args.max_count,
-                max_size=args.max_size, shuffle=args.shuffle, seed=args.seed, part=args.part, skip=args.skip, limit=args.limit,
-                source=SourceOptions(labels=args.labels, path_column=args.path_column,
-                                     label_column=args.label_column, root=args.root, seed=args.seed),
-                image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,
-                                   max_pixels=args.max_pixels, force_reencode=args.force_reencode),
-                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
-            build(opts)
-        elif args.cmd == "index":
-            if args.label_field and args.label == "auto":
-                args.label = "json"
-            part = args.part or part_from_env(os.environ)
-            index(IndexOptions(sources=tuple(args.sources), out=args.out,
-                               image_ext=tuple(e.strip().lower() for e in args.image_ext.split(",") if e.strip()),
-                               label=args.label, label_field=args.label_field, class_names=args.class_names,
-                               full=args.full, part=part, workers=args.workers, progress=not args.no_progress))
-        elif args.cmd == "verify":
-            s = verify(args.dir, full=args.full, workers=args.workers, progress=False if args.no_progress else None)
-            extra = f", {s['decoded']} images decoded" if args.full else ""
-            print(f"{args.dir}: OK ({s['total']} samples in {s['shards']} shards{extra})")
-        elif args.cmd == "info":
-            info = collect_info(args.dir, limit=args.limit)
-            if args.json:
-                info = {k: v for k, v in info.items() if k != "manifest"} | {
-                    "total": info["manifest"]["total"], "classes": info["manifest"]["classes"]}
-                print(json.dumps(info, indent=1))
-            else:
-                print(format_info(args.dir, info))
-        elif args.cmd == "merge":
-            merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress,
-                  allow_duplicates=args.allow_duplicates)
+        return _run(args)
     except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `shard info DIR | head`: the reader left; say nothing more (and keep Python from complaining
         # about the closed stdout at exit)
@@ -180,9 +146,49 @@ def main(argv=None) -> int:
         where = e.filename or ""
         print(f"error: {where + ': ' if where else ''}{os_reason(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+
+
+def _run(args) -> int:
+    """The command, its modules imported only now (numpy, PIL: --help stays fast)."""
+    if args.cmd == "build":
+        from .build import BuildOptions, build
+        from .images import ImageOptions
+        from .sources import SourceOptions
+        build(BuildOptions(
+            sources=tuple(args.sources), out=args.out, prefix=args.prefix, max_count=args.max_count,
+            max_size=args.max_size, shuffle=args.shuffle, seed=args.seed, part=args.part, skip=args.skip,
+            limit=args.limit, source=SourceOptions(labels=args.labels, path_column=args.path_column,
+                                                   label_column=args.label_column, root=args.root, seed=args.seed),
+            image=ImageOptions(resize_max=args.resize_max, quality=args.quality, min_size=args.min_size,
+                               max_pixels=args.max_pixels, force_reencode=args.force_reencode),
+            workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite))
+    elif args.cmd == "index":
+        from .adopt import IndexOptions, index
+        if args.label_field and args.label == "auto":
+            args.label = "json"
+        index(IndexOptions(sources=tuple(args.sources), out=args.out,
+                           image_ext=tuple(e.strip().lower() for e in args.image_ext.split(",") if e.strip()),
+                           label=args.label, label_field=args.label_field, class_names=args.class_names,
+                           full=args.full, part=args.part or part_from_env(os.environ), workers=args.workers,
+                           progress=not args.no_progress))
+    elif args.cmd == "verify":
+        from .check import verify
+        s = verify(args.dir, full=args.full, workers=args.workers, progress=False if args.no_progress else None)
+        extra = f", {s['decoded']} images decoded" if args.full else ""
+        print(f"{args.dir}: OK ({s['total']} samples in {s['shards']} shards{extra})")
+    elif args.cmd == "info":
+        from .check import collect_info, format_info
+        info = collect_info(args.dir, limit=args.limit)
+        if args.json:
+            info = {k: v for k, v in info.items() if k != "manifest"} | {
+                "total": info["manifest"]["total"], "classes": info["manifest"]["classes"]}
+            print(json.dumps(info, indent=1))
+        else:
+            print(format_info(args.dir, info))
+    elif args.cmd == "merge":
+        from .merge import merge
+        merge(args.dirs, args.out, prefix=args.prefix, progress=not args.no_progress,
+              allow_duplicates=args.allow_duplicates)
     return 0
 
 

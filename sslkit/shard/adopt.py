@@ -43,13 +43,12 @@ from . import manifest as mf
 from .tarscan import scan
 from .tarwriter import split_name
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS, LABEL_SOURCES = mf.IMAGE_EXTS, mf.LABEL_SOURCES
 IMAGE_COMPONENT = "img"        # the token the chosen image member gets in sslkit's index files
 INDEX_DIR = "sslkit-index"
 STATE_DIR = ".sslkit-index"
 OFFSETS = "offsets.npy"
 LABELS = "labels.npy"
-LABEL_SOURCES = ("auto", "cls", "json", "shard", "none")
 OURS = {mf.MANIFEST, mf.REJECTED, INDEX_DIR, STATE_DIR, OFFSETS, LABELS}
 
 

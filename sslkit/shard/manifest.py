@@ -17,6 +17,8 @@ from ..errors import SslkitError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ADOPTED = "adopted"      # `layout` of a folder indexed by `sslkit.shard index` (tars written by other tools)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")     # image members an adopted sample may hold, in preference order
+LABEL_SOURCES = ("auto", "cls", "json", "shard", "none")   # where an adopted folder's labels come from
 REJECTED = "rejected.tsv"
 KEY_DIGITS = 10          # keys and the `index` component are the zero-padded sample index
 CLS_DIGITS = 10          # `cls` is zero-padded too, so DALI sees a fixed-size field
