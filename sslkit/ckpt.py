@@ -71,9 +71,10 @@ class _HashingWriter:
 
 
 def _remove(path: str):
+    """Remove a file if it is there; never raises (cleanup on a disk that may refuse it)."""
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
@@ -136,22 +137,31 @@ def save(out: str, step: int, global_state: dict, rank_state: dict, info: DistIn
         why = broadcast_object(why, info)
         problems = [why] if why else []
     if problems:
-        for name in written:
-            _remove(os.path.join(d, name))
-        last = find_latest(out)
-        if info.is_main:
-            _remove(os.path.join(d, "KEEP"))
-            try:
-                os.rmdir(d)  # only if empty: another rank may still be removing its file
-            except OSError:
-                pass
-            try:  # `latest` may have named the step just rewritten; on a full disk this may fail too
-                _write_text(os.path.join(root, "latest"), os.path.basename(last)) if last else None
-            except OSError:
-                pass
+        last = _discard(root, d, written, info)
         msg = (f"{problems[0]}; the step-{step} checkpoint was not saved (the last complete one, "
                f"{last or 'none yet'}, is intact)")
         raise CheckpointError(msg) if info.is_main else AgreedError(msg)
+
+
+def _discard(root: str, d: str, written: dict, info: DistInfo) -> str | None:
+    """After a failed save: this rank's files of it go (rank 0: KEEP, the folder if empty, and `latest`
+    back to the newest complete checkpoint, which it returns). Nothing here raises: on a full or
+    read-only disk the cleanup may fail too, and the one-line error must still be raised."""
+    for name in written:
+        _remove(os.path.join(d, name))
+    last = find_latest(os.path.dirname(root))
+    if info.is_main:
+        _remove(os.path.join(d, "KEEP"))
+        try:
+            os.rmdir(d)  # only if empty: another rank may still be removing its file
+        except OSError:
+            pass
+        try:
+            if last:     # `latest` may name the step just rewritten
+                _write_text(os.path.join(root, "latest"), os.path.basename(last))
+        except OSError:
+            pass
+    return last
 
 
 def _complete(root: str, d: str, sums: dict, keep: bool, keep_last: int) -> str | None:

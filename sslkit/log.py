@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from .runlock import RunFolderError, os_reason
+
 
 def get_logger(rank: int) -> logging.Logger:
     log = logging.getLogger("sslkit")
@@ -136,7 +138,8 @@ def hms(seconds: float) -> str:
 
 class JsonLog:
     """Append-only JSON lines (rank 0 only); optional TensorBoard mirror. `resume_step`: records of
-    steps after it (written before a crash, after the checkpoint resumed from) are dropped first."""
+    steps after it (written before a crash, after the checkpoint resumed from) are dropped first, which
+    needs `lock`, the `sslkit.runlock.RunLock` held on the log's folder."""
 
     def __init__(self, path: str | None, tensorboard_dir: str | None = None, resume_step: int | None = None,
                  lock=None):
@@ -162,7 +165,6 @@ class JsonLog:
                 self.f.flush()
             except OSError as e:
                 if not self.failed:  # once: the next checkpoint write stops the run with the same cause
-                    from .runlock import os_reason
                     logging.getLogger("sslkit").warning("%s: record of step %s not written: %s", self.path,
                                                         record.get("step"), os_reason(e))
                 self.failed = True
@@ -185,7 +187,6 @@ class JsonLog:
 def open_run_files(out: str, config_text: str, resume_step: int, lock, tensorboard: bool) -> JsonLog:
     """Rank 0, holding `lock` on `out`: `<out>/config.json` (replaced atomically) and the run's JsonLog
     (records after `resume_step` dropped). A file that cannot be written is a one-line RunFolderError."""
-    from .runlock import RunFolderError, os_reason
     path = os.path.join(out, "config.json")
     try:
         with open(path + ".tmp", "w") as f:
@@ -194,8 +195,10 @@ def open_run_files(out: str, config_text: str, resume_step: int, lock, tensorboa
         path = os.path.join(out, "log.jsonl")
         return JsonLog(path, os.path.join(out, "tb") if tensorboard else None, resume_step, lock)
     except OSError as e:
-        if os.path.exists(os.path.join(out, "config.json.tmp")):
+        try:
             os.remove(os.path.join(out, "config.json.tmp"))
+        except OSError:
+            pass  # never written, or the folder refuses even that
         raise RunFolderError(f"cannot write {e.filename or path}: {os_reason(e)}") from None
 
 
