@@ -245,34 +245,41 @@ def test_a_folder_of_tars_without_a_manifest_says_how_to_adopt_it(folders, tmp_p
     assert r.returncode == 1 and "sslkit.shard index" in r.stderr
 
 
-def test_train_evaluate_and_visualise_on_adopted_folders(folders, adopted, tmp_path):
-    """One epoch of a tiny preset on ShardWriter's mixed jpg/png/webp tars, kNN of that run on the
-    ImageNet-22K layout (train vs val, labels from the tar names), the views of img2dataset's tars."""
+def test_train_evaluate_and_visualise_on_adopted_folders(folders, adopted, tmp_path, photos):
+    """One index over every layout at once (ShardWriter's jpg/png/webp, img2dataset, ImageNet-22K and
+    the broken tars), one epoch of a tiny preset on it, its views; kNN of that run on the ImageNet-22K
+    layout (train vs val, labels from the tar names) and on ShardWriter's (integer cls)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    every = str(tmp_path / "every")
+    broken = foreign.write_broken(str(tmp_path / "broken"), photos)
+    cli("index", folders["wds"][0], folders["i2d"][0], folders["in22k"][0], str(tmp_path / "broken"),
+        "--out", every, "--label", "none", "--no-progress")
+    assert load(every)["total"] == 36 + 20 + 32 + broken["good"]
     run = str(tmp_path / "run")
-    r = subprocess.run([PY, "train.py", "--method", "deepclusterv2", "--preset", "tiny", "--data", folders["wds"][0],
+    r = subprocess.run([PY, "train.py", "--method", "deepclusterv2", "--preset", "tiny", "--data", every,
                         "--out", run, "--epochs", "1", "--batch-size", "8", "--set", "method_options.n_prototypes=[4,4]",
                         "--set", "shuffle_buffer=16", "--set", "method_options.kernel=torch"],
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     epochs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if '"epoch"' in line]
     assert epochs and all(np.isfinite(e.get("loss", 0.0)) for e in epochs)
-    out = str(tmp_path / "knn.json")
-    r = subprocess.run([PY, "-m", "sslkit.eval", "knn", "--ckpt", run, "--train", folders["in22k"][0],
-                        "--val", folders["in22k_val"][0], "--size", "32", "--resize", "36", "--k", "3",
-                        "--cache-dir", str(tmp_path / "cache"), "--out", out, "--no-progress"],
-                       cwd=REPO, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rep = json.load(open(out))
-    assert rep["val"]["total"] == 16 and 0 <= rep["results"]["ckpt"]["top1"]["3"] <= 1
+    for name, train, val, k in (("in22k", "in22k", "in22k_val", "3"), ("wds", "wds", "wds", "5")):
+        out = str(tmp_path / f"knn-{name}.json")
+        r = subprocess.run([PY, "-m", "sslkit.eval", "knn", "--ckpt", run, "--train", folders[train][0],
+                            "--val", folders[val][0], "--size", "32", "--resize", "36", "--k", k,
+                            "--cache-dir", str(tmp_path / "cache"), "--out", out, "--no-progress"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rep = json.load(open(out))
+        assert rep["val"]["total"] == len(folders[val][1]) and 0 <= rep["results"]["ckpt"]["top1"][k] <= 1
     # integer cls ids named 0..3 against names from a JSON field: refused before any feature is extracted
     r = subprocess.run([PY, "-m", "sslkit.eval", "knn", "--ckpt", run, "--train", folders["wds"][0], "--val",
                         folders["json"][0], "--cache-dir", str(tmp_path / "cache2"), "--no-progress"],
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "different classes" in r.stderr and not os.path.exists(tmp_path / "cache2")
     png = str(tmp_path / "views.png")
-    r = subprocess.run([PY, "-m", "sslkit.viz", "--pipeline", "multicrop", "--preset", "tiny", "--data",
-                        folders["i2d"][0], "--out", png], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run([PY, "-m", "sslkit.viz", "--pipeline", "multicrop", "--preset", "tiny", "--data", every,
+                        "--out", png], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.getsize(png) > 10_000
 
