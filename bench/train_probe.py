@@ -2,8 +2,8 @@
 
 The end-to-end figure (nanoGPT bench.py's real_data switch): steps/s on batches from the real
 pipeline and on one batch already on the device, and the share of a step spent waiting for data,
-data_stall_pct = 100 * (1 - real / synthetic). It calls what the trainer calls: `train.build`,
-`train.train_step`, and the method's epoch hook every `steps_per_epoch` steps (a DeepClusterV2
+data_stall_pct = 100 * (1 - real / synthetic). It calls what the trainer calls: `sslkit.train.build`,
+`sslkit.train.train_step`, and the method's epoch hook every `steps_per_epoch` steps (a DeepClusterV2
 memory bank holds one epoch), so any number of epoch boundaries inside the timed rounds is fine.
 """
 
@@ -34,7 +34,7 @@ class EpochClock:
 
 
 def train_records(args, cfg) -> list[dict]:
-    import train as trainer
+    from sslkit import train as trainer
     from sslkit import dist
     from sslkit.config import TrainConfig, apply_overrides, parse_set
     from sslkit.log import get_logger

@@ -24,43 +24,53 @@ class ConfigError(SslkitError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "deepclusterv2"
-    preset: str | None = None
-    data: str = "shards/sample"
-    arch: str = "resnet50"
-    epochs: int = 100
-    batch_size: int = 64             # per rank
-    out: str = "runs/default"
-    device: str = "auto"             # auto | cpu | cuda
-    seed: int = 0
+    # Every field's trailing comment is its meaning: docs/CONFIG.md is generated from them
+    # (`python -m sslkit.config > docs/CONFIG.md`; tests/test_config.py checks it is in sync). A comment
+    # line indented under a field's comment continues it; one at the class' indent starts a section.
+    # run
+    method: str = "deepclusterv2"    # the SSL method, by its registry name (`sslkit-train --list-presets`)
+    preset: str | None = None        # the method's named recipe applied over these defaults (None: its default one)
+    data: str = "shards/sample"      # shard folder (`sslkit-shard build`, or adopted shards with a manifest)
+    arch: str = "resnet50"           # backbone from sslkit.models (resnet50, resnet_tiny, ...)
+    epochs: int = 100                # passes over the data set
+    batch_size: int = 64             # images per rank per step (--global-batch-size divides a global one)
+    out: str = "runs/default"        # run folder: checkpoints/, config.json, log.jsonl, tb/ (default runs/<method>-<preset>)
+    device: str = "auto"             # auto (cuda if torch sees a GPU) | cpu | cuda
+    seed: int = 0                    # seeds torch (plus the rank) and the loader's shuffles and augmentations
     init_from: str | None = None     # run folder or checkpoint whose weights start a fresh run (fine-tuning)
     # optimisation (lr is per 256 images and scaled linearly with the global batch)
     optimizer: str = "lars"          # lars | sgd
-    lr: float = 0.3
+    lr: float = 0.3                  # peak learning rate per 256 images (x global batch / 256)
     schedule: str = "cosine"         # cosine (to lr * final_lr_ratio) | multistep (x gamma at milestones)
-    final_lr_ratio: float = 0.001
+    final_lr_ratio: float = 0.001    # cosine: the last step's lr as a fraction of the peak
     milestones: tuple[int, ...] = ()  # epochs, for schedule=multistep
-    gamma: float = 0.1
-    warmup_epochs: int = 10
+    gamma: float = 0.1               # multistep: lr factor at each milestone
+    warmup_epochs: int = 10          # epochs of linear warm-up to the peak lr (must be below epochs)
     warmup_start_lr: float | None = None  # absolute; default: lr (the per-256 value, as swav does)
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-6
-    exclude_norm_bias_wd: bool = False
+    momentum: float = 0.9            # SGD/LARS momentum
+    nesterov: bool = False           # Nesterov momentum
+    weight_decay: float = 1e-6       # L2 weight decay
+    exclude_norm_bias_wd: bool = False  # no weight decay (nor LARS adaptation) on norm layers and biases
     # system
-    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True       # on GPU
-    sync_bn: bool = False
-    compile: bool = False
-    loader_threads: int = 0          # DALI threads per rank (0: the rank's share of the cores)
-    shuffle_buffer: int = 4096
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with a grad scaler) | fp32
+    channels_last: bool = True       # channels-last memory format for the model and images (GPU only)
+    sync_bn: bool = False            # synchronised batch norm across ranks (torch.nn.SyncBatchNorm)
+    compile: bool = False            # torch.compile the model (slower start, often faster steps on GPU)
+    loader_threads: int = 0          # DALI threads per rank (0: the rank's share of the cores, at most 4 on GPU)
+    torch_threads: int = 0           # torch intra-op threads per rank (0: OMP_NUM_THREADS if set, else the
+                                     # rank's share of the cores minus DALI's threads, at least 1)
+    loader_prefetch: int = 2         # batches the DALI pipeline prepares ahead of the trainer
+    hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder, 0..1 (None: 1.0 on
+                                          # Hopper and newer, 0.65 before)
+    use_mmap: bool = True            # memory-map the shards; false for shards on a network file system
+    shuffle_buffer: int = 4096       # samples in the loader's shuffle buffer (shards are pre-shuffled too)
     dist_timeout_s: int = 600        # a collective waiting longer than this means a hung rank: fail loudly
     # bookkeeping
     log_every: int = 10              # steps between log records (the loss is read and the stop flag agreed then)
     ckpt_every: int = 10             # epochs between periodic checkpoints that are never pruned (0: none)
     keep_ckpts: int = 2              # newest checkpoints kept besides the periodic ones (>= 2: a fallback)
-    tensorboard: bool = False
-    method_options: Any = None       # the method's own frozen dataclass
+    tensorboard: bool = False        # also write the log records to <out>/tb (needs the [tensorboard] extra)
+    method_options: Any = None       # the method's own frozen dataclass (see the tables below)
 
 
 def _coerce(value: Any, annotation, where: str):
@@ -178,5 +188,76 @@ def dumps(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
 
 
+# -- the generated reference (docs/CONFIG.md) ------------------------------------------------------
+def field_docs(cls) -> list[tuple[str, str, str, str, str]]:
+    """(section, field, type, default, meaning) of a dataclass' fields, the meanings and sections read
+    from the comments in its source (see TrainConfig); a field without a comment has meaning ""."""
+    import inspect
+    import re
+
+    lines = inspect.getsource(cls).splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("class ")):]
+    indent = min(len(ln) - len(ln.lstrip()) for ln in lines[1:] if ln.strip())
+    field_re = re.compile(r"(\w+): [^=#]+?(?: = [^#]+?)?\s*(?:#\s?(.*))?$")
+    section, meaning, last = "", {}, None
+    sections = {}
+    for line in lines[1:]:
+        stripped, col = line.strip(), len(line) - len(line.lstrip())
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            if col > indent and last is not None:      # a continued meaning
+                meaning[last] = f"{meaning[last]} {text}".strip()
+            elif col == indent:
+                section, last = text, None
+            continue
+        m = field_re.match(stripped) if col == indent else None
+        last = m.group(1) if m else None
+        if m:
+            meaning[last], sections[last] = (m.group(2) or "").strip(), section
+    hints = {f.name: f for f in fields(cls)}
+    rows = []
+    for name, f in hints.items():
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((sections.get(name, ""), name, kind, json.dumps(to_dict(default)), meaning.get(name, "")))
+    return rows
+
+
+def config_reference() -> str:
+    """docs/CONFIG.md: every TrainConfig field, then every method's options (imports the methods)."""
+    from sslkit.methods import list_methods, method_entry
+
+    def table(rows, prefix=""):
+        out, section = [], None
+        for sec, name, kind, default, meaning in rows:
+            if sec != section and sec:
+                out += ["", f"**{sec[0].upper() + sec[1:]}**", ""]
+            if sec != section or not out:
+                out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+            section = sec
+            cell = meaning.replace("|", "\\|")
+            out.append(f"| `{prefix}{name}` | `{kind.replace('|', chr(92) + '|')}` | `{default}` | {cell} |")
+        return out
+
+    text = ["# Configuration reference", "",
+            "<!-- generated by `python -m sslkit.config > docs/CONFIG.md` from sslkit/config.py and the "
+            "methods' option classes: edit those, then regenerate (tests/test_config.py checks) -->", "",
+            "A run's config is `TrainConfig` plus its method's options (`method_options`). Precedence, weakest "
+            "first: these defaults < the method's preset (`--preset`, or a saved `--config run/config.json` "
+            "instead of both) < the flags (`--epochs`, `--lr`, ...) < `--set key=value` (any field below; "
+            "`--set method_options.key=value` for the method's). `sslkit-train ... --print-config` prints the "
+            "result as JSON without running anything; every run saves it as `<out>/config.json`.", "",
+            "## TrainConfig", *table(field_docs(TrainConfig))]
+    for method in list_methods():
+        options = method_entry(method).meta["options"]
+        text += ["", f"## `{method}` options (`method_options.*`, class `{options.__name__}`)", "",
+                 *table(field_docs(options), "method_options.")]
+    return "\n".join(text) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")
+
+
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "parse_size", "to_dict",
-           "dataclasses"]
+           "dataclasses", "config_reference", "field_docs"]

@@ -65,3 +65,42 @@ def test_config_is_frozen_and_round_trips_through_json():
     flat = {k: v for k, v in d.items() if k != "method_options"}
     flat.update({f"method_options.{k}": v for k, v in d["method_options"].items()})
     assert apply_overrides(TrainConfig(method_options=Opts()), flat) == c
+
+
+# -- the generated reference and the trainer's settings ----------------------------------------------
+
+def test_the_config_reference_is_generated_and_in_sync():
+    """docs/CONFIG.md is exactly what `python -m sslkit.config` writes (regenerate it after changing a
+    field), and every TrainConfig field has a meaning, a type and a default there."""
+    import os
+
+    from sslkit.config import config_reference, field_docs
+    from conftest import REPO
+    with open(os.path.join(REPO, "docs", "CONFIG.md")) as f:
+        on_disk = f.read()
+    assert on_disk == config_reference(), "docs/CONFIG.md is stale: python -m sslkit.config > docs/CONFIG.md"
+    rows = field_docs(TrainConfig)
+    assert [r[1] for r in rows] == [f for f in to_dict(TrainConfig())]
+    missing = [name for _, name, _, _, meaning in rows if len(meaning) < 5]
+    assert not missing, f"TrainConfig fields without a meaning comment: {missing}"
+    by_name = {r[1]: r for r in rows}
+    # a continued comment joins its field's meaning; sections come from the comment lines between fields
+    assert by_name["torch_threads"][4].endswith("minus DALI's threads, at least 1)")
+    assert by_name["hw_decoder_load"][2:4] == ("float | None", "null")
+    assert by_name["lr"][0].startswith("optimisation") and by_name["use_mmap"][0] == "system"
+    for name in ("precision", "compile", "channels_last", "sync_bn", "tensorboard", "hw_decoder_load", "use_mmap",
+                 "loader_threads", "torch_threads", "loader_prefetch"):
+        assert f"| `{name}` |" in on_disk
+    assert "## `deepclusterv2` options" in on_disk and "`method_options.n_prototypes`" in on_disk
+
+
+def test_every_loader_setting_the_readme_advises_is_a_config_field():
+    """What pipelines' LoaderConfig takes per run (threads, prefetch, hardware decoder share, mmap,
+    shuffle buffer) is settable with --set; the rest (rank, device, seed, batch) the trainer derives."""
+    c = cfg(**parse_set(["hw_decoder_load=1.0", "use_mmap=false", "loader_threads=3", "loader_prefetch=4",
+                         "torch_threads=2", "shuffle_buffer=0"]))
+    assert (c.hw_decoder_load, c.use_mmap, c.loader_threads, c.loader_prefetch, c.torch_threads,
+            c.shuffle_buffer) == (1.0, False, 3, 4, 2, 0)
+    assert cfg(**parse_set(["hw_decoder_load=none"])).hw_decoder_load is None
+    with pytest.raises(ConfigError, match="use_mmap: expected bool"):
+        cfg(**parse_set(["use_mmap=maybe"]))

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = {"sslkit-shard": "sslkit.shard.__main__:main", "sslkit-eval": "sslkit.eval.cli:main",
+SCRIPTS = {"sslkit-shard": "sslkit.shard.__main__:main", "sslkit-train": "sslkit.train:main", "sslkit-eval": "sslkit.eval.cli:main",
            "sslkit-convert": "sslkit.convert:main", "sslkit-pseudolabel": "sslkit.pseudolabel.cli:main",
            "sslkit-viz": "sslkit.viz:main"}
 # what the wheel must not carry as a base requirement: DALI comes through an extra (pyproject.toml)
@@ -95,15 +95,27 @@ def test_wheel_installs_and_its_console_scripts_run_from_elsewhere(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run([os.path.join(bindir, "sslkit-shard"), "verify", "shards/s"], elsewhere, env)
     assert r.returncode == 0, r.stderr[-2000:]
-    (elsewhere / "log.jsonl").write_text(json.dumps({"kind": "step", "epoch": 0, "step": 1, "loss": 1.0, "lr": 0.1}))
-    r = run([os.path.join(bindir, "sslkit-viz"), "--run", ".", "--out", "curves.png"], elsewhere, env)
+    # one epoch of the `tiny` preset through the installed trainer (the torch colour stage: no numba
+    # compilation), then its own log plotted
+    r = run([os.path.join(bindir, "sslkit-train"), "--preset", "tiny", "--data", "shards/s", "--out", "runs/t",
+             "--epochs", "1", "--batch-size", "4", "--set", "method_options.kernel=torch",
+             "--set", "method_options.n_prototypes=[4,4,4]", "--set", "log_every=1"], elsewhere, env, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done: 1 epochs, 2 steps" in r.stderr, r.stderr[-3000:]
+    run_dir = elsewhere / "runs" / "t"
+    assert json.loads((run_dir / "config.json").read_text())["preset"] == "tiny"
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2]
+    assert [(r["epoch"], r["step"]) for r in recs if r["kind"] == "epoch"] == [(0, 2)]
+    assert "step-00000002" in os.listdir(run_dir / "checkpoints")
+    r = run([os.path.join(bindir, "sslkit-viz"), "--run", "runs/t", "--out", "curves.png"], elsewhere, env)
     assert r.returncode == 0 and (elsewhere / "curves.png").stat().st_size > 1000, r.stderr[-2000:]
 
 
 # -- --help in well under a second ----------------------------------------------------------------
 HELP = [["sslkit.eval"], ["sslkit.eval", "knn"], ["sslkit.eval", "lowshot"], ["sslkit.convert"],
         ["sslkit.convert", "export"], ["sslkit.pseudolabel"], ["sslkit.pseudolabel", "evaluate"],
-        ["sslkit.pseudolabel", "random-labels"], ["sslkit.viz"], ["sslkit.shard"]]
+        ["sslkit.pseudolabel", "random-labels"], ["sslkit.viz"], ["sslkit.shard"], ["sslkit.train"]]
 HEAVY = ("torch", "nvidia", "numba", "cv2", "sklearn", "matplotlib", "pipelines")
 PROBE = """import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:], "--help"]

@@ -164,6 +164,8 @@ def reference(shards, tmp_path_factory):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "done: 2 epochs, 24 steps" in r.stdout
+    # the thread plan is logged once, by rank 0; OMP_NUM_THREADS sets torch's threads
+    assert r.stdout.count("threads: DALI") == 1 and "torch 1 (OMP_NUM_THREADS is set)" in r.stdout, r.stdout[-3000:]
     return out
 
 
@@ -329,3 +331,124 @@ def test_resume_refuses_a_different_config(shards, tmp_path):
     # more epochs with the same recipe continue the run
     r = run_train([*args, "--epochs", "2"])
     assert "resumed from" in r.stderr and "done: 2 epochs" in r.stderr
+
+
+# -- the package's trainer: threads, config printing and re-running, dependencies, loader settings ---
+
+def test_print_config_prints_the_resolved_config_and_imports_no_dali(tmp_path):
+    out = tmp_path / "never"
+    r = subprocess.run([PY, "-X", "importtime", "-m", "sslkit.train", "--preset", "tiny", "--out", str(out),
+                        "--epochs", "3", "--set", "use_mmap=false", "--set", "hw_decoder_load=0.5",
+                        "--set", "method_options.n_prototypes=[8,8]", "--print-config"],
+                       cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads(r.stdout)
+    assert (cfg["method"], cfg["preset"], cfg["arch"], cfg["epochs"], cfg["use_mmap"], cfg["hw_decoder_load"]) == \
+        ("deepclusterv2", "tiny", "resnet_tiny", 3, False, 0.5)
+    assert cfg["method_options"]["n_prototypes"] == [8, 8] and cfg["out"] == str(out)
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
+    assert not {"nvidia", "nvidia.dali", "pipelines", "numba"} & imported
+    assert os.listdir(tmp_path) == []   # nothing written, not even the run folder
+
+
+def test_a_saved_config_reruns_with_flags_and_set_on_top(tmp_path, capsys):
+    from sslkit.config import dumps
+    from sslkit.train import load_config, parse_config
+    saved = parse_config([*TINY, "--batch-size", "8", "--data", "d", "--out", "o"])
+    path = tmp_path / "config.json"
+    path.write_text(dumps(saved))
+    assert load_config(str(path)) == saved
+    again = parse_config(["--config", str(path), "--epochs", "5", "--set", "lr=0.25", "--set", "use_mmap=false"])
+    assert again == replace_fields(saved, epochs=5, lr=0.25, use_mmap=False)
+    # a config saved before a field existed keeps that field's default
+    old = json.loads(dumps(saved))
+    del old["loader_prefetch"], old["method_options"]["kernel"]
+    path.write_text(json.dumps(old))
+    assert parse_config(["--config", str(path)]) == replace_fields(saved, method_options=replace_fields(
+        saved.method_options, kernel=None))
+    import train
+    for text, words in [('{"method": "deepclusterv2", "learning_rate": 1}', "unknown option 'learning_rate'"),
+                        ("{not json", "not JSON"), ('{"epochs": 3}', 'with a "method"'),
+                        ('{"method": "deepclusterv2", "epochs": "x"}', "epochs: expected int")]:
+        path.write_text(text)
+        assert train.main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --config") and words in err and "\n" not in err, err
+    assert train.main(["--config", str(tmp_path / "none.json")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    path.write_text(dumps(saved))
+    assert train.main(["--config", str(path), "--preset", "tiny"]) == 2
+    assert "drop --method/--preset" in capsys.readouterr().err
+
+
+def replace_fields(obj, **kw):
+    from dataclasses import replace
+    return replace(obj, **kw)
+
+
+def test_the_trainer_passes_every_loader_setting_to_the_loader(monkeypatch):
+    import pipelines
+    from sslkit import dist
+    from sslkit.log import get_logger
+    from sslkit.train import build, parse_config
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_make_loader(name, data, **kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr(pipelines, "make_loader", fake_make_loader)
+    cfg = parse_config([*TINY, "--data", "d", "--device", "cpu", "--set", "use_mmap=false", "--set", "loader_threads=3",
+                        "--set", "loader_prefetch=5", "--set", "hw_decoder_load=0.25", "--set", "shuffle_buffer=7"])
+    with pytest.raises(Built):
+        build(cfg, dist.init("cpu"), get_logger(0))
+    assert {k: seen[k] for k in ("use_mmap", "num_threads", "prefetch", "hw_decoder_load", "shuffle_buffer")} == \
+        dict(use_mmap=False, num_threads=3, prefetch=5, hw_decoder_load=0.25, shuffle_buffer=7)
+    with pytest.raises(Built):   # the planned DALI threads win over the setting (the trainer passes its plan)
+        build(cfg, dist.init("cpu"), get_logger(0), dali_threads=2)
+    assert seen["num_threads"] == 2
+
+
+@pytest.mark.parametrize("missing,args,words", [
+    ("dali", [], ["needs NVIDIA DALI", "sslkit[cuda13]", "sslkit[cuda12]"]),
+    ("tensorboard", ["--set", "tensorboard=true"], ["tensorboard=true needs the tensorboard package",
+                                                     "sslkit[tensorboard]"]),
+])
+def test_a_missing_optional_package_is_one_line_before_any_work(missing, args, words, shards, tmp_path, monkeypatch,
+                                                                 capsys):
+    import sys as _sys
+
+    import sslkit.train
+    from sslkit import deps
+    if missing == "dali":
+        monkeypatch.setattr(deps, "_installed", lambda module: False)
+    else:
+        monkeypatch.setitem(_sys.modules, "tensorboard", None)   # `import tensorboard` fails, find_spec says None
+    monkeypatch.setattr(sslkit.train, "fit", lambda *a, **k: pytest.fail("the run started"))
+    out = tmp_path / "o"
+    assert sslkit.train.main([*TINY, "--data", shards, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_epoch_records_count_this_epochs_corrupt_samples_over_every_rank(shards, tmp_path):
+    """Two truncated JPEGs, read by whichever rank: each epoch record says 2 (this epoch's count summed
+    over ranks), not rank 0's running total."""
+    from sslkit.shard.tarwriter import read_index
+    from sslkit.shard.manifest import load
+    data = str(tmp_path / "corrupt")
+    shutil.copytree(shards, data)
+    shard = load(data)["shards"][1]
+    samples = read_index(os.path.join(data, shard["index"]))
+    with open(os.path.join(data, shard["path"]), "r+b") as f:
+        for j in (3, 10):
+            off, size, _ = samples[j]["jpg"]
+            f.seek(off + size // 2)
+            f.write(b"\0" * (size - size // 2))
+    out = str(tmp_path / "run")
+    run_train([*TINY, "--batch-size", "8", "--data", data, "--out", out, "--set", "log_every=12"], nproc=2)
+    assert [(r["epoch"], r["corrupt_samples"]) for r in records(out, "epoch").values()] == [(0, 2), (1, 2)]
