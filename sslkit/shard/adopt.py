@@ -178,7 +178,8 @@ def index_shard(job: tuple) -> dict:
     keep = {"cls"} if o["label"] == "cls" else {"json"} if o["label"] == "json" else set()
     if o["full"]:
         keep |= set(o["image_ext"])
-    res = scan(tar, lambda name: split_name(name)[1].lower() in keep)
+    suffixes = tuple("." + e for e in keep)       # a cheap test first; split_name decides
+    res = scan(tar, lambda name: name.lower().endswith(suffixes) and split_name(name)[1].lower() in keep)
     groups: list[tuple[str, list]] = []
     for m in res.members:
         key, ext = split_name(m.name)

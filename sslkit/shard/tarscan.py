@@ -186,7 +186,8 @@ def _walk(r: _Buffered, res: ScanResult, headers: _Headers, want, max_members) -
     """The header loop of `scan`; returns a failing header's index when a batch check finds one."""
     pos, long_name, pax = 0, None, {}
     while True:
-        h = r.get(pos, BLOCK)
+        lo = pos - r.base
+        h = r.buf[lo:lo + BLOCK] if 0 <= lo and lo + BLOCK <= len(r.buf) else r.get(pos, BLOCK)   # inline: hot
         if h is None:
             if pos < r.end:
                 res.damage = f"the file ends inside a tar header at byte {pos}"
