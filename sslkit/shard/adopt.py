@@ -462,21 +462,15 @@ def _save_npy(path: str, array: np.ndarray):
     os.replace(tmp, path)
 
 
-def merge_adopted(manifests: list[tuple[str, dict]], out: str) -> dict:
-    """One adopted folder from the parts of a multi-machine `index` (or from several indexes): the index
-    files, offsets and labels are joined, labels renumbered over the union of classes; no tar is read."""
-    from .build import _class_order, format_rejects
+def merge_adopted(manifests: list[tuple[str, dict]], out: str, classes: dict | None) -> dict:
+    """One adopted folder from the parts of a multi-machine `index` (or from several indexes), in the
+    given order: the index files, offsets and labels are joined, labels renumbered to `classes` (the
+    union); no tar is read."""
+    from .build import format_rejects
     os.makedirs(out, exist_ok=True)
     for name in OURS:
         if os.path.exists(os.path.join(out, name)):
             raise AdoptError(f"{os.path.join(out, name)}: exists; merge into a folder without sslkit's files")
-    manifests = sorted(manifests, key=lambda dm: dm[1]["part"][0] if dm[1]["part"][1] > 1 else 0)
-    labelled = {bool(m["classes"]) for _, m in manifests}
-    if len(labelled) > 1:
-        raise AdoptError("cannot merge labelled and unlabelled folders")
-    classes = None
-    if labelled.pop():
-        classes = {c: i for i, c in enumerate(_class_order({c for _, m in manifests for c in m["classes"]}))}
     index_dir = os.path.join(out, INDEX_DIR)
     os.makedirs(index_dir, exist_ok=True)
     shards, offsets, labels, rejects, first = [], [], [], [], 0

@@ -123,16 +123,16 @@ def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool
     adopted = {mf.is_adopted(m) for _, m in manifests}
     if len(adopted) > 1:
         raise BuildError("cannot merge adopted (shard index) and built (shard build) folders")
-    if adopted.pop():
-        from .adopt import merge_adopted
-        return merge_adopted(manifests, out)
     manifests.sort(key=lambda dm: dm[1].get("part", [0, 1])[0] if dm[1].get("part", [0, 1])[1] > 1 else 0)
     labelled = {bool(m["classes"]) for _, m in manifests}
     if len(labelled) > 1:
         raise BuildError("cannot merge labelled and unlabelled shard folders")
-    classes = None
+    classes = None   # the union of the inputs' classes, renumbered in sorted order
     if labelled.pop():
         classes = {c: i for i, c in enumerate(_class_order({c for _, m in manifests for c in m["classes"]}))}
+    if adopted.pop():
+        from .adopt import merge_adopted
+        return merge_adopted(manifests, out, classes)
     _claim_out(out, inputs)
     prefix = prefix or manifests[0][1]["build"].get("prefix", "shard")
     shards, rejects, class_counts = [], [], {}
