@@ -23,6 +23,19 @@ class ConfigError(SslkitError, ValueError):
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    # the online kNN monitor (sslkit.monitor): rank 0 evaluates the trunk while the other ranks wait
+    data: str | None = None          # labelled shard folder to monitor (None: no monitor); without `train`, its even
+                                     # sample indices are the neighbours and the odd ones the queries
+    train: str | None = None         # labelled shard folder of the neighbours instead (all of `data` are then queries)
+    every: int = 1                   # epochs between evaluations (the last epoch is always evaluated)
+    k: int = 20                      # neighbours of the weighted vote (temperature 0.07, as sslkit.eval knn)
+    size: int = 224                  # centre crop side of the monitor's images (e.g. 32 or 64 for small images)
+    resize: int = 256                # shorter side before the crop (>= size)
+    batch_size: int = 256            # images per feature-extraction batch
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # Every field's trailing comment is its meaning: docs/CONFIG.md is generated from them
     # (`python -m sslkit.config > docs/CONFIG.md`; tests/test_config.py checks it is in sync). A comment
@@ -70,6 +83,7 @@ class TrainConfig:
     ckpt_every: int = 10             # epochs between periodic checkpoints that are never pruned (0: none)
     keep_ckpts: int = 2              # newest checkpoints kept besides the periodic ones (>= 2: a fallback)
     tensorboard: bool = False        # also write the log records to <out>/tb (needs the [tensorboard] extra)
+    monitor: MonitorConfig = MonitorConfig()  # the online kNN monitor, `--set monitor.data=DIR` (see below)
     method_options: Any = None       # the method's own frozen dataclass (see the tables below)
 
 
@@ -131,6 +145,8 @@ def apply_overrides(obj, overrides: dict[str, Any], where: str = ""):
             raise ConfigError(f"unknown option {where}{head!r}; known: {', '.join(sorted(names))}")
         if rest:
             nested.setdefault(head, {})[rest] = value
+        elif isinstance(value, dict) and is_dataclass(getattr(obj, head)):  # a saved sub-config: its fields
+            nested.setdefault(head, {}).update(value)
         else:
             direct[head] = value
     changes = {}
@@ -247,7 +263,11 @@ def config_reference() -> str:
             "instead of both) < the flags (`--epochs`, `--lr`, ...) < `--set key=value` (any field below; "
             "`--set method_options.key=value` for the method's). `sslkit-train ... --print-config` prints the "
             "result as JSON without running anything; every run saves it as `<out>/config.json`.", "",
-            "## TrainConfig", *table(field_docs(TrainConfig))]
+            "## TrainConfig", *table(field_docs(TrainConfig)), "",
+            "## The online kNN monitor (`monitor.*`)", "",
+            "Logged as `kind: monitor` records in log.jsonl (docs/LOGS.md). Every rank waits while rank 0 "
+            "evaluates, so one evaluation must finish within `dist_timeout_s`.", "",
+            *table(field_docs(MonitorConfig), "monitor.")]
     for method in list_methods():
         options = method_entry(method).meta["options"]
         text += ["", f"## `{method}` options (`method_options.*`, class `{options.__name__}`)", "",
@@ -259,5 +279,5 @@ if __name__ == "__main__":
     print(config_reference(), end="")
 
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "parse_size", "to_dict",
+__all__ = ["ConfigError", "MonitorConfig", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "parse_size", "to_dict",
            "dataclasses", "config_reference", "field_docs"]

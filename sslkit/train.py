@@ -29,7 +29,7 @@ from sslkit.errors import SslkitError
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"epochs", "log_every", "ckpt_every", "keep_ckpts", "tensorboard", "loader_threads",
-                     "torch_threads", "loader_prefetch", "hw_decoder_load", "use_mmap", "dist_timeout_s"}
+                     "torch_threads", "loader_prefetch", "hw_decoder_load", "use_mmap", "dist_timeout_s", "monitor"}
 # never compared as strings: the run folder is wherever the checkpoint was found, and the data is
 # compared by its manifest identity (so moved or copied runs and shards resume)
 COMPARED_ELSEWHERE = {"out", "data"}
@@ -126,10 +126,12 @@ def load_config(path: str) -> TrainConfig:
         raise ConfigError(f"--config {path}: not JSON ({e})") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("method"), str):
         raise ConfigError(f"--config {path}: expected a JSON object with a \"method\" (a run's config.json)")
-    options = saved.pop("method_options", None) or {}
-    if not isinstance(options, dict):
-        raise ConfigError(f"--config {path}: method_options must be an object, got {options!r}")
-    flat = {**saved, **{f"method_options.{k}": v for k, v in options.items()}}
+    flat = {}
+    for key, value in saved.items():   # nested options (method_options, monitor) as dotted keys
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
     cfg = TrainConfig(method=saved["method"], method_options=method_entry(saved["method"]).meta["options"]())
     try:
         return apply_overrides(cfg, flat)
@@ -155,6 +157,10 @@ def check_config(cfg: TrainConfig):
         raise ConfigError("loader_threads and torch_threads must be >= 0 (0: automatic), loader_prefetch >= 1")
     if cfg.hw_decoder_load is not None and not 0.0 <= cfg.hw_decoder_load <= 1.0:
         raise ConfigError(f"hw_decoder_load={cfg.hw_decoder_load}: expected 0..1 (or None: by GPU generation)")
+    m = cfg.monitor
+    if m.every < 1 or m.k < 1 or m.batch_size < 1 or not 8 <= m.size <= m.resize:
+        raise ConfigError(f"monitor: every, k and batch_size must be positive and 8 <= size <= resize "
+                          f"(got every={m.every}, k={m.k}, batch_size={m.batch_size}, size={m.size}, resize={m.resize})")
 
 
 def check_resume_compatible(g: dict, cfg: TrainConfig, data_identity: str, log):
@@ -372,6 +378,9 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
     from sslkit.log import JsonLog, MetricLogger, StepLog, open_run_files
     from sslkit.shard.manifest import identity, load
 
+    from sslkit.monitor import KnnMonitor
+    monitor = KnnMonitor(cfg.monitor, cfg.epochs, info, log)
+    monitor.check()  # its folders exist and are labelled, before the build
     run = build(cfg, info, log, stop.check, dali_threads)
     method, loader, device = run.method, run.loader, info.device
     data = {"identity": identity(load(cfg.data)), "path": os.path.abspath(cfg.data)}
@@ -470,6 +479,11 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
             log.info("epoch %d done: loss %.4f, %.0f s, data stall %.1f%%", epoch - 1, rec["loss"], rec["epoch_s"],
                      rec["data_stall_pct"])
             save(keep=(cfg.ckpt_every > 0 and epoch % cfg.ckpt_every == 0) or epoch == cfg.epochs)
+            if monitor.due(epoch):  # online kNN (sslkit.monitor): rank 0 evaluates, every rank waits for it
+                rec = monitor.run(method, epoch - 1, step)
+                if rec:
+                    jlog.write(rec)
+                run.model.train()
     except dist.Preempted as p:
         resumes = (f"the last checkpoint (step {saved_step}) resumes it" if saved_step is not None else
                    "no checkpoint exists yet, so it starts from the beginning")

@@ -452,3 +452,24 @@ def test_epoch_records_count_this_epochs_corrupt_samples_over_every_rank(shards,
     out = str(tmp_path / "run")
     run_train([*TINY, "--batch-size", "8", "--data", data, "--out", out, "--set", "log_every=12"], nproc=2)
     assert [(r["epoch"], r["corrupt_samples"]) for r in records(out, "epoch").values()] == [(0, 2), (1, 2)]
+
+
+def test_the_online_knn_monitor_logs_top1_and_its_cost_on_two_ranks(shards, tmp_path):
+    """`monitor.data` on 2 ranks (rank 0 evaluates, rank 1 waits in the same collective): a record of
+    kind "monitor" after every `monitor.every` epochs and after the last, with kNN top-1 in [0, 1] and
+    its seconds; the training records are those of a run without the monitor (it changes nothing)."""
+    out = str(tmp_path / "run")
+    run_train([*TINY, "--batch-size", "8", "--epochs", "3", "--data", shards, "--out", out, "--set", "log_every=12",
+               "--set", f"monitor.data={shards}", "--set", "monitor.every=2", "--set", "monitor.size=32",
+               "--set", "monitor.resize=32", "--set", "monitor.k=5"], nproc=2)
+    mon = records(out, "monitor")
+    assert sorted(mon) == [24, 36] and [m["epoch"] for m in mon.values()] == [1, 2]
+    for m in mon.values():
+        assert 0.0 <= m["knn_top1"] <= m["knn_top5"] <= 1.0 and m["monitor_s"] > 0 and m["k"] == 5
+        assert m["queries"] + m["neighbours"] == 192 and m["queries"] == 96   # the odd sample indices
+    assert sorted(records(out, "epoch")) == [12, 24, 36]
+    # an unlabelled or missing monitor folder is one line before the build
+    r = run_train([*TINY, "--data", shards, "--out", str(tmp_path / "bad"), "--set", "monitor.data=/nonexistent"],
+                  check=False)
+    assert r.returncode == 2 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "building the" not in r.stderr
