@@ -47,7 +47,8 @@ class TrainConfig:
     arch: str = "resnet50"           # backbone from sslkit.models (resnet50, resnet_tiny, ...)
     epochs: int = 100                # passes over the data set
     batch_size: int = 64             # images per rank per step (--global-batch-size divides a global one)
-    out: str = "runs/default"        # run folder: checkpoints/, config.json, log.jsonl, tb/ (default runs/<method>-<preset>)
+    out: str = "runs/default"        # run folder: checkpoints/, config.json, log.jsonl, tb/ (the command line's
+                                     # default: runs/<method>-<preset>)
     device: str = "auto"             # auto (cuda if torch sees a GPU) | cpu | cuda
     seed: int = 0                    # seeds torch (plus the rank) and the loader's shuffles and augmentations
     init_from: str | None = None     # run folder or checkpoint whose weights start a fresh run (fine-tuning)
@@ -204,6 +205,48 @@ def dumps(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
 
 
+# -- a run's starting point: a method's preset, or a saved config ---------------------------------
+def preset_config(method: str, preset: str | None) -> TrainConfig:
+    """The method's defaults with its preset (named, else the method's default one) applied."""
+    from .methods import method_entry  # imports torch (the methods' option classes), not DALI
+    entry = method_entry(method)
+    cfg = TrainConfig(method=method, method_options=entry.meta["options"]())
+    preset = preset or entry.meta.get("default_preset")
+    if preset is not None:
+        presets = entry.meta["presets"]
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r} for {method}; choose from {', '.join(presets)}")
+        cfg = apply_overrides(replace(cfg, preset=preset), presets[preset].overrides)
+    return cfg
+
+
+def load_config(path: str) -> TrainConfig:
+    """A saved config (config.json as a run writes it) as a TrainConfig, strictly: an unknown field or
+    a value of the wrong type is a one-line error naming the file. Fields it lacks (a config saved
+    by an older version) keep their defaults."""
+    from .methods import method_entry
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--config {path}: not JSON ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("method"), str):
+        raise ConfigError(f"--config {path}: expected a JSON object with a \"method\" (a run's config.json)")
+    flat = {}
+    for key, value in saved.items():   # nested options (method_options, monitor) as dotted keys
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    cfg = TrainConfig(method=saved["method"], method_options=method_entry(saved["method"]).meta["options"]())
+    try:
+        return apply_overrides(cfg, flat)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+
+
 # -- the generated reference (docs/CONFIG.md) ------------------------------------------------------
 def field_docs(cls) -> list[tuple[str, str, str, str, str]]:
     """(section, field, type, default, meaning) of a dataclass' fields, the meanings and sections read
@@ -279,5 +322,5 @@ if __name__ == "__main__":
     print(config_reference(), end="")
 
 
-__all__ = ["ConfigError", "MonitorConfig", "TrainConfig", "apply_overrides", "dumps", "field", "parse_set", "parse_size", "to_dict",
-           "dataclasses", "config_reference", "field_docs"]
+__all__ = ["ConfigError", "MonitorConfig", "TrainConfig", "apply_overrides", "config_reference", "dataclasses", "dumps",
+           "field", "field_docs", "load_config", "parse_set", "parse_size", "preset_config", "to_dict"]

@@ -1,16 +1,18 @@
 """Self-supervised pretraining, one compact trainer for every method.
 
     torchrun --nproc_per_node=2 train.py --method deepclusterv2 --preset tiny --data shards/sample --out runs/tiny
-    sslkit-train ...                         # installed; also `python -m sslkit.train`, or `python train.py` in a checkout
+    sslkit-train ...                         # installed (also python -m sslkit.train; train.py in a checkout)
     sslkit-train --list-presets              # every method's named recipes
 
 Re-running the same command resumes from the newest complete checkpoint in --out that verifies against
 its checksums. SIGTERM or SIGUSR1 (preemption) make every rank write a checkpoint and exit cleanly. One
 run holds a run folder at a time (<out>/.lock names its host and pid).
 
-Stages, in order: 1 config -> 2 distributed, then the run folder's lock -> 3 data and method -> 4 model
-on device -> 5 optimiser and schedule -> 6 resume -> 7 train loop -> 8 checkpoints. The trainer never branches on the method:
-a method is a module from the registry whose forward returns {"loss", ...} plus optional hooks.
+Stages, in order: 1 config -> 2 distributed, then the run folder's lock and the threads -> 3 data and
+method -> 4 model on device -> 5 optimiser and schedule -> 6 resume -> 7 train loop -> 8 checkpoints
+(and the online kNN monitor). The trainer never branches on the method: a method is a module from the
+registry whose forward returns {"loss", ...} plus optional hooks. A library too:
+`from sslkit.train import parse_config, train; train(parse_config(["--preset", "tiny", ...]))`.
 Every rank runs the same collectives at the same steps whatever its terminal or logging: the loss is
 read and the stop flag agreed only at log steps, which are the same steps on every rank.
 """
@@ -24,7 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from sslkit.config import ConfigError, TrainConfig, apply_overrides, dumps, parse_set, to_dict
+from sslkit.config import (ConfigError, TrainConfig, apply_overrides, dumps, load_config, parse_set, preset_config,
+                           to_dict)
 from sslkit.errors import SslkitError
 
 # fields that may change between a run and its resumption
@@ -96,49 +99,6 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
-def preset_config(method: str, preset: str | None) -> TrainConfig:
-    """The method's defaults with its preset (named, else the method's default one) applied."""
-    from sslkit.methods import method_entry  # imports torch (the methods' option classes), not DALI
-    entry = method_entry(method)
-    cfg = TrainConfig(method=method, method_options=entry.meta["options"]())
-    preset = preset or entry.meta.get("default_preset")
-    if preset is not None:
-        presets = entry.meta["presets"]
-        if preset not in presets:
-            raise ConfigError(f"unknown preset {preset!r} for {method}; choose from {', '.join(presets)}")
-        cfg = apply_overrides(replace(cfg, preset=preset), presets[preset].overrides)
-    return cfg
-
-
-def load_config(path: str) -> TrainConfig:
-    """A saved config (config.json as a run writes it) as a TrainConfig, strictly: an unknown field or
-    a value of the wrong type is a one-line error naming the file. Fields it lacks (a config saved
-    by an older version) keep their defaults."""
-    import json
-
-    from sslkit.methods import method_entry
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ConfigError(f"--config {path}: not JSON ({e})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("method"), str):
-        raise ConfigError(f"--config {path}: expected a JSON object with a \"method\" (a run's config.json)")
-    flat = {}
-    for key, value in saved.items():   # nested options (method_options, monitor) as dotted keys
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    cfg = TrainConfig(method=saved["method"], method_options=method_entry(saved["method"]).meta["options"]())
-    try:
-        return apply_overrides(cfg, flat)
-    except ConfigError as e:
-        raise ConfigError(f"--config {path}: {e}") from None
-
-
 def check_config(cfg: TrainConfig):
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise ConfigError("batch size, epochs and lr must be positive")
@@ -159,8 +119,8 @@ def check_config(cfg: TrainConfig):
         raise ConfigError(f"hw_decoder_load={cfg.hw_decoder_load}: expected 0..1 (or None: by GPU generation)")
     m = cfg.monitor
     if m.every < 1 or m.k < 1 or m.batch_size < 1 or not 8 <= m.size <= m.resize:
-        raise ConfigError(f"monitor: every, k and batch_size must be positive and 8 <= size <= resize "
-                          f"(got every={m.every}, k={m.k}, batch_size={m.batch_size}, size={m.size}, resize={m.resize})")
+        raise ConfigError(f"monitor: every, k and batch_size must be positive and 8 <= size <= resize (got "
+                          f"every={m.every}, k={m.k}, batch_size={m.batch_size}, size={m.size}, resize={m.resize})")
 
 
 def check_resume_compatible(g: dict, cfg: TrainConfig, data_identity: str, log):

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = {"sslkit-shard": "sslkit.shard.__main__:main", "sslkit-train": "sslkit.train:main", "sslkit-eval": "sslkit.eval.cli:main",
+SCRIPTS = {"sslkit-shard": "sslkit.shard.__main__:main", "sslkit-train": "sslkit.train:main",
+           "sslkit-eval": "sslkit.eval.cli:main",
            "sslkit-convert": "sslkit.convert:main", "sslkit-pseudolabel": "sslkit.pseudolabel.cli:main",
            "sslkit-viz": "sslkit.viz:main"}
 # what the wheel must not carry as a base requirement: DALI comes through an extra (pyproject.toml)
