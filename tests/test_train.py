@@ -331,6 +331,11 @@ def test_resume_refuses_a_different_config(shards, tmp_path):
     # more epochs with the same recipe continue the run
     r = run_train([*args, "--epochs", "2"])
     assert "resumed from" in r.stderr and "done: 2 epochs" in r.stderr
+    # the run's own config.json re-runs it (its run folder, data and recipe), flags on top: it resumes
+    r = run_train(["--config", os.path.join(out, "config.json"), "--epochs", "3"])
+    assert "resumed from" in r.stderr and "done: 3 epochs" in r.stderr
+    r = run_train(["--config", os.path.join(out, "config.json"), "--epochs", "3", "--lr", "0.1"], check=False)
+    assert r.returncode == 2 and "different config" in r.stderr
 
 
 # -- the package's trainer: threads, config printing and re-running, dependencies, loader settings ---
