@@ -309,7 +309,7 @@ def config_reference() -> str:
             "## TrainConfig", *table(field_docs(TrainConfig)), "",
             "## The online kNN monitor (`monitor.*`)", "",
             "Logged as `kind: monitor` records in log.jsonl (docs/LOGS.md). Every rank waits while rank 0 "
-            "evaluates, so one evaluation must finish within `dist_timeout_s`.", "",
+            "evaluates, so one evaluation must finish within `dist_timeout_s`.",
             *table(field_docs(MonitorConfig), "monitor.")]
     for method in list_methods():
         options = method_entry(method).meta["options"]
