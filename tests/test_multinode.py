@@ -1,0 +1,204 @@
+"""Two "nodes" on one machine: two torchrun processes, one rank each, meeting through a c10d rendezvous,
+run the trainer with the same torchrun flags as docs/CLUSTER.md's Slurm script, through an epoch and
+its checkpoint, then again with one more epoch (a resume on both nodes).
+
+What a real multi-node job gets wrong and this checks:
+- data follows the GLOBAL rank: rank0.pt and rank1.pt are both written, their loader states name ranks
+  0 and 1 of 2, and the two ranks' memory banks hold disjoint halves that together are the dataset;
+- device and threads follow the LOCAL rank: each node's worker has LOCAL_RANK 0 and LOCAL_WORLD_SIZE
+  1, so its thread plan is the whole machine's share (the DALI thread count rank 0 logs);
+- one process writes the shared files: the run folder's lock names the global-rank-0 worker's pid,
+  log.jsonl holds each record once, the other node's worker logs nothing but warnings, and the run
+  folder holds nothing else (no second config, no stray .tmp).
+
+Which node gets ranks 0..G-1 is decided by the rendezvous (c10d orders the nodes by host and pid;
+--node_rank is only read by the static rendezvous), so the test finds the head node from the workers'
+environment instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from sslkit.threads import machine_cores, plan_threads
+
+from conftest import REPO, build_small
+
+PY = sys.executable
+CLUSTER_DOC = os.path.join(REPO, "docs", "CLUSTER.md")
+# 64 images, 2 ranks x 8: 4 steps per epoch, a log record every 2 steps
+ARGS = ["--method", "deepclusterv2", "--preset", "tiny", "--set", "method_options.n_prototypes=[8,8,8]",
+        "--set", "shuffle_buffer=64", "--set", "log_every=2", "--set", "method_options.kernel=torch",
+        "--batch-size", "8", "--device", "cpu"]
+STEPS_PER_EPOCH = 4
+
+
+def torchrun_flags(nnodes: str, nproc_per_node: str, head: str, port: str, job_id: str) -> list[str]:
+    """torchrun's flags in docs/CLUSTER.md's sbatch script (there: $SLURM_NNODES, $GPUS, $HEAD, $PORT,
+    $SLURM_JOB_ID); SIGUSR1 is forwarded to the workers (Slurm's warning before the time limit) and
+    they get 240 s to write their checkpoint before torchrun kills them."""
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={job_id}",
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=240", "-m", "sslkit.train"]
+
+
+def test_the_cluster_doc_runs_the_tested_torchrun_line():
+    line = "torchrun " + " ".join(torchrun_flags("$SLURM_NNODES", "$GPUS", "$HEAD", "$PORT", "$SLURM_JOB_ID"))
+    with open(CLUSTER_DOC) as f:
+        assert line in f.read(), f"docs/CLUSTER.md does not contain the tested line:\n{line}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def lock_holder(out: str) -> dict:
+    try:
+        with open(os.path.join(out, ".lock")) as f:
+            text = f.read().strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_two_nodes(args: list[str], out: str, tty_node: str | None = None, timeout: float = 240):
+    """Start nodes "a" and "b" together (node `tty_node` under a pseudo-terminal) and wait for both.
+    Returns ({node: output}, {node: {worker pid: its torchrun environment}}, lock holders seen)."""
+    port, job = str(free_port()), f"sslkit-test-{os.getpid()}-{time.monotonic_ns()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for node in ("a", "b"):
+        cmd = [PY, "-m", "torch.distributed.run", *torchrun_flags("2", "1", "localhost", port, job), *args]
+        if node == tty_node:
+            cmd = ["script", "-qec", shlex.join(cmd), "/dev/null"]
+        procs[node] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, start_new_session=True)
+    workers, holders = {"a": {}, "b": {}}, set()
+    outputs = {}
+    try:
+        import threading
+        readers = {}
+        for node, p in procs.items():  # drain the pipes while watching, so no process blocks on a full one
+            readers[node] = threading.Thread(target=lambda n=node, q=p: outputs.__setitem__(n, q.stdout.read()))
+            readers[node].start()
+        deadline = time.time() + timeout
+        while any(p.poll() is None for p in procs.values()):
+            assert time.time() < deadline, f"the two nodes did not finish within {timeout} s"
+            for node, p in procs.items():
+                for pid in descendants(p.pid):
+                    if pid not in workers[node]:
+                        env_ = environ(pid)
+                        if "RANK" in env_ and "LOCAL_RANK" in env_:
+                            workers[node][pid] = env_
+            holder = lock_holder(out)
+            if holder:
+                holders.add((holder["host"], holder["pid"]))
+            time.sleep(0.05)
+        for t in readers.values():
+            t.join(timeout=30)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for node, p in procs.items():
+        assert p.returncode == 0, f"node {node} failed ({p.returncode}):\n{outputs.get(node, '')[-4000:]}"
+    return outputs, workers, holders
+
+
+def records(out: str) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_run(out: str, outputs: dict, workers: dict, holders: set, epochs: int):
+    """What every two-node run must show; returns the head node's output."""
+    # one worker per node, LOCAL_RANK 0 of 1 on both, global ranks 0 and 1 of 2
+    assert all(len(w) == 1 for w in workers.values()), workers
+    env = {node: next(iter(w.values())) for node, w in workers.items()}
+    pid = {node: next(iter(w)) for node, w in workers.items()}
+    for e in env.values():
+        assert (e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"], e["WORLD_SIZE"]) == ("0", "1", "2"), e
+        assert e["GROUP_RANK"] == e["RANK"] and e["GROUP_WORLD_SIZE"] == "2", e
+    assert sorted(e["RANK"] for e in env.values()) == ["0", "1"]
+    head = next(node for node, e in env.items() if e["RANK"] == "0")
+    other = "b" if head == "a" else "a"
+    # threads follow the local world: the head's logged plan is the whole machine's share
+    plan = plan_threads("cpu", environ=env[head])
+    assert plan.processes == 1 and plan.dali == machine_cores(), plan
+    assert plan.describe() in outputs[head], outputs[head][-3000:]
+    # only global rank 0 holds the run folder and talks; rank 1 logs warnings and errors only
+    assert holders == {(socket.gethostname(), pid[head])}, (holders, pid)
+    assert "threads: DALI" not in outputs[other] and " INFO " not in outputs[other], outputs[other][-3000:]
+    assert f"done: {epochs} epochs, {epochs * STEPS_PER_EPOCH} steps" in outputs[head], outputs[head][-3000:]
+    # each record once: one writer
+    recs = records(out)
+    steps = [r["step"] for r in recs if r["kind"] == "step"]
+    assert steps == list(range(2, epochs * STEPS_PER_EPOCH + 1, 2)), steps
+    assert [r["step"] for r in recs if r["kind"] == "epoch"] == \
+        [STEPS_PER_EPOCH * (e + 1) for e in range(epochs)], recs
+    # the shared folder holds the shared files once and nothing else
+    assert sorted(os.listdir(out)) == [".lock", "checkpoints", "config.json", "log.jsonl"], os.listdir(out)
+    for root, _, files in os.walk(out):
+        assert not [f for f in files if f.endswith(".tmp")], (root, files)
+    # the checkpoint: global.pt once, a file per GLOBAL rank, loader states naming ranks 0 and 1 of 2
+    d = os.path.join(out, "checkpoints", f"step-{epochs * STEPS_PER_EPOCH:08d}")
+    assert sorted(os.listdir(d)) == ["COMPLETE", "KEEP", "global.pt", "rank0.pt", "rank1.pt"], os.listdir(d)
+    assert torch.load(os.path.join(d, "global.pt"), weights_only=False)["world_size"] == 2
+    banks = []
+    for r in (0, 1):
+        state = torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
+        fp = state["loader"]["fingerprint"]
+        assert (fp["rank"], fp["world_size"], fp["total"]) == (r, 2, 64), fp
+        banks.append(set(state["method"]["bank_index"].tolist()))
+    assert not banks[0] & banks[1] and banks[0] | banks[1] == set(range(64))  # each sample on one rank
+    return outputs[head]
+
+
+def test_two_nodes_train_checkpoint_and_resume(tmp_path):
+    data = str(tmp_path / "shards")
+    build_small(data, sources=("sample:64",), max_count=16)
+    out = str(tmp_path / "run")
+    args = [*ARGS, "--data", data, "--out", out]
+    outputs, workers, holders = run_two_nodes([*args, "--epochs", "1"], out, tty_node="a")
+    check_run(out, outputs, workers, holders, epochs=1)
+    # one more epoch on both nodes: every rank resumes from its own file of the step-4 checkpoint
+    outputs, workers, holders = run_two_nodes([*args, "--epochs", "2"], out)
+    head = check_run(out, outputs, workers, holders, epochs=2)
+    assert "resumed from" in head and "step-00000004: epoch 1, step 4" in head, head[-3000:]
