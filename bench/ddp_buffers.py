@@ -37,7 +37,8 @@ def rank_main(rank: int, heads: int, samples: int, broadcast: bool, port: int, s
     for _ in range(steps):
         model(x).backward()
     if rank == 0:
-        print(f"broadcast_buffers={broadcast}: assignments {heads}x{samples} int64 ({heads * samples * 8 / 1e6:.0f} MB): "
+        mb = heads * samples * 8 / 1e6
+        print(f"broadcast_buffers={broadcast}: assignments {heads}x{samples} int64 ({mb:.0f} MB): "
               f"{(time.perf_counter() - t) / steps * 1000:.1f} ms/step", flush=True)
     dist.destroy_process_group()
 

@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -141,7 +142,6 @@ def run_two_nodes(args: list[str], out: str, tty_node: str | None = None, usr1_a
     workers, holders, signalled = {"a": {}, "b": {}}, set(), usr1_after is not None
     outputs = {}
     try:
-        import threading
         readers = {}
         for node, p in procs.items():  # drain the pipes while watching, so no process blocks on a full one
             readers[node] = threading.Thread(target=lambda n=node, q=p: outputs.__setitem__(n, q.stdout.read()))
