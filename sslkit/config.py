@@ -46,13 +46,14 @@ class TrainConfig:
     data: str = "shards/sample"      # shard folder (`sslkit-shard build`, or adopted shards with a manifest)
     arch: str = "resnet50"           # backbone from sslkit.models (resnet50, resnet_tiny, ...)
     epochs: int = 100                # passes over the data set
-    batch_size: int = 64             # images per rank per step (--global-batch-size divides a global one)
+    batch_size: int = 64             # images per rank per micro-batch: per step unless accum_steps > 1
+                                     # (--global-batch-size divides a global one)
     out: str = "runs/default"        # run folder: checkpoints/, config.json, log.jsonl, tb/ (the command line's
                                      # default: runs/<method>-<preset>)
     device: str = "auto"             # auto (cuda if torch sees a GPU) | cpu | cuda
     seed: int = 0                    # seeds torch (plus the rank) and the loader's shuffles and augmentations
     init_from: str | None = None     # run folder or checkpoint whose weights start a fresh run (fine-tuning)
-    # optimisation (lr is per 256 images and scaled linearly with the global batch)
+    # optimisation (lr is per 256 images and scaled linearly with the global batch, accumulation included)
     optimizer: str = "lars"          # lars | sgd
     lr: float = 0.3                  # peak learning rate per 256 images (x global batch / 256)
     schedule: str = "cosine"         # cosine (to lr * final_lr_ratio) | multistep (x gamma at milestones)
@@ -65,6 +66,10 @@ class TrainConfig:
     nesterov: bool = False           # Nesterov momentum
     weight_decay: float = 1e-6       # L2 weight decay
     exclude_norm_bias_wd: bool = False  # no weight decay (nor LARS adaptation) on norm layers and biases
+    accum_steps: int = 1             # micro-batches per optimiser step (gradient accumulation): global batch =
+                                     # ranks x batch_size x accum_steps; an epoch's last step takes what is left
+    clip_grad: float = 0.0           # clip the gradients' total L2 norm to this before each step (0: off); the
+                                     # pre-clip norm is logged as grad_norm either way
     # system
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with a grad scaler) | fp32
     channels_last: bool = True       # channels-last memory format for the model and images (GPU only)

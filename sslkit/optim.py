@@ -6,6 +6,9 @@
 - `build_optimizer`: "sgd" or "lars" from plain arguments.
 - Schedules are numpy arrays with one value per global iteration (STYLE 13.7), so the loop does
   `group["lr"] = schedule[it]` and resuming only needs the global step.
+- Gradient accumulation and clipping: `accumulate` splits the loader's epoch into optimiser steps of
+  `accum_steps` micro-batches (`optimizer_steps` counts them), `no_grad_sync` keeps DDP from
+  all-reducing in all but a step's last backward, `clip_gradients` returns the pre-clip total norm.
 
 The DCv2 recipe (swav scripts, VISSL `deepclusterv2_2crops_resnet.yaml`) in these terms:
 
@@ -17,8 +20,10 @@ The DCv2 recipe (swav scripts, VISSL `deepclusterv2_2crops_resnet.yaml`) in thes
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Iterable, Sequence
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -260,3 +265,62 @@ def multistep(base_lr: float, milestones: Sequence[int], epochs: int, iters_per_
     if per_epoch:
         lr = np.repeat(lr[::iters_per_epoch], iters_per_epoch)
     return lr
+
+
+# ---- gradient accumulation and clipping --------------------------------------------------------
+
+def optimizer_steps(micro_batches: int, accum_steps: int) -> int:
+    """Optimiser steps of an epoch of `micro_batches` loader batches: one per `accum_steps` of them,
+    the epoch's last step taking what is left."""
+    return -(-_check_int(micro_batches, "micro_batches", 0) // _check_int(accum_steps, "accum_steps", 1))
+
+
+class MicroBatches:
+    """The micro-batches of one optimiser step, read from the loader's iterator only as the step
+    consumes them: one is held at a time and the loader keeps prefetching meanwhile. `wait_s`: the
+    seconds spent waiting for them."""
+
+    def __init__(self, batches: Iterator, count: int):
+        self.batches, self.count, self.wait_s = batches, count, 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            t = time.perf_counter()
+            batch = next(self.batches)
+            self.wait_s += time.perf_counter() - t
+            yield batch
+
+
+def accumulate(loader, accum_steps: int) -> Iterator[MicroBatches]:
+    """The rest of `loader`'s epoch (an iterable with `len` and `position`, the batches already yielded
+    in this epoch, as pipelines' DaliLoader) as optimiser steps of `accum_steps` micro-batches each.
+    Steps are aligned to the epoch's start (a run stopped after a step resumes at the next one) and
+    never cross an epoch: the last one takes the epoch's remaining micro-batches. Consume each step's
+    micro-batches before asking for the next step."""
+    batches = iter(loader)
+    while loader.position < len(loader):
+        yield MicroBatches(batches, min(accum_steps - loader.position % accum_steps, len(loader) - loader.position))
+    next(batches, None)  # the loader's own end of epoch runs when its iterator is exhausted
+
+
+def no_grad_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` (also when torch.compile wraps the DDP module): backward passes inside it
+    accumulate gradients locally without the all-reduce, which the next backward outside it then
+    does for all of them. Anything else needs no such context."""
+    ddp = getattr(model, "_orig_mod", model)
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients before clipping (a 0-dim tensor on their device,
+    not read here: no host sync), having scaled them down to `max_norm` when > 0 and exceeded. Call
+    it on unscaled gradients (`GradScaler.unscale_` first)."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])

@@ -14,7 +14,9 @@ method -> 4 model on device -> 5 optimiser and schedule -> 6 resume -> 7 train l
 registry whose forward returns {"loss", ...} plus optional hooks. A library too:
 `from sslkit.train import parse_config, train; train(parse_config(["--preset", "tiny", ...]))`.
 Every rank runs the same collectives at the same steps whatever its terminal or logging: the loss is
-read and the stop flag agreed only at log steps, which are the same steps on every rank.
+read and the stop flag agreed only at log steps, which are the same steps on every rank. A step is an
+optimiser step: with accum_steps > 1 it takes that many of the loader's batches (micro-batches), and
+runs stop, log and checkpoint only between steps, so a resume continues at a step's first micro-batch.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def parse_config(argv=None) -> TrainConfig:
     p.add_argument("--data", help="shard folder built by `python -m sslkit.shard build` (default shards/sample)")
     p.add_argument("--arch", help="backbone from sslkit.models (resnet50, resnet_tiny, ...)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per rank per step")
-    p.add_argument("--global-batch-size", type=int, help="images per step over all ranks (must divide evenly)")
+    p.add_argument("--batch-size", type=int, help="images per rank per (micro-)batch")
+    p.add_argument("--global-batch-size", type=int,
+                   help="images per optimiser step over all ranks, accum_steps included (must divide evenly)")
     p.add_argument("--lr", type=float, help="learning rate per 256 images; scaled linearly with the global batch")
     p.add_argument("--out", help="run folder: checkpoints, config.json, log.jsonl (default runs/<method>-<preset>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -87,9 +90,10 @@ def parse_config(argv=None) -> TrainConfig:
     if args.global_batch_size is not None:
         if args.batch_size is not None:
             raise ConfigError("give --batch-size (per rank) or --global-batch-size, not both")
-        if args.global_batch_size % world:
-            raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
-        cfg = replace(cfg, batch_size=args.global_batch_size // world)
+        if args.global_batch_size % (world * cfg.accum_steps):
+            raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}"
+                              f" x accum_steps {cfg.accum_steps}")
+        cfg = replace(cfg, batch_size=args.global_batch_size // (world * cfg.accum_steps))
     if args.out is None and "out" not in overrides and not args.config:  # a saved config names its run folder
         cfg = replace(cfg, out=os.path.join("runs", f"{cfg.method}-{cfg.preset or 'default'}"))
     check_config(cfg)
@@ -100,8 +104,10 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig):
-    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
-        raise ConfigError("batch size, epochs and lr must be positive")
+    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0 or cfg.accum_steps < 1:
+        raise ConfigError("batch size, epochs, lr and accum_steps must be positive")
+    if not 0 <= cfg.clip_grad < float("inf"):
+        raise ConfigError(f"clip_grad={cfg.clip_grad}: a total gradient norm >= 0 (0: no clipping)")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16, fp16 or fp32")
     if cfg.schedule not in ("cosine", "multistep"):
@@ -124,7 +130,8 @@ def check_config(cfg: TrainConfig):
 
 
 def check_resume_compatible(g: dict, cfg: TrainConfig, data_identity: str, log):
-    saved, now = g["config"], to_dict(cfg)
+    # a field newer than the saved run (accum_steps, clip_grad, ...) held its default there
+    saved, now = {**to_dict(TrainConfig()), **g["config"]}, to_dict(cfg)
     ignored = RESUMABLE_CHANGES | COMPARED_ELSEWHERE
     diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in ignored and saved.get(k) != now.get(k)]
@@ -224,7 +231,14 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.batch_size * self.info.world_size
+        """Images per optimiser step over all ranks."""
+        return self.cfg.batch_size * self.info.world_size * self.cfg.accum_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (the loader's batches are its micro-batches)."""
+        from sslkit.optim import optimizer_steps
+        return optimizer_steps(self.ctx.steps_per_epoch, self.cfg.accum_steps)
 
 
 def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali_threads: int = 0) -> Run:
@@ -237,7 +251,7 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
     from pipelines import make_loader
     from sslkit import registry
     from sslkit.methods import RunContext, method_entry
-    from sslkit.optim import build_optimizer, multistep, param_groups, scaled_lr, warmup_cosine
+    from sslkit.optim import build_optimizer, multistep, optimizer_steps, param_groups, scaled_lr, warmup_cosine
     from sslkit.threads import plan_threads
 
     device = info.device
@@ -272,11 +286,13 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
                      channels_last=on_gpu and cfg.channels_last, pipeline=loader.describe()["pipeline"],
                      check_stop=check_stop)
     method = registry.create("method", cfg.method, cfg, ctx)
-    global_batch = cfg.batch_size * info.world_size
+    global_batch = cfg.batch_size * info.world_size * cfg.accum_steps
+    steps_per_epoch = optimizer_steps(ctx.steps_per_epoch, cfg.accum_steps)
     if info.is_main:
-        log.info("%s on %s: %d images, %d steps/epoch, global batch %d (%d ranks x %d), %s, %s",
-                 cfg.method, cfg.data, ctx.dataset_size, ctx.steps_per_epoch, global_batch, info.world_size,
-                 cfg.batch_size, device, precision)
+        log.info("%s on %s: %d images, %d steps/epoch, global batch %d (%d ranks x %d%s), %s, %s",
+                 cfg.method, cfg.data, ctx.dataset_size, steps_per_epoch, global_batch, info.world_size,
+                 cfg.batch_size, f" x {cfg.accum_steps} micro-batches" if cfg.accum_steps > 1 else "", device,
+                 precision)
 
     # ----------------------------------------------------------------------------------------------
     # 4. model on device: SyncBN, channels_last and bf16 autocast on GPU, DDP around the method
@@ -293,14 +309,15 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
         model = torch.compile(model)
 
     # ----------------------------------------------------------------------------------------------
-    # 5. optimiser and per-step schedule (lr per 256 images, scaled linearly with the global batch)
+    # 5. optimiser and per-step schedule (lr per 256 images, scaled linearly with the global batch,
+    #    accumulated micro-batches included; one value per optimiser step)
     # ----------------------------------------------------------------------------------------------
     peak = scaled_lr(cfg.lr, global_batch)
     start = min(cfg.warmup_start_lr if cfg.warmup_start_lr is not None else cfg.lr, peak)
     if cfg.schedule == "multistep":
-        schedule = multistep(peak, cfg.milestones, cfg.epochs, ctx.steps_per_epoch, cfg.gamma, cfg.warmup_epochs, start)
+        schedule = multistep(peak, cfg.milestones, cfg.epochs, steps_per_epoch, cfg.gamma, cfg.warmup_epochs, start)
     else:
-        schedule = warmup_cosine(peak, peak * cfg.final_lr_ratio, cfg.epochs, ctx.steps_per_epoch, cfg.warmup_epochs,
+        schedule = warmup_cosine(peak, peak * cfg.final_lr_ratio, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                                  start)
     optimizer = build_optimizer(cfg.optimizer, param_groups(method, cfg.weight_decay, cfg.exclude_norm_bias_wd),
                                 lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -308,16 +325,35 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
     return Run(cfg, info, ctx, method, model, loader, optimizer, scaler, schedule, autocast)
 
 
-def train_step(run: Run, batch: dict, lr: float) -> dict:
-    """One optimisation step: forward under autocast, backward, optimiser step. Returns the method's
-    outputs as tensors: nothing here waits for the device."""
+def train_step(run: Run, batches, lr: float) -> dict:
+    """One optimiser step over a batch (a dict) or a step's micro-batches (a sized iterable, e.g.
+    optim.MicroBatches): per micro-batch forward under autocast and backward of loss / count, so the
+    gradient is their mean, DDP all-reducing only in the last backward; then the method's
+    after_backward hook, unscaling, clipping (cfg.clip_grad) and the step. Returns the method's
+    outputs (scalars averaged over the micro-batches) and `grad_norm`, the pre-clip norm, as tensors:
+    nothing here waits for the device."""
+    import contextlib
+
+    import torch
+
+    from sslkit.optim import clip_gradients, no_grad_sync
+    micro = [batches] if isinstance(batches, dict) else batches
+    count, sums = len(micro), {}
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    with run.autocast():
-        out = run.model(batch)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(out["loss"]).backward()
+    for i, batch in enumerate(micro):
+        with no_grad_sync(run.model) if i < count - 1 else contextlib.nullcontext():
+            with run.autocast():
+                out = run.model(batch)
+            run.scaler.scale(out["loss"] / count).backward()
+        for k, v in out.items():
+            if count > 1 and torch.is_tensor(v) and v.numel() == 1:
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+    out = {**out, **{k: v / count for k, v in sums.items()}}
     run.method.after_backward()
+    run.scaler.unscale_(run.optimizer)
+    out["grad_norm"] = clip_gradients(run.method.parameters(), run.cfg.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return out
@@ -336,6 +372,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
 
     from sslkit import ckpt, dist
     from sslkit.log import JsonLog, MetricLogger, StepLog, open_run_files
+    from sslkit.optim import accumulate
     from sslkit.shard.manifest import identity, load
 
     from sslkit.monitor import KnnMonitor
@@ -389,9 +426,10 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
 
     # ----------------------------------------------------------------------------------------------
     # 7. train loop: per-step lr, forward/backward/step; every log_every steps (the same steps on
-    #    every rank) one collective reads the mean loss and agrees on stopping
+    #    every rank) one collective reads the mean loss and agrees on stopping; a step takes
+    #    accum_steps micro-batches, so logs, stops and checkpoints fall between optimiser steps
     # ----------------------------------------------------------------------------------------------
-    total_steps = cfg.epochs * run.ctx.steps_per_epoch
+    total_steps = cfg.epochs * run.steps_per_epoch
     progress = StepLog(jlog, log, info.is_main, total_steps, step, run.global_batch, device)
     run.model.train()
     try:
@@ -401,13 +439,12 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
                 stats.reset()
             mid_epoch = False
             t_last = time.perf_counter()
-            for batch in loader:
-                t_data = time.perf_counter() - t_last   # waiting for the loader
+            for batches in accumulate(loader, cfg.accum_steps):
                 lr = float(run.schedule[min(step, len(run.schedule) - 1)])
-                out = train_step(run, batch, lr)
+                out = train_step(run, batches, lr)
                 step += 1
                 t_now = time.perf_counter()
-                stats.update(out, t_data, t_now - t_last)
+                stats.update(out, batches.wait_s, t_now - t_last)   # wait_s: waiting for the loader
                 t_last = t_now
                 progress.advance()
                 if step % cfg.log_every == 0 or loader.position == len(loader):

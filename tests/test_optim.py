@@ -329,3 +329,72 @@ def test_multistep_jigsaw():
         multistep(0.1, [30, 106], 105, ipe)
     with pytest.raises(ValueError, match="first milestone"):
         multistep(0.1, [3], 105, ipe, warmup_epochs=5)
+
+
+# ---- gradient accumulation and clipping helpers ---------------------------------------------------
+
+class CountingLoader:
+    """The loader's contract `accumulate` relies on: len, position (batches yielded this epoch), and
+    its end-of-epoch bookkeeping run only when its iterator is exhausted."""
+
+    def __init__(self, n: int):
+        self.n, self.position, self.epoch = n, 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        while self.position < self.n:
+            self.position += 1
+            yield self.epoch * 100 + self.position - 1
+        self.epoch += 1
+        self.position = 0
+
+
+def test_accumulate_splits_an_epoch_into_steps_aligned_to_its_start():
+    from sslkit.optim import accumulate, optimizer_steps
+    loader = CountingLoader(7)
+    steps, ends = [], []
+    for micro in accumulate(loader, 3):
+        assert loader.position == len(steps) * 3   # lazy: nothing read before the step consumes it
+        steps.append(list(micro))
+        ends.append(loader.position == len(loader))  # what the trainer's end-of-epoch log check sees
+    assert steps == [[0, 1, 2], [3, 4, 5], [6]] and ends == [False, False, True]
+    assert (loader.epoch, loader.position) == (1, 0)   # the loader's epoch was finished
+    assert optimizer_steps(7, 3) == 3 and optimizer_steps(6, 3) == 2 and optimizer_steps(7, 1) == 7
+    loader.position = 3   # resumed after step 1 of epoch 1
+    assert [list(m) for m in accumulate(loader, 3)] == [[103, 104, 105], [106]]
+    assert [len(m) for m in accumulate(loader, 1) if list(m)] == [1] * 7   # each step consumed before the next
+    with pytest.raises(ValueError, match="accum_steps"):
+        optimizer_steps(7, 0)
+
+
+def test_no_grad_sync_turns_off_ddps_all_reduce_also_through_compile(tmp_path):
+    import torch.distributed as dist
+    from sslkit.optim import no_grad_sync
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        for wrapped in (ddp, torch.compile(ddp)):   # compile is lazy: nothing is compiled here
+            with no_grad_sync(wrapped):
+                assert ddp.require_backward_grad_sync is False
+            assert ddp.require_backward_grad_sync is True
+        with no_grad_sync(nn.Linear(2, 2)):   # a plain module: nothing to turn off
+            pass
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_gradients_returns_the_pre_clip_norm_and_clips_only_when_asked():
+    from sslkit.optim import clip_gradients
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m(torch.ones(4, 3)).pow(2).sum().backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in a.parameters()]))
+    grads = [p.grad.clone() for p in a.parameters()]
+    assert float(clip_gradients(a.parameters(), 0.0)) == pytest.approx(float(want), rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), grads))   # 0: not clipped
+    assert float(clip_gradients(b.parameters(), 0.5)) == pytest.approx(float(want), rel=1e-6)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in b.parameters()]))
+    assert float(want) > 0.5 and float(clipped) == pytest.approx(0.5, rel=1e-5)

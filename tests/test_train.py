@@ -152,6 +152,102 @@ def test_dcv2_long_hooks_stop_on_a_preemption_signal():
     assert len(calls) == 2
 
 
+# -- gradient accumulation and clipping through the trainer's step ---------------------------------
+
+class PerSampleMethod(torch.nn.Module):
+    """A method without batch-dependent layers (per-sample MSE of an MLP); records DDP's grad-sync flag
+    at every forward and counts its after_backward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        self.hooks, self.syncs, self.ddp = 0, [], []
+
+    def forward(self, batch):
+        self.syncs += [ddp.require_backward_grad_sync for ddp in self.ddp]
+        return {"loss": torch.nn.functional.mse_loss(self.net(batch["x"]), batch["y"]), "n": batch["x"].new_tensor(1.0)}
+
+    def after_backward(self):
+        self.hooks += 1
+
+
+def step_run(method, optimizer="sgd", clip_grad=0.0, model=None, scaler=None):
+    import contextlib
+    from dataclasses import replace
+
+    from sslkit.optim import build_optimizer, param_groups
+    from sslkit.train import Run
+    opt = build_optimizer(optimizer, param_groups(method, 1e-3), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    return Run(replace(TrainConfig(), clip_grad=clip_grad), None, None, method, model or method, None, opt,
+               scaler or torch.amp.GradScaler("cpu", enabled=False), None, contextlib.nullcontext)
+
+
+def xy(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 6, generator=g), "y": torch.randn(n, 3, generator=g)}
+
+
+@pytest.mark.parametrize("optimizer,ddp", [("sgd", False), ("lars", False), ("sgd", True)])
+def test_two_micro_batches_step_as_one_batch_of_both(optimizer, ddp, tmp_path):
+    """accum_steps=2 at batch 4 == one step at batch 8 (two steps, so momentum counts too): the same
+    parameters to 1e-6, one after_backward per optimiser step; under DDP the first micro-batch runs
+    without the all-reduce and the last with it."""
+    import torch.distributed as dist
+    from sslkit.optim import MicroBatches
+    from sslkit.train import train_step
+    torch.manual_seed(0)
+    big, micro = PerSampleMethod(), PerSampleMethod()
+    micro.load_state_dict(big.state_dict())
+    if ddp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(micro) if ddp else None
+        micro.ddp = [model] if ddp else []
+        run_big, run_micro = step_run(big, optimizer), step_run(micro, optimizer, model=model)
+        for seed in (1, 2):
+            batch = xy(8, seed)
+            halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+            out_big = train_step(run_big, batch, 0.5)
+            out_micro = train_step(run_micro, MicroBatches(iter(halves), 2), 0.5)
+            assert float(out_micro["loss"]) == pytest.approx(float(out_big["loss"].detach()), rel=1e-6)
+            assert float(out_micro["grad_norm"]) == pytest.approx(float(out_big["grad_norm"]), rel=1e-5)
+            assert float(out_micro["n"]) == 1.0   # scalars are averaged over the micro-batches
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    for a, b in zip(big.parameters(), micro.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert not torch.equal(big.net[0].weight, PerSampleMethod().net[0].weight)
+    assert big.hooks == micro.hooks == 2
+    assert micro.syncs == ([False, True, False, True] if ddp else [])
+
+
+@pytest.mark.parametrize("fp16_scaler", [False, True])
+def test_clipping_bounds_the_update_and_logs_the_pre_clip_norm(fp16_scaler):
+    """Plain SGD at lr 1: the update is the clipped gradient, of norm clip_grad; grad_norm is what
+    torch.nn.utils.clip_grad_norm_ returns on the same gradients (unscaled first under a GradScaler)."""
+    from sslkit.train import train_step
+    torch.manual_seed(0)
+    method, ref = PerSampleMethod(), PerSampleMethod()
+    ref.load_state_dict(method.state_dict())
+    batch = xy(8, 3)
+    ref(batch)["loss"].backward()
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if fp16_scaler else None
+    for clip in (0.05, 0.0):
+        run = step_run(method, clip_grad=clip, scaler=scaler)
+        run.optimizer = torch.optim.SGD(method.parameters(), lr=1.0)
+        before = [p.detach().clone() for p in method.parameters()]
+        out = train_step(run, batch, 1.0)
+        moved = [(p.detach() - b).flatten() for p, b in zip(method.parameters(), before)]
+        update = torch.linalg.vector_norm(torch.cat(moved))
+        if clip:   # the reference's gradients, clipped
+            assert float(want) > 0.05 and float(update) == pytest.approx(0.05, rel=1e-4)
+            assert float(out["grad_norm"]) == pytest.approx(float(want), rel=1e-6)
+        else:      # a later step's gradients, logged and not clipped
+            assert float(out["grad_norm"]) > 0.05 and float(update) == pytest.approx(float(out["grad_norm"]), rel=1e-5)
+
+
 # -- end to end ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -203,6 +299,52 @@ def test_preempted_on_an_epochs_last_step_and_mid_epoch_resumes_exactly(shards, 
     r = run_train(args, nproc=2)
     assert "resumed from" in r.stderr and "done: 2 epochs, 24 steps" in r.stderr
     assert_same_records(reference, out)
+
+
+def test_gradient_accumulation_end_to_end_and_a_preemption_between_micro_batches(shards, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """accum_steps=2 at 1 x 16: 12 loader batches per epoch are 6 optimiser steps (the log, the
+    schedule and the checkpoints count those), the lr is scaled to the global batch of 32, grad_norm
+    is in every step record. A SIGTERM between the two micro-batches of step 2 stops at step 3 (a log
+    step) with the loader after 6 batches; the resume reproduces the uninterrupted run's records."""
+    import train
+    from sslkit.optim import scaled_lr, warmup_cosine
+    args = [*TINY, "--batch-size", "16", "--data", shards, "--set", "accum_steps=2"]
+    ref = str(tmp_path / "ref")
+    assert train.main([*args, "--out", ref]) == 0
+    err = capsys.readouterr().err
+    assert "6 steps/epoch, global batch 32 (1 ranks x 16 x 2 micro-batches)" in err
+    assert "done: 2 epochs, 12 steps" in err
+    steps = records(ref, "step")
+    assert sorted(steps) == [3, 6, 9, 12] and sorted(records(ref, "epoch")) == [6, 12]
+    peak = scaled_lr(0.6, 32)   # the tiny preset's lr per 256 at 1 rank x 16 x 2
+    schedule = warmup_cosine(peak, peak * 0.001, 2, 6)
+    assert [steps[s]["lr"] for s in (3, 6, 9, 12)] == pytest.approx([schedule[s - 1] for s in (3, 6, 9, 12)])
+    assert all(0 < steps[s]["grad_norm"] < float("inf") for s in steps)
+
+    real_step, calls = train.train_step, []
+
+    class SignalAfterFirst(list):   # the step's micro-batches; SIGTERM once the first has been read
+        def __iter__(self):
+            for i, batch in enumerate(list.__iter__(self)):
+                yield batch
+                if i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    def step_then_signal(run, batches, lr):
+        calls.append(len(batches))
+        return real_step(run, SignalAfterFirst(batches) if len(calls) == 2 else batches, lr)
+
+    out = str(tmp_path / "pre")
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    assert train.main([*args, "--out", out]) == 0
+    assert "checkpoint saved at epoch 0 step 3" in capsys.readouterr().err and calls == [2, 2, 2]
+    state = torch.load(os.path.join(out, "checkpoints", "step-00000003", "rank0.pt"), weights_only=False)
+    assert state["loader"]["position"] == 6
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert train.main([*args, "--out", out]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert_same_records(ref, out)
 
 
 def test_killed_run_falls_back_past_an_unreadable_checkpoint_after_moving(shards, tmp_path):
@@ -299,6 +441,9 @@ def _environ(pid: int) -> str:
     (["--set", "epochs=two"], {}, "expected int"),
     (["--global-batch-size", "33"], {"WORLD_SIZE": "2"}, "not divisible by the world size"),
     (["--epochs", "1", "--set", "warmup_epochs=10"], {}, "warmup_epochs 10 must be below epochs 1"),
+    (["--set", "accum_steps=0"], {}, "accum_steps must be positive"),
+    (["--set", "clip_grad=-1"], {}, "clip_grad=-1.0"),
+    (["--global-batch-size", "64", "--set", "accum_steps=3"], {"WORLD_SIZE": "2"}, "x accum_steps 3"),
 ])
 def test_config_errors_are_one_line_and_early(shards, tmp_path, args, env, words, monkeypatch, capsys):
     import train
@@ -339,6 +484,25 @@ def test_resume_refuses_a_different_config(shards, tmp_path):
 
 
 # -- the package's trainer: threads, config printing and re-running, dependencies, loader settings ---
+
+def test_resume_check_refuses_another_accum_steps_and_takes_older_runs_without_the_fields():
+    """accum_steps changes the global batch (like batch_size) and clip_grad the recipe: both refused;
+    a run saved before those fields existed had their defaults and resumes."""
+    import logging
+    from dataclasses import replace
+
+    from sslkit.config import ConfigError, to_dict
+    from sslkit.train import check_resume_compatible, parse_config
+    cfg = parse_config([*TINY, "--data", "d", "--out", "o"])
+    older = {k: v for k, v in to_dict(cfg).items() if k not in ("accum_steps", "clip_grad")}
+    g = {"config": older, "data": {"identity": "x", "path": os.path.abspath("d")}}
+    check_resume_compatible(g, cfg, "x", logging.getLogger("test"))
+    for field, value in (("accum_steps", 2), ("clip_grad", 1.0)):
+        with pytest.raises(ConfigError, match=f"{field}: "):
+            check_resume_compatible(g, replace(cfg, **{field: value}), "x", logging.getLogger("test"))
+    assert parse_config([*TINY, "--data", "d", "--global-batch-size", "64", "--set", "accum_steps=4"]).batch_size == 16
+
+
 
 def test_print_config_prints_the_resolved_config_and_imports_no_dali(tmp_path):
     out = tmp_path / "never"
@@ -478,3 +642,18 @@ def test_the_online_knn_monitor_logs_top1_and_its_cost_on_two_ranks(shards, tmp_
                   check=False)
     assert r.returncode == 2 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "building the" not in r.stderr
+
+
+def test_ddp_does_not_broadcast_the_dcv2_assignment_table(tmp_path):
+    """The per-sample table is the same on every rank; DDP's buffer broadcast before every forward
+    would send it from rank 0 each step (2.4 GB at 100M samples)."""
+    import torch.distributed as torch_dist
+    method = tiny_method(n=32)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(method)
+        kept = {id(b) for b in ddp.modules_buffers}
+        assert id(method.assignments) not in kept
+        assert id(method.prototypes0) in kept            # the other buffers are still kept in step
+    finally:
+        torch_dist.destroy_process_group()
