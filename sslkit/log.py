@@ -115,9 +115,9 @@ class StepLog:
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
         else:
             eta = (self.total - step) * step_s / max(steps, 1)
-            self.log.info("epoch %d step %d/%d loss %.4f lr %.4g | %.0f img/s | data %.0f ms step %.0f ms | "
-                          "mem %.0f MB | eta %s", epoch, step, self.total, loss, lr, img_s, 1000 * rec["data_s"],
-                          1000 * rec["step_s"], rec["mem_mb"], hms(eta))
+            self.log.info("epoch %d step %d/%d loss %.4f lr %.4g grad norm %.3g | %.0f img/s | data %.0f ms step %.0f "
+                          "ms | mem %.0f MB | eta %s", epoch, step, self.total, loss, lr, rec.get("grad_norm", 0.0),
+                          img_s, 1000 * rec["data_s"], 1000 * rec["step_s"], rec["mem_mb"], hms(eta))
 
     def close(self):
         if self.bar is not None:

@@ -22,6 +22,9 @@ GRADIENT only (the forward is the identity): the gradient reaching the logits of
 w = factor[most likely bin of its target] (`batch["weight"]`, when the pipeline was given a prior;
 factors from `sslkit.color.rebalance_weights(prior, gamma)`) x the image's `nongray` mask (images with
 no |a| or |b| > 5 teach nothing). `rebalance=False` drops the factor (w = nongray mask only).
+
+Gradient accumulation (accum_steps > 1): the loss is per pixel, so only BatchNorm differs from a true
+large batch (each micro-batch is normalised with its own statistics).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ At each epoch start: distributed spherical k-means (10 iterations, init broadcas
 empty clusters keep their centroid) on the memory bank -- heads cycle banks 0, 1, 0 -- then the
 centroids become the (frozen) prototypes and the assignments are gathered into one global table
 indexed by sample index. The bank is filled by one no-grad pass before epoch 0.
+
+Gradient accumulation (accum_steps > 1): the loss, the memory bank (filled per micro-batch, keyed by
+sample index) and the k-means are unaffected; only BatchNorm differs from a true large batch, as it
+normalises each micro-batch with its own statistics.
 """
 
 from __future__ import annotations
@@ -103,9 +107,11 @@ class DeepClusterV2(MultiCropMethod):
         for h, k in enumerate(o.n_prototypes):
             self.register_buffer(f"prototypes{h}", l2_normalize(torch.randn(k, o.feat_dim)))
         # Cluster of every sample of the dataset (by its stable index), per head; IGNORE until the
-        # first k-means. Identical on every rank (gathered), so a buffer.
+        # first k-means. Identical on every rank (gathered), so a buffer (saved with the model) that DDP
+        # must not re-send from rank 0 before every forward: at 100M samples that is 2.4 GB per step.
         self.register_buffer("assignments", torch.full((len(o.n_prototypes), ctx.dataset_size), IGNORE,
                                                        dtype=torch.long))
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["assignments"])
         # This rank's memory bank: an epoch's embeddings of the assignment crops (plain tensors, not
         # buffers: DDP must not broadcast them), with their sample indices.
         size = ctx.steps_per_epoch * ctx.batch_size

@@ -23,6 +23,11 @@ Every rank computes the same loss over the global set. JigClu's all-gather is di
 rank's own, which DDP's averaging turns into the full gradient of the loss. `gather_rows` gives the
 same gradient without a backward collective: the other ranks' rows are constants and this rank's
 own rows carry their gradient multiplied by the world size.
+
+Gradient accumulation (accum_steps > 1) is not a true large batch: montages are built per micro-batch
+(from the ranks' micro-batches, one permutation per micro-batch: the step counter counts forward
+passes), the clustering loss contrasts the quadrants of one micro-batch only, and BatchNorm
+normalises each micro-batch with its own statistics.
 """
 
 from __future__ import annotations

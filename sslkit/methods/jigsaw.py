@@ -13,6 +13,9 @@ resolves to (`sslkit.permutations.resolve`). The tile order convention lives in
 
 Trunks: any ResNet (pooled res5, D = 2048 for ResNet-50) or Goyal's `alexnet_jigsaw` (flattened pool5
 of a 64x64 tile, D = 1024).
+
+Gradient accumulation (accum_steps > 1): the loss is per sample, so only BatchNorm differs from a true
+large batch (each micro-batch is normalised with its own statistics).
 """
 
 from __future__ import annotations

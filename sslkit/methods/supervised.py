@@ -8,6 +8,9 @@ the upper reference of the evaluation protocols (the same trunk trained with lab
 
 The classifier is `classifier` (Linear on the trunk's pooled features), so an exported model is the
 trunk in torchvision layout plus `fc` (`python -m sslkit.convert export --with-classifier`).
+
+Gradient accumulation (accum_steps > 1): the loss is per sample, so only BatchNorm differs from a true
+large batch (each micro-batch is normalised with its own statistics).
 """
 
 from __future__ import annotations
