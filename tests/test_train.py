@@ -248,6 +248,26 @@ def test_clipping_bounds_the_update_and_logs_the_pre_clip_norm(fp16_scaler):
             assert float(out["grad_norm"]) > 0.05 and float(update) == pytest.approx(float(out["grad_norm"]), rel=1e-5)
 
 
+def test_swavs_prototype_freeze_counts_optimiser_steps_under_accumulation():
+    """freeze_prototypes_niters=2 with 2 micro-batches per step: the prototypes stay put for 2
+    optimiser steps (4 forwards) and move at the third; the count is of optimiser steps."""
+    from test_method_swav import correlated_views, tiny_swav
+
+    from sslkit.optim import MicroBatches, param_groups
+    from sslkit.train import train_step
+    torch.manual_seed(0)
+    method = tiny_swav(n=8, freeze_prototypes_niters=2)
+    run = step_run(method)
+    run.optimizer = torch.optim.SGD(param_groups(method, 0.0), lr=0.1)
+    moved = []
+    for step in range(3):
+        method.normalize_prototypes()   # as every training forward does: the freeze keeps them unit rows
+        before = method.prototypes.weight.detach().clone()
+        train_step(run, MicroBatches(iter([correlated_views(8, 2 * step), correlated_views(8, 2 * step + 1)]), 2), 0.1)
+        moved.append(not torch.allclose(before, method.prototypes.weight, rtol=0, atol=1e-6))
+    assert moved == [False, False, True] and int(method.steps) == 3
+
+
 # -- end to end ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

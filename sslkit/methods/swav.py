@@ -10,11 +10,19 @@ averaged over those crops and then over the assignment crops.
 
 The prototypes are a parameter but get no update for the first `freeze_prototypes_niters` steps:
 their gradient is dropped after backward (`after_backward`), so neither the step nor weight decay
-moves them. The steps taken are counted in a buffer, so the freeze survives a resume exactly.
+moves them. The optimiser steps taken are counted in a buffer (in `after_backward`, which the trainer
+calls once per optimiser step whatever accum_steps), so the freeze counts optimiser steps as swav's
+iterations and survives a resume exactly.
 
 Queue (small batches): `queue_length` rows over all ranks (trimmed to a multiple of the global batch,
 as swav does), created at the start of epoch `epoch_queue_starts`, one per assignment crop and rank,
 used once full; it is per-rank state (saved in the per-rank checkpoint files).
+
+Gradient accumulation (accum_steps > 1) is not a true large batch here: Sinkhorn's equipartition runs
+per micro-batch, over the ranks' micro-batches (plus the queue), not over the whole accumulated batch;
+the queue takes every micro-batch and is trimmed to a multiple of the micro-batches' global batch; and
+BatchNorm normalises each micro-batch with its own statistics. Prefer more ranks, or a queue, for
+batches much smaller than swav's 4096.
 """
 
 from __future__ import annotations
@@ -147,7 +155,7 @@ class SwAV(MultiCropMethod):
                                 o.queue_length, self.queue_rows * ctx.world_size, global_batch)
         self.make_embedding(cfg.arch)
         self.prototypes = nn.Linear(o.feat_dim, o.n_prototypes, bias=False)
-        # Optimisation steps taken (forward calls in training mode): the prototype freeze counts them.
+        # Optimiser steps taken (after_backward calls): the prototype freeze counts them.
         self.count_steps()
         # This rank's queue [len(crops_for_assign), rows, feat_dim] (None until epoch_queue_starts) and
         # how many rows of it hold embeddings: per-rank state, not buffers (DDP must not broadcast them).
@@ -169,7 +177,6 @@ class SwAV(MultiCropMethod):
         views = batch["views"]
         if self.training:
             self.normalize_prototypes()
-            self.step_taken()
         n, n_views = views[0].shape[0], len(views)
         z = self.embed(views)
         scores = self.scores(z)
@@ -194,7 +201,8 @@ class SwAV(MultiCropMethod):
     # -- hooks ------------------------------------------------------------------------------------
     def after_backward(self):
         """swav: the prototypes' gradient is cancelled while iteration < freeze_prototypes_niters (the
-        step just taken is number steps - 1)."""
+        step about to be taken is number steps - 1, counted here: once per optimiser step)."""
+        self.step_taken()
         if self.steps_taken <= self.o.freeze_prototypes_niters:
             self.prototypes.weight.grad = None
 
