@@ -26,10 +26,22 @@ import torch
 from .runlock import RunFolderError, os_reason
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """Log lines on a terminal go through tqdm, which clears the progress bars (the step bar, the memory
+    bank's, k-means') and draws them again below the line, instead of the line breaking a bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 -- logging's own convention: report, never raise
+            self.handleError(record)
+
+
 def get_logger(rank: int) -> logging.Logger:
     log = logging.getLogger("sslkit")
     log.handlers.clear()
-    h = logging.StreamHandler(sys.stderr)
+    h = BarSafeHandler(sys.stderr) if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)
     h.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(h)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
