@@ -218,8 +218,10 @@ def load_state_file(path: str, arch: str | None, kwargs: dict | None, input: str
         state, meta = read_safetensors(path)
     elif state is None:
         state = _torch_load(path)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise TrunkError(f"{path}: not a state dict of tensors (a train.py checkpoint is a global.pt)")
+    try:
+        state = ckpt.unwrap_state_dict(state, path)   # {"state_dict": ...}, {"model": ...}, `module.` keys
+    except ckpt.CheckpointError:
+        raise TrunkError(f"{path}: not a state dict of tensors (a train.py checkpoint is a global.pt)") from None
     arch = arch or meta.get("arch")
     if not arch:
         raise TrunkError(f"{path}: a torchvision-layout file does not say its architecture; pass --arch")
