@@ -104,12 +104,14 @@ def lock_holder(out: str) -> dict:
 
 
 def torchrun_pids(pid: int) -> list[int]:
-    """The torchrun processes among `pid` and its descendants."""
+    """The torchrun processes among `pid` and its descendants: `torch.distributed.run` must be an argument of
+    its own, so `script -qec "<command line>"` and the shell it starts, which carry the whole command line as
+    one argument, are not signalled (SIGUSR1 kills them and hangs up the pseudo-terminal under torchrun)."""
     found = []
     for p in [pid, *descendants(pid)]:
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
-                if b"torch.distributed.run" in f.read():
+                if b"torch.distributed.run" in f.read().split(b"\0"):
                     found.append(p)
         except OSError:
             pass
