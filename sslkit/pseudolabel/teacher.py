@@ -3,8 +3,6 @@ Linear from its `classifier.*` weights, class names from the manifest of the dat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -12,13 +10,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import ckpt, models
+from .. import ckpt, trunk
 from ..errors import SslkitError
 from ..shard import manifest as mf
 
 log = logging.getLogger("sslkit.pseudolabel")
 
-BACKBONE, CLASSIFIER = "backbone.", "classifier."
+CLASSIFIER = "classifier."
 
 
 class PseudolabelError(SslkitError):
@@ -52,21 +50,11 @@ class Teacher:
 
 
 def resolve(path: str) -> str:
-    """A run folder, a checkpoint folder or a global.pt -> the global.pt to read."""
+    """A run folder, a checkpoint folder or a global.pt -> the verified file to read (`sslkit.trunk`)."""
     try:
-        return ckpt.global_file(path)
-    except ckpt.CheckpointError as e:
+        return trunk.resolve_checkpoint(path)
+    except trunk.TrunkError as e:
         raise PseudolabelError(str(e)) from None
-
-
-def weights_identity(trunk: dict, state: dict) -> str:
-    h = hashlib.sha256(json.dumps(trunk, sort_keys=True).encode())
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def class_names(g: dict, n: int, what: str) -> tuple[list[str], str]:
@@ -96,49 +84,38 @@ def class_names(g: dict, n: int, what: str) -> tuple[list[str], str]:
 
 
 def load_teacher(path: str, device: torch.device | str = "cpu") -> Teacher:
-    """The classifier of a `supervised` checkpoint (run folder, checkpoint folder or global.pt)."""
+    """The classifier of a `supervised` checkpoint (run folder, checkpoint folder or global.pt). The
+    trunk is found, built and checked by `sslkit.trunk`, as for evaluation and export."""
     g_path = resolve(path)
     try:
-        g = ckpt.read_global(os.path.dirname(g_path)) if os.path.basename(g_path) == "global.pt" else None
-    except ckpt.CheckpointError as e:
+        if os.path.basename(g_path) != "global.pt":
+            raise PseudolabelError(f"{g_path}: expected a checkpoint's global.pt")
+        g = ckpt.read_global(os.path.dirname(g_path))
+        entry = trunk.trunk_entry(g, g_path)
+        if entry["input"] != "rgb":
+            raise PseudolabelError(f"{g_path}: a trunk with input {entry['input']!r}; a teacher must take RGB images")
+        state = g.get("model") or {}
+        cw, cb = state.get(CLASSIFIER + "weight"), state.get(CLASSIFIER + "bias")
+        if cw is None or cw.dim() != 2:
+            method = (g.get("config") or {}).get("method")
+            raise PseudolabelError(f"{g_path}: no classifier.weight in the model (method {method!r}); the teacher "
+                                   "must be a `supervised` run (train.py --method supervised)")
+        backbone = trunk.build_trunk(entry["arch"], entry["kwargs"])
+        trunk.load_weights(backbone, trunk.backbone_state(state, g_path), g_path)
+    except SslkitError as e:   # a checkpoint or trunk error, named as the teacher's
         raise PseudolabelError(str(e)) from None
-    if g is None:
-        raise PseudolabelError(f"{g_path}: expected a checkpoint's global.pt")
-    state = g.get("model") or {}
-    trunk = g.get("trunk") or {"arch": (g.get("config") or {}).get("arch"), "kwargs": {}, "input": "rgb"}
-    if not trunk.get("arch"):
-        raise PseudolabelError(f"{g_path}: no `trunk` entry and no config.arch: cannot tell the architecture")
-    if trunk.get("input", "rgb") != "rgb":
-        raise PseudolabelError(f"{g_path}: a trunk with input {trunk['input']!r}; a teacher must take RGB images")
-    cw, cb = state.get(CLASSIFIER + "weight"), state.get(CLASSIFIER + "bias")
-    if cw is None or cw.dim() != 2:
-        method = (g.get("config") or {}).get("method")
-        raise PseudolabelError(f"{g_path}: no classifier.weight in the model (method {method!r}); the teacher must "
-                               "be a `supervised` run (train.py --method supervised)")
-    try:
-        backbone = models.create(trunk["arch"], num_classes=0, **dict(trunk.get("kwargs") or {}))
-    except (ValueError, TypeError, SslkitError) as e:
-        raise PseudolabelError(f"{g_path}: cannot build {trunk['arch']!r}: {e}") from None
-    bstate = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
-    own = backbone.state_dict()
-    missing = sorted(k for k in own if k not in bstate and not k.endswith("num_batches_tracked"))
-    extra = sorted(k for k in bstate if k not in own)
-    shapes = sorted(k for k in own if k in bstate and bstate[k].shape != own[k].shape)
-    if missing or extra or shapes:
-        raise PseudolabelError(f"{g_path}: backbone.* does not fit {trunk['arch']} {trunk.get('kwargs') or {}} "
-                               f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {shapes[:3]})")
-    backbone.load_state_dict({k: bstate.get(k, own[k]) for k in own})
     if cw.shape[1] != backbone.num_features:
-        raise PseudolabelError(f"{g_path}: classifier takes {cw.shape[1]} features, {trunk['arch']} gives "
+        raise PseudolabelError(f"{g_path}: classifier takes {cw.shape[1]} features, {entry['arch']} gives "
                                f"{backbone.num_features}")
     classifier = nn.Linear(cw.shape[1], cw.shape[0], bias=cb is not None)
     classifier.load_state_dict({"weight": cw, **({"bias": cb} if cb is not None else {})})
     model = Classifier(backbone, classifier).to(device).eval()
     classes, classes_from = class_names(g, cw.shape[0], g_path)
     size = int(((g.get("config") or {}).get("method_options") or {}).get("size") or 224)
-    kept = {k: v for k, v in state.items() if k.startswith((BACKBONE, CLASSIFIER))}
-    return Teacher(model, classes, classes_from, os.path.abspath(g_path), weights_identity(trunk, kept), size,
-                   g.get("step"))
+    # the identity covers the trunk and the classifier (its weights decide the labels)
+    kept = {k: v for k, v in state.items() if k.startswith((trunk.BACKBONE_PREFIX, CLASSIFIER))}
+    identity = trunk.weights_identity(entry["arch"], entry["kwargs"], entry["input"], kept)
+    return Teacher(model, classes, classes_from, os.path.abspath(g_path), identity, size, g.get("step"))
 
 
 def default_resize(size: int) -> int:
