@@ -2,7 +2,8 @@
 
 Kinds and the package whose import fills them:
     model     sslkit.models      a trunk factory, e.g. create("model", "resnet50", num_classes=0)
-    method    sslkit.methods     an SSL method class, built by the trainer from (cfg, ctx)
+    method    sslkit.methods     an SSL method class, built by the trainer from (cfg, ctx); declared, with
+                                 its options and presets, in sslkit.recipes (no torch)
     pipeline  pipelines          a DALI view family, built by pipelines.make_loader
     renderer  sslkit.viz         a visualizer row renderer for one pipeline
 
@@ -10,47 +11,92 @@ Registration happens once, at import, through the decorator; a name registered t
 (otherwise `create` would depend on import order). `create` checks the options against the
 factory's signature and lists the accepted ones, so a typo is a one-line error, never a TypeError
 from deep inside a constructor.
+
+A declared kind (DECLARED_IN) is filed in two steps, so that what needs only an entry's facts does
+not wait for its factory's imports: resolving or printing a run's config needs a method's options
+and presets, not torch. The light package `declare`s each name with its facts (`meta`); the package
+of KINDS registers the factory under a declared name. A lookup (`entry`, `names`) imports only the
+light package; an entry's `factory` imports the other one the first time it is read. Either way
+there is one table and one entry per name: the link is the name, no module path is stored per entry.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import SslkitError, UnknownNameError
 
 # Where the entries of each kind are registered (imported on first lookup).
 KINDS = {"model": "sslkit.models", "method": "sslkit.methods", "pipeline": "pipelines", "renderer": "sslkit.viz"}
+# The light package that declares the entries of a declared kind (imported on first lookup instead).
+DECLARED_IN = {"method": "sslkit.recipes"}
 
 
-@dataclass(frozen=True)
 class Entry:
-    kind: str
-    name: str
-    factory: Callable
-    meta: dict = field(default_factory=dict)   # kind-specific facts (a method's options and presets, ...)
+    """A registered name: its `kind`, its facts `meta` (a method's options and presets, ...) and its
+    `factory`; a declared entry's factory is registered later, by the package of KINDS[kind]."""
+    __slots__ = ("kind", "name", "meta", "_factory")
+
+    def __init__(self, kind: str, name: str, meta: dict, factory: Callable | None = None):
+        self.kind, self.name, self.meta, self._factory = kind, name, meta, factory
+
+    @property
+    def factory(self) -> Callable:
+        if self._factory is None:     # declared only, so far: the package that registers it has not run
+            importlib.import_module(KINDS[self.kind])
+        if self._factory is None:
+            raise LookupError(f"{self.kind} {self.name!r} is declared in {DECLARED_IN[self.kind]} but "
+                              f"{KINDS[self.kind]} registers nothing under that name")
+        return self._factory
+
+    def __repr__(self):
+        return f"Entry({self.kind!r}, {self.name!r}, factory={self._factory!r}, meta={self.meta!r})"
 
 
 _ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 
 
-def register(kind: str, name: str, **meta) -> Callable:
-    """Decorator filing `factory` under (kind, name)."""
+def _check_name(kind: str, name: str):
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
 
+
+def declare(kind: str, name: str, **meta) -> Entry:
+    """File `name` of a declared kind with its facts; its factory is registered later (`register`)."""
+    _check_name(kind, name)
+    if kind not in DECLARED_IN:
+        raise ValueError(f"{kind} entries are registered with their factory, not declared")
+    if name in _ENTRIES[kind]:
+        raise ValueError(f"{kind} {name!r} is already declared")
+    entry = _ENTRIES[kind][name] = Entry(kind, name, dict(meta))
+    return entry
+
+
+def register(kind: str, name: str, **meta) -> Callable:
+    """Decorator filing `factory` under (kind, name); for a declared kind, under a declared name, whose
+    facts are its declaration's (so `meta` must be empty)."""
+    _check_name(kind, name)
+
     def deco(factory):
         if not callable(factory):
             raise TypeError(f"register({kind!r}, {name!r}) needs a callable, got {type(factory).__name__}")
-        table = _ENTRIES[kind]
-        if name in table:
-            old = table[name].factory
+        table = _table(kind) if kind in DECLARED_IN else _ENTRIES[kind]   # the declarations first
+        if kind in DECLARED_IN and name not in table:
+            raise ValueError(f"{kind} {name!r} is not declared: declare it, with its facts, in {DECLARED_IN[kind]}")
+        if kind in DECLARED_IN and meta:
+            raise ValueError(f"register({kind!r}, {name!r}): {', '.join(sorted(meta))} belong in its declaration "
+                             f"in {DECLARED_IN[kind]}")
+        old = table[name]._factory if name in table else None
+        if old is not None:
             raise ValueError(f"{kind} {name!r} is already registered (by {old.__module__}.{old.__qualname__})")
-        table[name] = Entry(kind, name, factory, dict(meta))
+        if kind in DECLARED_IN:
+            table[name]._factory = factory
+        else:
+            table[name] = Entry(kind, name, dict(meta), factory)
         return factory
 
     return deco
@@ -59,12 +105,12 @@ def register(kind: str, name: str, **meta) -> Callable:
 def _table(kind: str) -> dict[str, Entry]:
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
-    importlib.import_module(KINDS[kind])
+    importlib.import_module(DECLARED_IN.get(kind, KINDS[kind]))
     return _ENTRIES[kind]
 
 
 def names(kind: str) -> list[str]:
-    """Registered names of `kind`, sorted."""
+    """Registered (or declared) names of `kind`, sorted."""
     return sorted(_table(kind))
 
 

@@ -67,7 +67,7 @@ def parse_config(argv=None) -> TrainConfig:
                    help="any config field, e.g. --set weight_decay=1e-5 --set method_options.temperature=0.2")
     args = p.parse_args(argv)
     if args.list_presets:
-        from sslkit.methods import list_methods, method_entry  # imports torch, not DALI
+        from sslkit.recipes import list_methods, method_entry  # the presets: no torch
         for name in ([args.method] if "--method" in (argv or sys.argv) else list_methods()):
             entry = method_entry(name)
             print(f"{name}:" + ("" if entry.meta["presets"] else " (no presets)"))

@@ -3,8 +3,11 @@
     from sslkit.methods import method_entry, list_methods
     entry = method_entry("deepclusterv2")      # entry.factory (the class), entry.meta["options"|"presets"]
 
-Every module of this package registers itself when imported; this file imports them all, so adding
-a method is adding a module (nothing here names one).
+Each method's options and presets live apart, in `sslkit.recipes` (no torch), which declares the
+method; its module here registers the nn.Module class under the declared name. `method_entry` and
+`list_methods` are sslkit.recipes' (one lookup; importing them from there needs no torch). Every
+module of this package registers itself when imported; this file imports them all, so adding a
+method is adding a module here and its recipe module there (nothing here names one).
 """
 
 from __future__ import annotations
@@ -12,22 +15,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .. import registry
-from ..config import ConfigError
-from ..errors import UnknownNameError
-from .base import Method, Preset, RunContext
-
-
-def method_entry(name: str) -> registry.Entry:
-    try:
-        return registry.entry("method", name)
-    except UnknownNameError as e:
-        raise ConfigError(str(e)) from None
-
-
-def list_methods() -> list[str]:
-    return registry.names("method")
-
+from ..recipes import Preset, list_methods, method_entry
+from .base import Method, RunContext
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":

@@ -1,6 +1,7 @@
 """What the trainer needs from a method, and nothing more.
 
-A method is an `nn.Module` registered as `@register("method", NAME, options=..., presets=...)`. It
+A method is an `nn.Module` registered as `@register("method", NAME)`, its options and presets
+declared under NAME in `sslkit.recipes` (no torch, so configs resolve without it). It
 names the pipeline it consumes (`pipeline`) and the options to pass to it (`loader_options`); the
 trainer builds that loader first and then the method from `(cfg, ctx)`, where the run context holds
 every fact a method may need (rank, world, device, dataset size, steps per epoch, ...): a method never
@@ -28,14 +29,6 @@ from torch import nn
 from .. import models
 from ..config import ConfigError
 from ..progress import DEFAULT_EVERY, Progress
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named recipe: a one-line description and overrides of the run config (top-level fields and
-    `method_options.*`)."""
-    description: str
-    overrides: dict
 
 
 @dataclass(frozen=True)
