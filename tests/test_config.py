@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sslkit.config import ConfigError, TrainConfig, apply_overrides, dumps, parse_set, to_dict
+from sslkit.config import ConfigError, TrainConfig, apply_overrides, dumps, parse_set, preset_config, to_dict
 from sslkit.errors import SslkitError
 
 
@@ -104,3 +104,59 @@ def test_every_loader_setting_the_readme_advises_is_a_config_field():
     assert cfg(**parse_set(["hw_decoder_load=none"])).hw_decoder_load is None
     with pytest.raises(ConfigError, match="use_mmap: expected bool"):
         cfg(**parse_set(["use_mmap=maybe"]))
+
+
+# -- the methods' options and presets (sslkit.recipes) and the registry they are declared in --------
+
+def test_every_declared_method_has_its_class_and_every_preset_resolves():
+    """One entry per method: options and presets from its sslkit.recipes module, the class from its
+    sslkit.methods module, registered under the same name; every preset is a valid config."""
+    import pkgutil
+
+    import sslkit.methods
+    import sslkit.recipes
+    from sslkit.methods import Method, list_methods, method_entry
+    from sslkit.train import check_config
+    modules = {m.name for m in pkgutil.iter_modules(sslkit.methods.__path__)} - {"base"}
+    assert set(list_methods()) == modules == {m.name for m in pkgutil.iter_modules(sslkit.recipes.__path__)}
+    for name in list_methods():
+        entry = method_entry(name)
+        assert entry.meta["options"].__module__ == f"sslkit.recipes.{name}"
+        assert issubclass(entry.factory, Method) and entry.factory.__module__ == f"sslkit.methods.{name}"
+        for preset in [None, *entry.meta["presets"]]:
+            cfg = preset_config(name, preset)
+            check_config(cfg)
+            assert isinstance(cfg.method_options, entry.meta["options"]) and cfg.preset == preset
+    with pytest.raises(ConfigError, match="unknown method 'swa'; choose from colorization, deepclusterv2"):
+        preset_config("swa", None)
+    with pytest.raises(ConfigError, match="unknown preset 'huge' for swav; choose from 800ep"):
+        preset_config("swav", "huge")
+
+
+def test_a_method_class_needs_a_declaration_and_the_facts_live_there(monkeypatch):
+    from sslkit import registry
+    from sslkit.methods import method_entry
+    from sslkit.recipes import Preset, declare_method
+    monkeypatch.setitem(registry._ENTRIES, "method", dict(registry._ENTRIES["method"]))
+    method_entry("swav").factory   # the classes are registered
+
+    class Toy:
+        pass
+    with pytest.raises(ValueError, match="'toy' is not declared: declare it, with its facts, in sslkit.recipes"):
+        registry.register("method", "toy")(Toy)
+    declare_method("toy", Opts, {"tiny": Preset("a toy", {"epochs": 1})})
+    with pytest.raises(ValueError, match="presets belong in its declaration"):
+        registry.register("method", "toy", presets={})(Toy)
+    with pytest.raises(LookupError, match="declared in sslkit.recipes but sslkit.methods registers nothing"):
+        method_entry("toy").factory
+    assert preset_config("toy", "tiny").epochs == 1    # usable for configs before it has a class
+    registry.register("method", "toy")(Toy)
+    assert method_entry("toy").factory is Toy
+    with pytest.raises(ValueError, match="'swav' is already registered \\(by sslkit.methods.swav.SwAV\\)"):
+        registry.register("method", "swav")(Toy)
+    with pytest.raises(ValueError, match="already declared"):
+        declare_method("toy", Opts, {})
+    with pytest.raises(TypeError, match="frozen dataclass"):
+        declare_method("toy2", dict, {})
+    with pytest.raises(ValueError, match="model entries are registered with their factory"):
+        registry.declare("model", "toy")

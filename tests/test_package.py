@@ -146,6 +146,69 @@ def test_help_is_fast_and_imports_nothing_heavy(argv):
     assert best < 1.5, f"{' '.join(argv)} --help took {best:.2f} s"
 
 
+# -- the resolved config, printed before any heavy import ------------------------------------------
+# how the trainer starts: the checkout's script, the module, and what the console script runs
+STARTS = {"train.py": "runpy.run_path('train.py', run_name='__main__')",
+          "python -m sslkit.train": "runpy.run_module('sslkit.train', run_name='__main__', alter_sys=True)",
+          "sslkit-train": "from sslkit.train import main; sys.exit(main())"}
+TRAINER = """import runpy, sys
+sys.argv = ["sslkit-train", *sys.argv[1:]]
+try:
+    {start}
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+print("HEAVY:" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))), file=sys.stderr)
+"""
+
+
+def trainer(start: str, *argv: str) -> str:
+    """The trainer's stdout for `argv`, run in a fresh interpreter that must import nothing heavy."""
+    r = run([sys.executable, "-c", TRAINER.format(start=STARTS[start], heavy=HEAVY), *argv], cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "HEAVY:", r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_print_config_prints_the_resolved_config_without_torch(start):
+    from sslkit.config import apply_overrides, preset_config, to_dict
+    out = json.loads(trainer(start, "--method", "swav", "--preset", "tiny", "--epochs", "3",
+                             "--set", "method_options.temperature=0.2", "--print-config"))
+    # swav's `tiny` recipe (sslkit/recipes/swav.py), then the flag and --set, and the default run folder
+    assert (out["method"], out["preset"], out["arch"], out["epochs"], out["out"]) == (
+        "swav", "tiny", "resnet_tiny", 3, os.path.join("runs", "swav-tiny"))
+    mo = out["method_options"]
+    assert (mo["multicrop"], mo["n_prototypes"], mo["queue_length"], mo["temperature"], mo["epsilon"]) == (
+        "tiny", 32, 128, 0.2, 0.05)
+    expected = apply_overrides(preset_config("swav", "tiny"), {"epochs": 3, "method_options.temperature": 0.2,
+                                                               "out": os.path.join("runs", "swav-tiny")})
+    assert out == to_dict(expected)
+
+
+def test_list_presets_a_saved_config_and_help_without_torch(tmp_path):
+    from sslkit.recipes import list_methods, method_entry
+    listed, method = {}, None
+    for line in trainer("sslkit-train", "--list-presets").splitlines():
+        if line.startswith("  "):
+            name, description = line.split(None, 1)
+            listed[method][name] = description
+        else:
+            method = line.rstrip(":")
+            listed[method] = {}
+    assert listed == {m: {k: p.description for k, p in method_entry(m).meta["presets"].items()} for m in list_methods()}
+    only = trainer("train.py", "--method", "jigsaw", "--list-presets").splitlines()
+    assert only[0] == "jigsaw:" and len(only) == 1 + len(listed["jigsaw"])
+    # a saved config (as a run writes <out>/config.json) re-resolves to itself, --set still overriding it
+    saved = trainer("train.py", "--method", "jigclu", "--preset", "tiny", "--out", str(tmp_path / "run"),
+                    "--print-config")
+    (tmp_path / "config.json").write_text(saved)
+    again = trainer("python -m sslkit.train", "--config", str(tmp_path / "config.json"), "--set", "epochs=5",
+                    "--print-config")
+    assert json.loads(again) == {**json.loads(saved), "epochs": 5}
+    assert json.loads(saved)["method_options"]["patch_size"] == 48    # jigclu's tiny recipe
+    assert trainer("train.py", "--help").startswith("usage:")
+
+
 def test_missing_dali_is_one_line_naming_the_extras(tmp_path, capsys, monkeypatch):
     """DALI is an extra: a command that needs it says which extra to install, before any work."""
     from sslkit import deps
