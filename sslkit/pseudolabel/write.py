@@ -25,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .. import __version__
 from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
-from ..shard.build import format_rejects
-from ..shard.tarwriter import ShardWriter, read_index
+from ..shard.journal import ShardJournal
+from ..shard.tarwriter import index_lines, parse_index_line, read_index
 from .teacher import PseudolabelError
 
 JPEG_SOI = b"\xff\xd8"
@@ -38,13 +37,6 @@ JPEG_SOI = b"\xff\xd8"
 # ------------------------------------------------------------------------------------------------
 # Reading source samples by index
 # ------------------------------------------------------------------------------------------------
-
-def _parse_index_line(line: str, where: str) -> dict[str, tuple[int, int]]:
-    f = line.split()
-    if not f or len(f) % 4:
-        raise PseudolabelError(f"{where}: malformed DALI index line")
-    return {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-
 
 def _as_built(image: bytes, where: str) -> dict[str, bytes]:
     """An adopted sample's image as a built folder holds it: an RGB JPEG (passed through when it is one),
@@ -79,19 +71,20 @@ class SourceSamples:
         self.loc = np.zeros((self.indices.size, len(self.components), 2), np.int64)
         for k in np.unique(self.shard):
             rows = np.flatnonzero(self.shard == k)
-            with open(idxs[k]) as f:
-                lines = f.read().splitlines()
-            if len(lines) - 1 != counts[k]:
-                raise PseudolabelError(f"{idxs[k]}: {len(lines) - 1} samples, the manifest says {counts[k]}")
-            for row in rows:
-                j = int(self.indices[row] - starts[k])
-                where = f"{idxs[k]}:{j + 2}"
-                entry = _parse_index_line(lines[j + 1], where)
-                for c, comp in enumerate(self.components):
-                    if comp not in entry:
-                        raise PseudolabelError(f"{self.tars[k]}: sample {mf.key_for(int(self.indices[row]))} has no "
-                                               f"{comp!r} component")
-                    self.loc[row, c] = entry[comp]
+            try:
+                step, lines = index_lines(idxs[k])
+                if len(lines) != counts[k]:
+                    raise PseudolabelError(f"{idxs[k]}: {len(lines)} samples, the manifest says {counts[k]}")
+                for row in rows:
+                    j = int(self.indices[row] - starts[k])
+                    entry = parse_index_line(lines[j], step, f"{idxs[k]}:{j + 2}")
+                    for c, comp in enumerate(self.components):
+                        if comp not in entry:
+                            raise PseudolabelError(f"{self.tars[k]}: sample {mf.key_for(int(self.indices[row]))} has "
+                                                   f"no {comp!r} component")
+                        self.loc[row, c] = entry[comp][:2]
+            except ValueError as e:   # a malformed index file
+                raise PseudolabelError(str(e)) from None
 
     def fetch(self, indices: np.ndarray, threads: int = 8) -> dict[int, dict[str, bytes]]:
         """{sample index: {component: bytes}} for `indices` (each a wanted sample), read shard by shard."""
@@ -145,94 +138,23 @@ class SourceSamples:
 
 
 # ------------------------------------------------------------------------------------------------
-# A resumable, journalled shard sequence
+# The output folder
 # ------------------------------------------------------------------------------------------------
 
-def _sample_bytes(comps) -> int:
-    return sum(512 + -(-len(d) // 512) * 512 for _, d in comps)
-
-
-class JournalledShards:
-    """Writes `prefix-NNNNNN.tar/.idx` into `out`, one journal line per finished shard."""
-
-    def __init__(self, out: str, journal: str, prefix: str, max_count: int, max_size: int):
-        self.out, self.journal, self.prefix = out, journal, prefix
-        self.max_count, self.max_size = max_count, max_size
-        self.done = self._replay()
-        self.writer: ShardWriter | None = None
-        self.extra: dict = {}
-        self.first_index = self.position = self.done[-1]["end"] if self.done else 0
-        self.new_shards = 0
-
-    def _replay(self) -> list[dict]:
-        """Finished shards whose files are intact; the journal is cut at the first bad record. Without a
-        journal, leftover shard files of this prefix (an earlier, abandoned attempt) are removed."""
-        good = []
-        if os.path.exists(self.journal):
-            with open(self.journal) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a torn last line from a kill mid-write
-                    tar = os.path.join(self.out, rec["path"])
-                    if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
-                            and os.path.exists(os.path.join(self.out, rec["index"]))):
-                        break
-                    good.append(rec)
-        # journals of other options in this output folder describe shards that are deleted below
-        folder = os.path.dirname(self.journal)
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.startswith("write-") and name.endswith(".jsonl") and name != os.path.basename(self.journal):
-                os.remove(os.path.join(folder, name))
-        keep = {r["path"] for r in good} | {r["index"] for r in good}
-        pattern = re.compile(rf"^{re.escape(self.prefix)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
-        for name in os.listdir(self.out):
-            if pattern.match(name) and name not in keep:
-                os.remove(os.path.join(self.out, name))
-        os.makedirs(os.path.dirname(self.journal), exist_ok=True)
-        with open(self.journal, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in good))
-        return good
-
-    def add(self, comps: list[tuple[str, bytes]], **extra):
-        """Append the sample at `self.position` (its key and index are the position)."""
-        w = self.writer
-        if w is not None and w.count and w.bytes_written + _sample_bytes(comps) > self.max_size:
-            self.close()
-        if self.writer is None:
-            name = f"{self.prefix}-{len(self.done):06d}"
-            self.writer = ShardWriter(os.path.join(self.out, name + ".tar"), os.path.join(self.out, name + ".idx"))
-            self.first_index = self.position
-        self.writer.add(mf.key_for(self.position), comps)
-        self.position += 1
-        for k, v in extra.items():
-            self.extra[k] = self.extra.get(k, 0) + v
-        if self.writer.count >= self.max_count:
-            self.close()
-
-    def close(self):
-        if self.writer is None:
-            return
-        info = self.writer.commit()
-        name = f"{self.prefix}-{len(self.done):06d}"
-        rec = {"path": name + ".tar", "index": name + ".idx", "count": info["count"], "bytes": info["bytes"],
-               "sha256": info["sha256"], "first_index": self.first_index, "end": self.position, **self.extra}
-        with open(self.journal, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.append(rec)
-        self.writer, self.extra = None, {}
-        self.new_shards += 1
-
-    def abort(self):
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-
-    def shard_entries(self) -> list[dict]:
-        return [{k: r[k] for k in ("path", "index", "count", "bytes", "sha256", "first_index")} for r in self.done]
+def open_journal(out: str, journal: str, prefix: str, max_count: int, max_size: int) -> ShardJournal:
+    """The shard journal of this output, after removing what earlier attempts with other options left:
+    their journals, and shard files of `prefix` that this journal does not list."""
+    shards = ShardJournal(out, journal, prefix, max_count, max_size)
+    folder = os.path.dirname(journal)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("write-") and name.endswith(".jsonl") and name != os.path.basename(journal):
+            os.remove(os.path.join(folder, name))
+    keep = {r["path"] for r in shards.done} | {r["index"] for r in shards.done}
+    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
+    for name in os.listdir(out):
+        if pattern.match(name) and name not in keep:
+            os.remove(os.path.join(out, name))
+    return shards
 
 
 def check_out(out: str, fingerprint: str) -> dict | None:
@@ -255,25 +177,13 @@ def check_out(out: str, fingerprint: str) -> dict | None:
 
 
 def manifest_for(total: int, classes: list[str], class_counts: np.ndarray, shards: list[dict], build: dict) -> dict:
-    return {
-        "format_version": mf.FORMAT_VERSION,
-        "created_by": f"sslkit {__version__}",
-        "total": total,
-        "rejected": 0,
-        "ignored": 0,
-        "inputs": total,
-        "classes": {c: i for i, c in enumerate(classes)},
-        "class_counts": {c: int(class_counts[i]) for i, c in enumerate(classes)},
-        "components": ["jpg", "index", "cls", "json"],
-        "part": [0, 1],
-        "shards": shards,
-        "build": build,
-    }
+    return mf.make(total=total, shards=shards, classes={c: i for i, c in enumerate(classes)},
+                   class_counts={c: int(class_counts[i]) for i, c in enumerate(classes)},
+                   components=["jpg", "index", "cls", "json"], build=build)
 
 
 def finish(out: str, manifest: dict, journal: str):
-    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects([]))
-    mf.write(out, manifest)
+    mf.finish(out, manifest, [])
     os.remove(journal)
 
 
@@ -314,8 +224,8 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
 
     # the journal lives in the output folder (a --work folder can serve several outputs)
     journal = os.path.join(out, ".pseudolabel", f"write-{build['fingerprint']}.jsonl")
-    shards = JournalledShards(out, journal, prefix, max_count, max_size)
-    pos = shards.position
+    shards = open_journal(out, journal, prefix, max_count, max_size)
+    pos = shards.next_index
     if pos:
         print(f"{out}: resuming after {len(shards.done)} complete shard(s), at sample {pos} of {n}", file=sys.stderr)
     source = SourceSamples(data_dir, data_manifest, index[pos:])
@@ -339,11 +249,11 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
                 comps = [("jpg", src["jpg"]), ("index", mf.key_for(p).encode()), ("cls", _cls(c)),
                          ("json", json.dumps(meta, sort_keys=True).encode())]
                 before = shards.new_shards
-                shards.add(comps, **extra)
+                shards.add(comps, p, extra)
                 bar.update(1)
                 if max_shards is not None and shards.new_shards > before and shards.new_shards >= max_shards:
                     return None
-        shards.close()
+        shards.close(end=n)
     except BaseException:
         shards.abort()
         bar.close("stopped")
@@ -392,13 +302,13 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True, prog
                 labels[s["first_index"] + j] = int(f.read(entry["cls"][1]))
     new = labels[np.random.default_rng(seed).permutation(labels.size)]
     # one output shard per source shard: the same boundaries
-    shards = JournalledShards(out, journal, m.get("build", {}).get("prefix", "shard"), max_count=1 << 62,
-                              max_size=1 << 62)
-    bar = Progress(m["total"], "random labels", unit="img", initial=shards.position, enabled=progress,
+    shards = open_journal(out, journal, m.get("build", {}).get("prefix", "shard"), max_count=1 << 62,
+                          max_size=1 << 62)
+    bar = Progress(m["total"], "random labels", unit="img", initial=shards.next_index, enabled=progress,
                    every=progress_every)
     try:
         for s, tar, idx in zip(m["shards"], tars, idxs):
-            if s["first_index"] + s["count"] <= shards.position:
+            if s["first_index"] + s["count"] <= shards.next_index:
                 continue
             with open(tar, "rb") as f:
                 for j, entry in enumerate(_shard_index(idx, s)):
@@ -413,9 +323,9 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True, prog
                     meta.update(label=names[new[i]], original_label=names[labels[i]], random_labels_seed=seed)
                     comps["cls"] = _cls(int(new[i]))
                     comps["json"] = json.dumps(meta, sort_keys=True).encode()
-                    shards.add(list(comps.items()))
+                    shards.add(list(comps.items()), i)
                     bar.update(1)
-            shards.close()
+            shards.close(end=s["first_index"] + s["count"])
             if max_shards is not None and shards.new_shards >= max_shards:
                 return None
     except BaseException:

@@ -29,16 +29,17 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import __version__
 from ..errors import SslkitError
 from ..progress import Progress
 from . import manifest as mf
 from .images import Accepted, ImageOptions, ItemReader, Rejected
 from .sources import Item, SourceOptions, parse_source
 from ..runlock import LOCK_NAME, RunLock
-from .tarwriter import ShardWriter
+from .journal import ShardJournal
 
 STATE_DIR = ".build"
+JOURNAL = "shards.jsonl"
+format_rejects = mf.format_rejects   # its old home; sslkit.shard.adopt imports it from here
 
 
 class BuildError(SslkitError, RuntimeError):
@@ -230,27 +231,6 @@ def ordered_map(items: Iterator[Item], image_opts: ImageOptions, workers: int,
 # Stage 4: the resumable shard loop
 # ------------------------------------------------------------------------------------------------
 
-def _read_journal(path: str, out: str) -> list[dict]:
-    """Completed-shard records whose files are intact; the journal is cut at the first bad one."""
-    if not os.path.exists(path):
-        return []
-    good = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill mid-write
-            tar = os.path.join(out, rec["path"])
-            if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
-                    and os.path.exists(os.path.join(out, rec["index"]))):
-                break
-            good.append(rec)
-    with open(path, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in good))
-    return good
-
-
 def _sample_components(index: int, res: Accepted, label_id: int | None, label: str | None):
     meta = dict(res.meta)
     if label is not None:
@@ -311,16 +291,35 @@ def build(opts: BuildOptions) -> dict:
 
 
 def _build_locked(opts: BuildOptions, fp: str, out_existed: bool) -> dict:
-    out = opts.out
-    state = os.path.join(out, STATE_DIR)
+    state = os.path.join(opts.out, STATE_DIR)
+    _start_state(opts, fp, state)
+    try:
+        plan_summary = make_plan(opts, state)
+    except BaseException:
+        _discard_unstarted(opts.out, state, out_existed)
+        raise
+    n_items = plan_summary["count"]
+    part_i, part_n = opts.part
+    lo, hi = n_items * part_i // part_n, n_items * (part_i + 1) // part_n
+    journal = ShardJournal(opts.out, os.path.join(state, JOURNAL), opts.prefix, opts.max_count, opts.max_size,
+                           tally=lambda: {"rejected": [], "class_counts": {}})
+    t0 = time.time()
+    n_new = _write_shards(opts, state, plan_summary, journal, lo, hi)
+    return _finish(opts, fp, plan_summary, journal, hi - lo, n_new, time.time() - t0)
+
+
+def _start_state(opts: BuildOptions, fp: str, state: str):
+    """Record this build's options in `state`, starting over when an earlier attempt with other options
+    finished nothing (refused when it did), and remove the temporary files of a shard being written
+    when a build was killed."""
     options_path = os.path.join(state, "options.json")
     if os.path.exists(options_path):
         with open(options_path) as f:
             previous = json.load(f)
-        journal = os.path.join(state, "shards.jsonl")
+        journal = os.path.join(state, JOURNAL)
         if previous.get("fingerprint") != fp:
             if os.path.exists(journal) and os.path.getsize(journal) > 0:
-                raise BuildError(f"{out} holds an unfinished build with other options; re-run that command, "
+                raise BuildError(f"{opts.out} holds an unfinished build with other options; re-run that command, "
                                  f"or delete {state} to start over")
             for name in os.listdir(state):   # nothing was finished under the old options: start over
                 if name != LOCK_NAME:
@@ -328,140 +327,86 @@ def _build_locked(opts: BuildOptions, fp: str, out_existed: bool) -> dict:
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     mf.atomic_write(options_path, json.dumps({"fingerprint": fp, **opts.content()}))
     own_tmp = re.compile(rf"{re.escape(opts.prefix)}-\d{{6}}\.(tar|idx)\.tmp")
-    for name in os.listdir(out):  # leftovers of a shard this build was writing when killed
+    for name in os.listdir(opts.out):
         if own_tmp.fullmatch(name):
-            os.remove(os.path.join(out, name))
+            os.remove(os.path.join(opts.out, name))
 
-    try:
-        plan_summary = make_plan(opts, state)
-    except BaseException:
-        _discard_unstarted(out, state, out_existed)
-        raise
+
+def _write_shards(opts: BuildOptions, state: str, plan_summary: dict, journal: ShardJournal, lo: int,
+                  hi: int) -> int:
+    """Decode, check and write the part's items [lo, hi), after the journalled shards; the number of
+    items this run processed. Rejected inputs are tallied in the shard that follows them."""
     classes = {name: i for i, name in enumerate(plan_summary["classes"])} if plan_summary["labelled"] else None
-    n_items = plan_summary["count"]
-    part_i, part_n = opts.part
-    lo, hi = n_items * part_i // part_n, n_items * (part_i + 1) // part_n
-
-    journal_path = os.path.join(state, "shards.jsonl")
-    done = _read_journal(journal_path, out)
-    pos = done[-1]["end"] if done else lo
-    next_index = done[-1]["first_index"] + done[-1]["count"] if done else 0
-    shard_no = len(done)
-    workers = opts.workers or os.cpu_count() or 1
-    if done:
-        print(f"{out}: resuming after {len(done)} complete shard(s), at item {pos - lo} of {hi - lo}",
+    pos = journal.end if journal.done else lo
+    if journal.done:
+        print(f"{opts.out}: resuming after {len(journal.done)} complete shard(s), at item {pos - lo} of {hi - lo}",
               file=sys.stderr)
-
-    plan = Plan(state, n_items, opts.shuffle, opts.seed)
-    writer: ShardWriter | None = None
-    rejects: list[list[str]] = []
-    class_counts: Counter = Counter()
-    first_index = next_index
-    t0, n_new = time.time(), 0
+    plan = Plan(state, plan_summary["count"], opts.shuffle, opts.seed)
     bar = Progress(hi - lo, "build", unit="img", initial=pos - lo, enabled=opts.progress, every=30.0)
-
-    def open_writer():
-        name = f"{opts.prefix}-{shard_no:06d}"
-        return ShardWriter(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
-
-    def close_shard(end: int):
-        nonlocal writer, rejects, class_counts, shard_no, first_index
-        info = writer.commit()
-        name = f"{opts.prefix}-{shard_no:06d}"
-        rec = {"path": name + ".tar", "index": name + ".idx", "count": info["count"], "bytes": info["bytes"],
-               "sha256": info["sha256"], "first_index": first_index, "end": end, "rejected": rejects,
-               "class_counts": dict(class_counts)}
-        with open(journal_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        done.append(rec)
-        shard_no += 1
-        first_index = next_index
-        writer, rejects, class_counts = None, [], Counter()
-        bar.set_postfix(shards=shard_no, rejected=sum(len(r["rejected"]) for r in done))
-
+    journal.on_close = lambda j: bar.set_postfix(shards=len(j.done),
+                                                  rejected=sum(len(r["rejected"]) for r in j.done))
+    n_new = 0
     try:
-        for p, (item, res) in enumerate(ordered_map((plan[q] for q in range(pos, hi)), opts.image, workers),
+        items = (plan[q] for q in range(pos, hi))
+        for p, (item, res) in enumerate(ordered_map(items, opts.image, opts.workers or os.cpu_count() or 1),
                                         start=pos):
             bar.update(1)
             n_new += 1
             if isinstance(res, Rejected):
-                rejects.append([item.ref, res.reason])
+                journal.tally["rejected"].append([item.ref, res.reason])
                 continue
             label_id = classes[item.label] if classes is not None else None
-            comps = _sample_components(next_index, res, label_id, item.label)
-            size = sum(512 + -(-len(d) // 512) * 512 for _, d in comps)
-            if writer is not None and writer.count and writer.bytes_written + size > opts.max_size:
-                close_shard(end=p)
-            if writer is None:
-                writer = open_writer()
-            writer.add(mf.key_for(next_index), comps)
-            next_index += 1
-            if item.label is not None:
-                class_counts[item.label] += 1
-            if writer.count >= opts.max_count:
-                close_shard(end=p + 1)
-        if writer is not None:
-            close_shard(end=hi)
+            counts = {"class_counts": {item.label: 1}} if item.label is not None else None
+            journal.add(_sample_components(journal.next_index, res, label_id, item.label), p, counts)
+        journal.close(end=hi)
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        journal.abort()
         raise
     finally:
         bar.close()
         plan.close()
+    return n_new
 
-    all_rejects = [r for rec in done for r in rec["rejected"]] + rejects
+
+def _finish(opts: BuildOptions, fp: str, plan_summary: dict, journal: ShardJournal, inputs: int, n_new: int,
+            seconds: float) -> dict:
+    """Write rejected.tsv and the manifest, remove the build state, and say what was built."""
+    out, state = opts.out, os.path.join(opts.out, STATE_DIR)
+    done = journal.done
+    all_rejects = [r for rec in done for r in rec["rejected"]] + journal.tally["rejected"]
     if not done:
         # Nothing was built: report every reason, and leave no build state that would make readers
         # think a build is still in progress.
-        mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(all_rejects))
+        mf.atomic_write(os.path.join(out, mf.REJECTED), mf.format_rejects(all_rejects))
         shutil.rmtree(state, ignore_errors=True)
         first = f" (first: {all_rejects[0][0]}: {all_rejects[0][1]})" if all_rejects else ""
-        raise BuildError(f"no valid images: all {hi - lo} inputs were rejected; every reason is in "
+        raise BuildError(f"no valid images: all {inputs} inputs were rejected; every reason is in "
                          f"{os.path.join(out, mf.REJECTED)}{first}")
+    classes = {name: i for i, name in enumerate(plan_summary["classes"])} if plan_summary["labelled"] else None
     totals: Counter = Counter()
     for rec in done:
         totals.update(rec["class_counts"])
-    manifest = {
-        "format_version": mf.FORMAT_VERSION,
-        "created_by": f"sslkit {__version__}",
-        "total": next_index,
-        "rejected": len(all_rejects),
-        "ignored": plan_summary["ignored"],
-        "inputs": hi - lo,
-        "classes": classes,
-        "class_counts": {c: totals.get(c, 0) for c in classes} if classes else None,
-        "components": ["jpg", "index"] + (["cls"] if classes else []) + ["json"],
-        "part": [part_i, part_n],
-        "shards": [{k: rec[k] for k in ("path", "index", "count", "bytes", "sha256", "first_index")}
-                   for rec in done],
-        "build": {"fingerprint": fp, **opts.content()},
-    }
-    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(all_rejects))
-    mf.write(out, manifest)
+    manifest = mf.make(total=journal.next_index, shards=journal.shard_entries(), classes=classes,
+                       class_counts={c: totals.get(c, 0) for c in classes} if classes else None,
+                       components=["jpg", "index"] + (["cls"] if classes else []) + ["json"],
+                       build={"fingerprint": fp, **opts.content()}, rejected=len(all_rejects),
+                       ignored=plan_summary["ignored"], inputs=inputs, part=opts.part)
+    mf.finish(out, manifest, all_rejects)
     shutil.rmtree(state, ignore_errors=True)
-    dt = time.time() - t0
     size_gb = sum(s["bytes"] for s in manifest["shards"]) / 1e9
     print(f"{out}: {manifest['total']} samples in {len(done)} shard(s), {size_gb:.2f} GB; "
           f"{len(all_rejects)} rejected (see {os.path.join(out, mf.REJECTED)}), "
           f"{plan_summary['ignored']} non-image files ignored; "
-          f"{n_new / max(dt, 1e-9):.0f} img/s this run", file=sys.stderr)
+          f"{n_new / max(seconds, 1e-9):.0f} img/s this run", file=sys.stderr)
     return manifest
 
 
 def _discard_unstarted(out: str, state: str, out_existed: bool):
     """A build that failed before finishing any shard leaves nothing behind (no `.build/`, and no
     output folder it created itself)."""
-    journal = os.path.join(state, "shards.jsonl")
+    journal = os.path.join(state, JOURNAL)
     if os.path.exists(journal) and os.path.getsize(journal) > 0:
         return
     shutil.rmtree(state, ignore_errors=True)
     if not out_existed and os.path.isdir(out) and not os.listdir(out):
         os.rmdir(out)
-
-
-def format_rejects(rows) -> str:
-    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")  # noqa: E731
-    return "source\treason\n" + "".join(f"{clean(a)}\t{clean(b)}\n" for a, b in rows)

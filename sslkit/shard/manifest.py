@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 
+from .. import __version__
 from ..errors import SslkitError
 
 FORMAT_VERSION = 1
@@ -53,6 +54,48 @@ def atomic_write(path: str, text: str):
 
 def write(directory: str, manifest: dict):
     atomic_write(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+
+
+SHARD_FIELDS = ("path", "index", "count", "bytes", "sha256", "first_index")
+
+
+def shard_entry(rec: dict) -> dict:
+    """A shard's manifest entry (its fields in the one order) from any record that holds them."""
+    return {k: rec[k] for k in SHARD_FIELDS}
+
+
+def make(*, total: int, shards: list[dict], classes: dict | None, class_counts: dict | None, components: list,
+         build: dict, rejected: int = 0, ignored: int = 0, inputs: int | None = None, part=(0, 1), **more) -> dict:
+    """The one manifest constructor (build, merge and the pseudo-label writer; what `validate` reads).
+    `inputs` defaults to total + rejected; `more` holds a layout's own fields (an adopted folder's
+    `layout`, `offsets`, `labels`, ...), written after the common ones."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"sslkit {__version__}",
+        "total": total,
+        "rejected": rejected,
+        "ignored": ignored,
+        "inputs": total + rejected if inputs is None else inputs,
+        "classes": classes,
+        "class_counts": class_counts,
+        "components": list(components),
+        "part": list(part),
+        "shards": [shard_entry(s) for s in shards],
+        "build": build,
+        **more,
+    }
+
+
+def format_rejects(rows) -> str:
+    """rejected.tsv: one `source<TAB>reason` line per rejected input, under a header."""
+    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    return "source\treason\n" + "".join(f"{clean(a)}\t{clean(b)}\n" for a, b in rows)
+
+
+def finish(directory: str, manifest: dict, rejects) -> None:
+    """Write a finished folder's rejected.tsv, then its manifest.json (last: it marks the folder done)."""
+    atomic_write(os.path.join(directory, REJECTED), format_rejects(rejects))
+    write(directory, manifest)
 
 
 def load(directory: str, check_files: bool = True) -> dict:

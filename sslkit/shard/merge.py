@@ -14,10 +14,9 @@ import sys
 import tarfile
 
 
-from .. import __version__
 from ..progress import Progress
 from . import manifest as mf
-from .build import BuildError, _class_order, format_rejects
+from .build import BuildError, _class_order
 from .tarwriter import ShardWriter, read_index, split_name
 
 
@@ -172,24 +171,15 @@ def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool
             rejects += [line.rstrip("\n").split("\t", 1) for line in f if line.strip()]
     bar.close()
     fingerprint = hashlib.sha256("".join(m["build"]["fingerprint"] for _, m in manifests).encode()).hexdigest()[:16]
-    manifest = {
-        "format_version": mf.FORMAT_VERSION,
-        "created_by": f"sslkit {__version__}",
-        "total": index,
-        "rejected": len(rejects),
-        "ignored": sum(m.get("ignored", 0) for _, m in manifests),
-        "inputs": sum(m.get("inputs", m["total"]) for _, m in manifests),
-        "classes": classes,
-        "class_counts": {c: class_counts.get(c, 0) for c in classes} if classes else None,
-        "components": manifests[0][1]["components"],
-        "part": [0, 1],
-        "shards": shards,
-        "build": {"fingerprint": fingerprint, "prefix": prefix,
-                  "merged_from": [os.path.abspath(d) for d, _ in manifests],
-                  "options": manifests[0][1]["build"]},
-    }
-    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
-    mf.write(out, manifest)
+    manifest = mf.make(total=index, shards=shards, classes=classes,
+                       class_counts={c: class_counts.get(c, 0) for c in classes} if classes else None,
+                       components=manifests[0][1]["components"],
+                       build={"fingerprint": fingerprint, "prefix": prefix,
+                              "merged_from": [os.path.abspath(d) for d, _ in manifests],
+                              "options": manifests[0][1]["build"]},
+                       rejected=len(rejects), ignored=sum(m.get("ignored", 0) for _, m in manifests),
+                       inputs=sum(m.get("inputs", m["total"]) for _, m in manifests))
+    mf.finish(out, manifest, rejects)
     print(f"{out}: merged {len(manifests)} folder(s) into {index} samples in {len(shards)} shard(s)",
           file=sys.stderr)
     return manifest

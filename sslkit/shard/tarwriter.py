@@ -108,27 +108,37 @@ class ShardWriter:
                     os.remove(p)
 
 
-def read_index(idx_path: str) -> list[dict[str, tuple[int, int, str]]]:
-    """Parse a DALI webdataset index: one dict per sample, extension -> (offset, size, name)."""
+INDEX_VERSIONS = {"v1.1": 3, "v1.2": 4}   # fields per component: ext offset size (name, from v1.2)
+
+
+def index_lines(idx_path: str) -> tuple[int, list[str]]:
+    """(fields per component, one line per sample) of a DALI webdataset index, its header checked:
+    a version this module knows and a sample count that matches the lines (a ValueError otherwise)."""
     with open(idx_path) as f:
         header = f.readline().split()
-        if len(header) != 2 or header[0] not in ("v1.1", "v1.2"):
-            raise ValueError(f"{idx_path}: not a DALI webdataset index (header {' '.join(header)!r})")
-        with_names = header[0] == "v1.2"
-        step = 4 if with_names else 3
-        samples = []
-        for lineno, line in enumerate(f, start=2):
-            fields = line.split()
-            if not fields or len(fields) % step:
-                raise ValueError(f"{idx_path}:{lineno}: malformed index line")
-            sample = {}
-            for i in range(0, len(fields), step):
-                name = fields[i + 3] if with_names else ""
-                sample[fields[i]] = (int(fields[i + 1]), int(fields[i + 2]), name)
-            samples.append(sample)
-    if len(samples) != int(header[1]):
-        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
-    return samples
+        lines = f.read().splitlines()
+    if len(header) != 2 or header[0] not in INDEX_VERSIONS:
+        raise ValueError(f"{idx_path}: not a DALI webdataset index (header {' '.join(header)!r})")
+    if len(lines) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(lines)}")
+    return INDEX_VERSIONS[header[0]], lines
+
+
+def parse_index_line(line: str, step: int, where: str) -> dict[str, tuple[int, int, str]]:
+    """One sample's index line -> extension -> (offset, size, member name; "" before v1.2)."""
+    fields = line.split()
+    if not fields or len(fields) % step:
+        raise ValueError(f"{where}: malformed index line")
+    return {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3] if step == 4 else "")
+            for i in range(0, len(fields), step)}
+
+
+def read_index(idx_path: str) -> list[dict[str, tuple[int, int, str]]]:
+    """Parse a DALI webdataset index (v1.1 or v1.2): one dict per sample, extension -> (offset, size,
+    name). The one index parser: readers that need a few samples use `index_lines` and
+    `parse_index_line` on the lines they want."""
+    step, lines = index_lines(idx_path)
+    return [parse_index_line(line, step, f"{idx_path}:{lineno}") for lineno, line in enumerate(lines, start=2)]
 
 
 def index_of_tar(tar_path: str) -> list[dict[str, tuple[int, int, str]]]:
