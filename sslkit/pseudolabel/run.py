@@ -70,33 +70,9 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     local_rank = _env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
     t_start = time.perf_counter()
-    if o.top_p < 1 or o.top_k < 1:
-        raise PseudolabelError(f"--top-p {o.top_p} / --top-k {o.top_k}: must be positive")
-    if o.batch_size < 1 or o.chunk < 1 or o.max_count < 1 or o.max_size < 1:
-        raise PseudolabelError("--batch-size, --chunk, --max-count and --max-size must be positive")
-    if o.prefix in ("", ".") or "." in o.prefix or "/" in o.prefix:
-        raise PseudolabelError(f"--prefix {o.prefix!r}: use a plain name without dots or slashes")
-    device = o.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise PseudolabelError(f"--device {o.device!r}: expected auto, cpu or cuda")
-    if o.precision not in ("auto", "bf16", "fp32"):
-        raise PseudolabelError(f"--precision {o.precision!r}: expected auto, bf16 or fp32")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise PseudolabelError("--device cuda but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-
-    try:
-        data_m = mf.load(o.data)
-    except mf.ManifestError as e:
-        raise PseudolabelError(str(e)) from None
-    if data_m.get("part", [0, 1])[1] > 1:
-        i, n = data_m["part"]
-        raise PseudolabelError(f"{o.data} is part {i}/{n} of a build; merge the parts first")
-    teacher = load_teacher(o.teacher, dev)
+    device = _check_options(o, local_rank)
+    data_m = _load_pool(o.data)
+    teacher = load_teacher(o.teacher, torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"))
     if o.top_p > teacher.num_classes:
         raise PseudolabelError(f"--top-p {o.top_p}: the teacher has only {teacher.num_classes} classes")
     size = o.size or teacher.size
@@ -121,19 +97,7 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
     if layout is None:
         layout = os.path.join(scores_dir, sc.layout_name(world_size, po))
         if rank == 0:
-            os.makedirs(scores_dir, exist_ok=True)
-            mf.atomic_write(os.path.join(scores_dir, "meta.json"), json.dumps({
-                "teacher": teacher.checkpoint, "teacher_identity": teacher.identity, "data": os.path.abspath(o.data),
-                "data_identity": data_identity, "top_p": o.top_p, "size": size, "resize": resize, "device": device,
-                "precision": po.precision, "classes": teacher.classes}, indent=1))
-            others = [n for n in os.listdir(scores_dir) if n.startswith("w") and n != os.path.basename(layout)]
-            if others:
-                log.warning("%s holds unfinished teacher passes of other layouts (%s); this run (%s) does not reuse "
-                            "their chunks: resume with the same world size, --batch-size and --chunk to do so",
-                            scores_dir, ", ".join(others), os.path.basename(layout))
-            log.info("teacher %s (%d classes, %s), %d images of %s at %d px (resize %d), %d rank(s), %s %s",
-                     teacher.checkpoint, teacher.num_classes, teacher.classes_from, data_m["total"], o.data, size,
-                     resize, world_size, device, po.precision)
+            _start_pass(o, teacher, data_m, po, scores_dir, layout, data_identity, world_size)
         rank_rec = sc.run_rank(teacher, o.data, po, layout, rank, world_size, local_rank, o.stop_after_chunks)
         if rank_rec is None:
             if rank == 0:
@@ -142,8 +106,7 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
             return None
         if rank != 0:
             return rank_rec
-        recs = sc.wait_for_ranks(layout, world_size)
-        complete = sc.mark_complete(layout, recs)
+        complete = sc.mark_complete(layout, sc.wait_for_ranks(layout, world_size))
     elif rank != 0:
         return {"rank": rank, "scores": layout}   # the scores exist: rank 0 alone selects and writes
     else:
@@ -151,10 +114,101 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
             complete = json.loads(f.read())
         log.info("teacher scores found in %s: no teacher pass needed", layout)
 
-    # 2. selection: per-class bounded top-K over every rank's chunks, with an exactly-once check
+    # 2. selection; 3. the student dataset
     t_sel = time.perf_counter()
-    selector = TopKSelector(teacher.num_classes, o.top_k)
-    seen = np.zeros(data_m["total"], bool)
+    selection, selector, corrupt = _select(layout, teacher.num_classes, o.top_k, data_m["total"])
+    t_write = time.perf_counter()
+    short = _short_classes(selection, teacher, o, data_m["total"])
+    build = {"fingerprint": fp, "prefix": o.prefix, "pseudolabel": _provenance(o, teacher, data_identity, po)}
+    manifest = write_student(o.out, o.data, data_m, selection, teacher.classes, build, shuffle=o.shuffle,
+                             seed=o.seed, prefix=o.prefix, max_count=o.max_count, max_size=o.max_size,
+                             io_threads=o.io_threads, progress=o.progress, progress_every=o.progress_every,
+                             max_shards=o.stop_after_shards)
+    if manifest is None:
+        log.info("stopped after %d new output shard(s) (stop_after_shards); re-run the same command to continue",
+                 o.stop_after_shards)
+        return None
+    t_end = time.perf_counter()
+    unique = int(np.unique(selection[2]).size)
+    summary = {
+        "out": os.path.abspath(o.out), "total": manifest["total"], "unique_images": unique,
+        "pool": data_m["total"], "classes": teacher.num_classes, "classes_from": teacher.classes_from,
+        "class_counts": manifest["class_counts"], "classes_below_k": short, "corrupt_skipped": complete["corrupt"],
+        "corrupt_examples": corrupt[:20], "teacher_pass": complete, "teacher_pass_this_run": rank_rec,
+        "selection_s": t_write - t_sel, "selection_peak_records": selector.peak_records, "write_s": t_end - t_write,
+        "total_s": t_end - t_start, "options": {k: v for k, v in asdict(o).items() if not k.startswith("stop_")},
+        "scores": layout,
+    }
+    _report(o, summary, manifest, teacher)
+    return summary
+
+
+def _provenance(o: Options, teacher, data_identity: str, po: sc.PassOptions) -> dict:
+    """The student manifest's `build.pseudolabel`: where its labels came from and how."""
+    return {"teacher": teacher.checkpoint, "teacher_identity": teacher.identity, "teacher_step": teacher.step,
+            "classes_from": teacher.classes_from, "data": os.path.abspath(o.data), "data_identity": data_identity,
+            "top_p": o.top_p, "top_k": o.top_k, "size": po.size, "resize": po.resize, "device": po.device,
+            "precision": po.precision, "shuffle": o.shuffle, "seed": o.seed, "max_count": o.max_count,
+            "max_size": o.max_size}
+
+
+def _check_options(o: Options, local_rank: int) -> str:
+    """One-line errors for options out of range; the device ("cpu" or "cuda"), selected on CUDA."""
+    if o.top_p < 1 or o.top_k < 1:
+        raise PseudolabelError(f"--top-p {o.top_p} / --top-k {o.top_k}: must be positive")
+    if o.batch_size < 1 or o.chunk < 1 or o.max_count < 1 or o.max_size < 1:
+        raise PseudolabelError("--batch-size, --chunk, --max-count and --max-size must be positive")
+    if o.prefix in ("", ".") or "." in o.prefix or "/" in o.prefix:
+        raise PseudolabelError(f"--prefix {o.prefix!r}: use a plain name without dots or slashes")
+    device = o.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise PseudolabelError(f"--device {o.device!r}: expected auto, cpu or cuda")
+    if o.precision not in ("auto", "bf16", "fp32"):
+        raise PseudolabelError(f"--precision {o.precision!r}: expected auto, bf16 or fp32")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise PseudolabelError("--device cuda but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+    return device
+
+
+def _load_pool(data: str) -> dict:
+    """The unlabelled pool's manifest: a whole dataset, not one part of a multi-machine build."""
+    try:
+        data_m = mf.load(data)
+    except mf.ManifestError as e:
+        raise PseudolabelError(str(e)) from None
+    if data_m.get("part", [0, 1])[1] > 1:
+        i, n = data_m["part"]
+        raise PseudolabelError(f"{data} is part {i}/{n} of a build; merge the parts first")
+    return data_m
+
+
+def _start_pass(o: Options, teacher, data_m: dict, po: sc.PassOptions, scores_dir: str, layout: str,
+                data_identity: str, world_size: int):
+    """Rank 0, before a teacher pass: the scores folder's meta.json, and what the pass will do."""
+    os.makedirs(scores_dir, exist_ok=True)
+    mf.atomic_write(os.path.join(scores_dir, "meta.json"), json.dumps({
+        "teacher": teacher.checkpoint, "teacher_identity": teacher.identity, "data": os.path.abspath(o.data),
+        "data_identity": data_identity, "top_p": o.top_p, "size": po.size, "resize": po.resize, "device": po.device,
+        "precision": po.precision, "classes": teacher.classes}, indent=1))
+    others = [n for n in os.listdir(scores_dir) if n.startswith("w") and n != os.path.basename(layout)]
+    if others:
+        log.warning("%s holds unfinished teacher passes of other layouts (%s); this run (%s) does not reuse "
+                    "their chunks: resume with the same world size, --batch-size and --chunk to do so",
+                    scores_dir, ", ".join(others), os.path.basename(layout))
+    log.info("teacher %s (%d classes, %s), %d images of %s at %d px (resize %d), %d rank(s), %s %s",
+             teacher.checkpoint, teacher.num_classes, teacher.classes_from, data_m["total"], o.data, po.size,
+             po.resize, world_size, po.device, po.precision)
+
+
+def _select(layout: str, num_classes: int, top_k: int, total: int) -> tuple[tuple, TopKSelector, list[int]]:
+    """Per-class bounded top-K over every rank's chunks, checking that each sample was scored exactly
+    once: (selection, the selector, the first corrupt samples skipped)."""
+    selector = TopKSelector(num_classes, top_k)
+    seen = np.zeros(total, bool)
     corrupt: list[int] = []
     for path, a in sc.iter_chunks(layout):
         idx = a["index"]
@@ -176,52 +230,32 @@ def pseudolabel(o: Options, rank: int | None = None, world_size: int | None = No
         first = int(np.flatnonzero(~seen)[0])
         raise PseudolabelError(f"{layout}: {int((~seen).sum())} sample(s) have no score (first: {first}); delete "
                                f"{layout} and re-run")
-    selection = selector.result()
-    t_write = time.perf_counter()
+    return selector.result(), selector, corrupt
+
+
+def _short_classes(selection: tuple, teacher, o: Options, pool: int) -> int:
+    """How many classes got fewer than K images (logged with the fewest)."""
     counts = np.bincount(selection[0], minlength=teacher.num_classes)
-    short = [teacher.classes[c] for c in np.flatnonzero(counts < o.top_k)]
+    short = int((counts < o.top_k).sum())
     if short:
         log.warning("%d of %d classes have fewer than K=%d images among the top-%d of the %d images "
-                    "(fewest: %s with %d)",
-                    len(short), teacher.num_classes, o.top_k, o.top_p, data_m["total"],
+                    "(fewest: %s with %d)", short, teacher.num_classes, o.top_k, o.top_p, pool,
                     teacher.classes[int(np.argmin(counts))], int(counts.min()))
+    return short
 
-    # 3. the student dataset
-    build = {"fingerprint": fp, "prefix": o.prefix, "pseudolabel": {
-        "teacher": teacher.checkpoint, "teacher_identity": teacher.identity, "teacher_step": teacher.step,
-        "classes_from": teacher.classes_from, "data": os.path.abspath(o.data), "data_identity": data_identity,
-        "top_p": o.top_p, "top_k": o.top_k, "size": size, "resize": resize, "device": device,
-        "precision": po.precision, "shuffle": o.shuffle, "seed": o.seed, "max_count": o.max_count,
-        "max_size": o.max_size}}
-    manifest = write_student(o.out, o.data, data_m, selection, teacher.classes, build, shuffle=o.shuffle,
-                             seed=o.seed, prefix=o.prefix, max_count=o.max_count, max_size=o.max_size,
-                             io_threads=o.io_threads, progress=o.progress, progress_every=o.progress_every,
-                             max_shards=o.stop_after_shards)
-    if manifest is None:
-        log.info("stopped after %d new output shard(s) (stop_after_shards); re-run the same command to continue",
-                 o.stop_after_shards)
-        return None
-    t_end = time.perf_counter()
-    unique = int(np.unique(selection[2]).size)
-    summary = {
-        "out": os.path.abspath(o.out), "total": manifest["total"], "unique_images": unique,
-        "pool": data_m["total"], "classes": teacher.num_classes, "classes_from": teacher.classes_from,
-        "class_counts": manifest["class_counts"], "classes_below_k": len(short), "corrupt_skipped": complete["corrupt"],
-        "corrupt_examples": corrupt[:20], "teacher_pass": complete, "teacher_pass_this_run": rank_rec,
-        "selection_s": t_write - t_sel, "selection_peak_records": selector.peak_records, "write_s": t_end - t_write,
-        "total_s": t_end - t_start, "options": {k: v for k, v in asdict(o).items() if not k.startswith("stop_")},
-        "scores": layout,
-    }
+
+def _report(o: Options, summary: dict, manifest: dict, teacher):
+    """Add the pool-label agreement to `summary`, write it as `<out>/pseudolabel.json`, say it in a line."""
     summary.update({k: v for k, v in manifest["build"]["pseudolabel"].items()
                     if k.startswith(("source_label", "with_"))})
     mf.atomic_write(os.path.join(o.out, "pseudolabel.json"), json.dumps(summary, indent=1) + "\n")
     agree = summary.get("source_label_agreement")
-    print(f"{o.out}: {manifest['total']} samples ({unique} distinct images of {data_m['total']}) in "
-          f"{len(manifest['shards'])} shard(s), top-{o.top_k} of {teacher.num_classes} classes from top-{o.top_p}; "
-          f"teacher {complete['img_per_s']:.0f} img/s over {complete['ranks']} rank(s)"
+    complete = summary["teacher_pass"]
+    print(f"{o.out}: {manifest['total']} samples ({summary['unique_images']} distinct images of {summary['pool']}) "
+          f"in {len(manifest['shards'])} shard(s), top-{o.top_k} of {teacher.num_classes} classes from "
+          f"top-{o.top_p}; teacher {complete['img_per_s']:.0f} img/s over {complete['ranks']} rank(s)"
           + (f"; teacher labels agree with the pool's own labels on {100 * agree:.1f}%" if agree is not None else ""),
           file=sys.stderr)
-    return summary
 
 
 def _read_summary(out: str) -> dict | None:

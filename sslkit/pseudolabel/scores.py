@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from ..progress import DEFAULT_EVERY, Progress
-from ..shard import manifest as mf
 from ..threads import plan_threads
 from .select import top_p
 from .teacher import PseudolabelError, Teacher
@@ -92,7 +91,8 @@ def find_complete(scores_dir: str) -> str | None:
 
 
 def rank_slice(total: int, rank: int, world_size: int) -> int:
-    """Samples rank `rank` reads: DALI splits the stored order into contiguous, near-equal slices."""
+    """Samples rank `rank` reads in the loader's first epoch: DALI splits the stored order into
+    contiguous, near-equal slices (the progress total and the DONE record's `samples`)."""
     return total * (rank + 1) // world_size - total * rank // world_size
 
 
@@ -131,115 +131,148 @@ def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank:
              local_rank: int = 0, max_chunks: int | None = None) -> dict | None:
     """This rank's part of the teacher pass (resuming after its last committed chunk). Returns the
     rank's DONE record, or None when `max_chunks` new chunks were written first (a time-boxed run)."""
-    from pipelines import LoaderError, make_loader   # DALI only when there is work to do
-
     rdir = os.path.join(layout, f"rank{rank}")
     done_path = os.path.join(rdir, "DONE")
     if os.path.exists(done_path):
         with open(done_path) as f:
             return json.loads(f.read())
+    state = _resume_state(rdir)
+    loader = _open_loader(data_dir, o, rank, world_size, local_rank)
+    chunks = _Chunks(rdir, state, loader)
+    skip = _restore_loader(loader, state, rank, chunks.done * o.chunk_batches)
+    total = rank_slice(loader.dataset_size, rank, world_size)
+    start = min(chunks.done * o.chunk_batches * o.batch_size, total)
+    if chunks.done and rank == 0:
+        log.info("rank 0: resuming the teacher pass after %d committed chunk(s) (%d of %d images)", chunks.done,
+                 start, total)
+    # a bar on a terminal; off it (Slurm, nohup) a line with rate and ETA every 60 s
+    bar = Progress(total, f"teacher (rank 0 of {world_size})", initial=start, enabled=o.progress and rank == 0,
+                   every=o.progress_every)
+    t0 = time.perf_counter()
+    try:
+        scored = _score(teacher, loader, o, chunks, bar, skip, max_chunks)
+    finally:
+        bar.close()
+    if scored is None:
+        return None
+    n_new, steady = scored
+    t_end = time.perf_counter()
+    # images/s after the first batch (pipeline start-up and kernel compilation excluded)
+    rate = ((n_new - steady[1]) / max(t_end - steady[0], 1e-9) if steady and n_new > steady[1]
+            else n_new / max(t_end - t0, 1e-9))
+    rec = {"rank": rank, "samples": total, "chunks": chunks.done, "corrupt": chunks.corrupt, "new_samples": n_new,
+           "seconds": t_end - t0, "img_per_s": rate}
+    _atomic(done_path, lambda f: f.write(json.dumps(rec).encode()))
+    return rec
+
+
+def _resume_state(rdir: str) -> dict | None:
+    """The rank's saved state (None: start over), after removing chunks past it and half-written files."""
     os.makedirs(rdir, exist_ok=True)
     state = _read_state(rdir)
     done = state["chunks"] if state else 0
-    for name in os.listdir(rdir):   # chunks after the committed ones, and half-written files
+    for name in os.listdir(rdir):
         if name.endswith(".tmp") or (name.startswith("chunk-") and int(name[6:12]) >= done):
             os.remove(os.path.join(rdir, name))
+    return state
+
+
+def _open_loader(data_dir: str, o: PassOptions, rank: int, world_size: int, local_rank: int):
+    """The `eval_val` loader over this rank's slice, in stored order, with this rank's DALI threads."""
+    from pipelines import LoaderError, make_loader   # DALI only when there is work to do
 
     on_gpu = o.device == "cuda"
-    threads = o.loader_threads or plan_threads("gpu" if on_gpu else "cpu").dali
+    threads = plan_threads("gpu" if on_gpu else "cpu", o.loader_threads).dali
     try:
-        loader = make_loader("eval_val", data_dir, batch_size=o.batch_size, device="gpu" if on_gpu else "cpu",
-                             rank=rank, world_size=world_size, seed=0, shuffle_buffer=1, size=o.size,
-                             resize=o.resize, num_threads=threads, **({"device_id": local_rank} if on_gpu else {}))
+        return make_loader("eval_val", data_dir, batch_size=o.batch_size, device="gpu" if on_gpu else "cpu",
+                           rank=rank, world_size=world_size, seed=0, shuffle_buffer=1, size=o.size,
+                           resize=o.resize, num_threads=threads, **({"device_id": local_rank} if on_gpu else {}))
     except LoaderError as e:
         raise PseudolabelError(f"{data_dir}: {e}") from None
-    per_chunk = o.chunk_batches
-    skip = 0
-    if state is not None:
-        try:
-            loader.load_state_dict(state["loader"])
-        except (LoaderError, KeyError) as e:
-            # a loader state this version cannot restore: replay the order, run nothing on it
-            log.warning("rank %d: cannot restore the loader (%s); replaying %d batches", rank, e, done * per_chunk)
-            skip = done * per_chunk
-    total = rank_slice(len_total(data_dir), rank, world_size)
-    start = min(done * per_chunk * o.batch_size, total)
-    if done and rank == 0:
-        log.info("rank 0: resuming the teacher pass after %d committed chunk(s) (%d of %d images)", done, start, total)
 
+
+def _restore_loader(loader, state: dict | None, rank: int, batches_done: int) -> int:
+    """Put the loader where the committed chunks end; the batches to skip when its state cannot be
+    restored (the order is replayed, nothing is run on them)."""
+    from pipelines import LoaderError
+
+    if state is None:
+        return 0
+    try:
+        loader.load_state_dict(state["loader"])
+        return 0
+    except (LoaderError, KeyError) as e:
+        log.warning("rank %d: cannot restore the loader (%s); replaying %d batches", rank, e, batches_done)
+        return batches_done
+
+
+class _Chunks:
+    """This rank's committed chunks: scored batches are buffered, written as one chunk file, then
+    `state.pt` (chunks done, corrupt images, the loader's state) is replaced."""
+
+    def __init__(self, rdir: str, state: dict | None, loader):
+        self.rdir, self.loader = rdir, loader
+        self.done = state["chunks"] if state else 0
+        self.corrupt = state.get("corrupt", 0) if state else 0
+        self.buf: list[tuple] = []
+
+    def flush(self):
+        buf = self.buf
+        arrays = {"index": torch.cat([b[0] for b in buf]).cpu().numpy().astype(np.int64),
+                  "classes": torch.cat([b[1] for b in buf]).cpu().numpy(),
+                  "scores": torch.cat([b[2] for b in buf]).cpu().numpy(),
+                  "intact": torch.cat([b[3] for b in buf]).cpu().numpy()}
+        self.corrupt += int((~arrays["intact"]).sum())
+        _atomic(_chunk_path(self.rdir, self.done), lambda f: np.savez(f, **arrays))
+        self.done += 1
+        state = {"version": SCORES_VERSION, "chunks": self.done, "corrupt": self.corrupt,
+                 "loader": self.loader.state_dict()}
+        _atomic(os.path.join(self.rdir, "state.pt"), lambda f: torch.save(state, f))
+        self.buf = []
+
+
+def _score(teacher: Teacher, loader, o: PassOptions, chunks: _Chunks, bar: Progress, skip: int,
+           max_chunks: int | None) -> tuple[int, tuple | None] | None:
+    """Score the loader's batches into `chunks`: (images scored, (time, images) after the first batch),
+    or None when `max_chunks` new chunks were written first."""
     model = teacher.model
     device = next(model.parameters()).device
+    on_gpu = o.device == "cuda"
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if o.precision == "bf16"
                 else contextlib.nullcontext)
     cls_dtype = torch.int16 if teacher.num_classes <= np.iinfo(np.int16).max else torch.int32
-    # a bar on a terminal; off it (Slurm, nohup) a line with rate and ETA every 60 s
-    bar = Progress(total, f"teacher (rank 0 of {world_size})", initial=start, enabled=o.progress and rank == 0,
-                   every=o.progress_every)
-    buf: list[tuple] = []
-    written, n_new, corrupt = 0, 0, state.get("corrupt", 0) if state else 0
-    t0 = time.perf_counter()
+    written, n_new = 0, 0
     steady = None   # (time, images) when the first batch was done: throughput without the start-up
-
-    def flush():
-        nonlocal done, corrupt
-        index = torch.cat([b[0] for b in buf]).cpu().numpy().astype(np.int64)
-        arrays = {"index": index, "classes": torch.cat([b[1] for b in buf]).cpu().numpy(),
-                  "scores": torch.cat([b[2] for b in buf]).cpu().numpy(),
-                  "intact": torch.cat([b[3] for b in buf]).cpu().numpy()}
-        corrupt += int((~arrays["intact"]).sum())
-        _atomic(_chunk_path(rdir, done), lambda f: np.savez(f, **arrays))
-        done += 1
-        _atomic(os.path.join(rdir, "state.pt"),
-                lambda f: torch.save({"version": SCORES_VERSION, "chunks": done, "corrupt": corrupt,
-                                      "loader": loader.state_dict()}, f))
-        buf.clear()
-
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                if skip:
-                    skip -= 1
-                    continue
-                x = batch["views"][0]
-                if x.device != device:
-                    x = x.to(device, non_blocking=True)
+    with torch.inference_mode():
+        for batch in loader:
+            if skip:
+                skip -= 1
+                continue
+            x = batch["views"][0]
+            if x.device != device:
+                x = x.to(device, non_blocking=True)
+            if on_gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(x)
+            scores, classes = top_p(torch.softmax(logits.float(), dim=1), o.top_p)
+            chunks.buf.append((batch["index"], classes.to(cls_dtype), scores, batch["intact"]))
+            n_new += x.shape[0]
+            if steady is None:
                 if on_gpu:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    logits = model(x)
-                scores, classes = top_p(torch.softmax(logits.float(), dim=1), o.top_p)
-                buf.append((batch["index"], classes.to(cls_dtype), scores, batch["intact"]))
-                n_new += x.shape[0]
-                if steady is None:
-                    if on_gpu:
-                        torch.cuda.synchronize(device)
-                    steady = (time.perf_counter(), n_new)
-                bar.update(x.shape[0])
-                if len(buf) == per_chunk:
-                    flush()
-                    written += 1
-                    if max_chunks is not None and written >= max_chunks:
-                        return None
-            if buf:
-                flush()
-    finally:
-        bar.close()
-        getattr(loader, "close", lambda: None)()
-    t_end = time.perf_counter()
-    seconds = t_end - t0
-    # images/s after the first batch (pipeline start-up and kernel compilation excluded)
-    rate = ((n_new - steady[1]) / max(t_end - steady[0], 1e-9) if steady and n_new > steady[1]
-            else n_new / max(seconds, 1e-9))
-    rec = {"rank": rank, "samples": total, "chunks": done, "corrupt": corrupt, "new_samples": n_new,
-           "seconds": seconds, "img_per_s": rate}
-    _atomic(done_path, lambda f: f.write(json.dumps(rec).encode()))
-    return rec
-
-
-def len_total(data_dir: str) -> int:
-    return mf.load(data_dir, check_files=False)["total"]
+                    torch.cuda.synchronize(device)
+                steady = (time.perf_counter(), n_new)
+            bar.update(x.shape[0])
+            if len(chunks.buf) == o.chunk_batches:
+                chunks.flush()
+                written += 1
+                if max_chunks is not None and written >= max_chunks:
+                    return None
+        if chunks.buf:
+            chunks.flush()
+    return n_new, steady
 
 
 def wait_for_ranks(layout: str, world_size: int, poll_s: float = 2.0) -> list[dict]:
