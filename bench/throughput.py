@@ -50,6 +50,7 @@ from pipelines import ShardSet, list_families  # noqa: E402
 from pipelines.loader import default_hw_decoder_load  # noqa: E402
 from report import (add_ratios, cfg_label, configs, cpus, data_info, environment, format_table,  # noqa: E402
                     plot, write_json)
+from sslkit.config import ConfigError, parse_set  # noqa: E402
 from sslkit.shard import ManifestError  # noqa: E402
 from stages import BASELINES, baseline_stage, decode_stage, loader_stage, measure  # noqa: E402
 from train_probe import train_records  # noqa: E402
@@ -179,9 +180,12 @@ def _options(items):
     """['multicrop.preset=tiny', ...] -> {'multicrop': {'preset': 'tiny'}}; 'eval.X' goes to both evals."""
     out: dict[str, dict] = {}
     for item in items:
-        name, dot, rest = item.partition(".")
-        key, eq, value = rest.partition("=")
-        if not (dot and eq and key):
+        try:
+            [(dotted, value)] = parse_set([item]).items()
+        except ConfigError:
+            raise BenchError(f"--option {item!r}: expected PIPELINE.KEY=VALUE") from None
+        name, dot, key = dotted.partition(".")
+        if not (dot and key):
             raise BenchError(f"--option {item!r}: expected PIPELINE.KEY=VALUE")
         try:
             value = ast.literal_eval(value)
@@ -227,7 +231,8 @@ def main(argv=None) -> int:
         ShardSet.open(args.data)  # fails now, in one line, if the folder cannot be read by the loader
     except (ManifestError, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        sys.exit(f"throughput.py: error: {first if args.data in first else f'{args.data}: {first}'}")
+        print(f"throughput.py: error: {first if args.data in first else f'{args.data}: {first}'}", file=sys.stderr)
+        sys.exit(2)   # a bad input, as argparse's own errors
     env = environment(args.device)
     if env["loadavg_start"] and env["loadavg_start"][0] > 0.5 * env["cpus_usable"]:
         print(f"throughput.py: note: load average {env['loadavg_start'][0]:.1f} on {env['cpus_usable']} CPUs "

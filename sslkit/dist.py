@@ -5,7 +5,8 @@ LOCAL_RANK); without them the run is a world of one and no process group is crea
 
 Every collective here must be called by every rank at the same point of the program, whatever its
 terminal, logging or data: control flow that differs between ranks around a collective is a deadlock
-(or, with the timeout below, a `HungRankError` after `timeout_s`).
+(or, with the timeout below, an error after `timeout_s`, which `peer_failure` turns into one line naming
+the rank that did not answer).
 
 A collective that fails because another rank is hung, stopped or dead becomes one line naming the
 rank and what happened (`peer_failure`); work only rank 0 does (taking the run folder's lock, writing
@@ -28,10 +29,6 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .errors import SslkitError
-
-
-class HungRankError(SslkitError):
-    """A collective waited longer than the timeout: another rank is hung, stopped or dead."""
 
 
 class AgreedError(SslkitError):
@@ -96,6 +93,16 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
         return DistInfo(rank, world, local, dev, backend, float(timeout_s), tuple(peers))
     return DistInfo(rank, world, local, dev, backend, float(timeout_s), ((socket.gethostname(), os.getpid()),))
+
+
+def rank_world(group=None) -> tuple[int, int]:
+    """(rank in `group`, its world size), the default group when None; (0, 1) in a process without an
+    initialised torch.distributed, where naming a group is a ValueError (the caller expected one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def is_timeout(e: BaseException) -> bool:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .dist import rank_world
+
 # Cross-entropy's ignore_index: samples no rank holds get no k-means target.
 IGNORE_INDEX = -100
 # The E-step scores at most this many (row, centroid) pairs at once: 2**26 float32 = 256 MiB, i.e.
@@ -33,13 +35,9 @@ _NORM_TOLERANCE = 1e-3
 
 def _process_group(group: dist.ProcessGroup | None) -> tuple[int, int, int]:
     """(rank in group, world size, global rank of the group's rank 0); (0, 1, 0) when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialised")
-        return 0, 1, 0
-    world = dist.get_world_size(group)
+    rank, world = rank_world(group)
     src = 0 if group is None else dist.get_global_rank(group, 0)
-    return dist.get_rank(group), world, src
+    return rank, world, src
 
 
 def _unit_rows_problem(t: torch.Tensor, name: str) -> str | None:

@@ -21,15 +21,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .dist import rank_world
+
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def _world(group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialised")
-        return 1
-    return dist.get_world_size(group)
 
 
 @torch.no_grad()
@@ -45,7 +39,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iters: int = 3, group=
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"sinkhorn: iters must be an int >= 0, got {iters!r}")
-    world = _world(group)
+    world = rank_world(group)[1]
     x = scores.detach().float() / epsilon
     top = x.max() if x.numel() else x.new_zeros(())
     if world > 1:

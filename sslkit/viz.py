@@ -4,7 +4,7 @@ A PNG grid of real samples pushed through a pipeline, to eyeball an augmentation
 per sample with the source image (crop windows drawn on it when the pipeline reports them) followed
 by every view, de-normalised. Or, with --run, a run's curves from its log.jsonl: loss, lr, images/s,
 data stall and every other logged number (sslkit.curves; the fields are described in docs/LOGS.md).
-Each pipeline has a row renderer here, registered in sslkit.registry under kind "renderer".
+Each pipeline has a row renderer here, listed in `RENDERERS`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import registry
-from .errors import SslkitError
-
-if __name__ == "__main__":
-    # `python -m sslkit.viz` runs this file as __main__; registering its renderers here AND again when
-    # the registry imports sslkit.viz would be a double registration. Run the real module instead.
-    from sslkit.viz import main as _main
-    sys.exit(_main())
+from .config import ConfigError, parse_set
+from .errors import SslkitError, UnknownNameError
 
 CELL = 224
 PAD = 6
@@ -77,7 +71,6 @@ def _window(batch, k: int, i: int) -> tuple:
     return tuple(batch["params.windows"][i, k].tolist())
 
 
-@registry.register("renderer", "multicrop")
 def _multicrop_rows(batch, loader, reader, n) -> tuple[list, list]:
     spec = loader.family.spec
     rows, captions = [], []
@@ -92,8 +85,6 @@ def _multicrop_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
-@registry.register("renderer", "eval_val")
-@registry.register("renderer", "eval_train")
 def _eval_rows(batch, loader, reader, n) -> tuple[list, list]:
     spec = loader.family.spec
     rows, captions = [], []
@@ -117,7 +108,6 @@ def _tile_grid(tiles: list[np.ndarray], gap: int = 4) -> Image.Image:
     return Image.fromarray(board)
 
 
-@registry.register("renderer", "jigsaw")
 def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
     fam = loader.family
     rows, captions = [], []
@@ -149,7 +139,6 @@ def _jigsaw_rows(batch, loader, reader, n) -> tuple[list, list]:
 ANNEALED_T = 0.38  # Zhang's deploy-time temperature (logits x 2.606)
 
 
-@registry.register("renderer", "colorization")
 def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
     import torch
 
@@ -179,7 +168,6 @@ def _colorization_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
-@registry.register("renderer", "jigclu")
 def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
     from sslkit.methods.jigclu import LOCATIONS, QUADRANTS, make_montages, montage_permutation
     spec = loader.family.views
@@ -200,13 +188,20 @@ def _jigclu_rows(batch, loader, reader, n) -> tuple[list, list]:
     return rows, captions
 
 
+# pipeline -> its row renderer: (batch, loader, SampleReader, n) -> (rows of images, captions)
+RENDERERS = {"multicrop": _multicrop_rows, "eval_val": _eval_rows, "eval_train": _eval_rows,
+             "jigsaw": _jigsaw_rows, "colorization": _colorization_rows, "jigclu": _jigclu_rows}
+
+
 def render(pipeline: str, data: str, out: str, n: int = 6, seed: int = 0, **options) -> str:
     from .deps import require_dali
     require_dali("sslkit viz --data")
     from pipelines import make_loader
 
     from .shard.access import SampleReader
-    draw = registry.entry("renderer", pipeline).factory
+    if pipeline not in RENDERERS:
+        raise UnknownNameError(f"unknown renderer {pipeline!r}; choose from {', '.join(sorted(RENDERERS))}")
+    draw = RENDERERS[pipeline]
     print(f"building the {pipeline} pipeline (DALI graph and numba kernels: a few seconds) ...", file=sys.stderr,
           flush=True)
     loader = make_loader(pipeline, data, batch_size=n, seed=seed, with_params=True, shuffle_buffer=256,
@@ -220,7 +215,10 @@ def render(pipeline: str, data: str, out: str, n: int = 6, seed: int = 0, **opti
 
 def _with_presets() -> list[str]:
     """The pipelines that take a `preset` option."""
-    return [p for p in registry.names("pipeline")
+    from pipelines import list_families   # no DALI graph is built
+
+    from . import registry
+    return [p for p in list_families()
             if "preset" in (registry.accepted_options(registry.entry("pipeline", p).factory) or [])]
 
 
@@ -230,7 +228,7 @@ def _curves(run: str, out: str) -> int:
         path, n, bad = plot(run, out)
     except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     skipped = f"; skipped {bad} unreadable line(s)" if bad else ""
     print(f"wrote {path} ({n} panels{skipped})")
     return 0
@@ -242,7 +240,7 @@ def main(argv=None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", help="shard folder (with manifest.json): the pipeline's views")
     what.add_argument("--run", help="run folder (or its log.jsonl): the training curves")
-    p.add_argument("--pipeline", default="multicrop", help=f"one of: {', '.join(registry.names('renderer'))}")
+    p.add_argument("--pipeline", default="multicrop", help=f"one of: {', '.join(sorted(RENDERERS))}")
     p.add_argument("--out", default=None, help="PNG to write (default: views.png, or curves.png with --run)")
     p.add_argument("--n", type=int, default=6, help="samples (rows)")
     p.add_argument("--seed", type=int, default=0)
@@ -262,23 +260,28 @@ def main(argv=None) -> int:
                   "has them); set its options with --option KEY=VALUE", file=sys.stderr)
             return 2
         options["preset"] = args.preset
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --option {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
+    try:
+        texts = parse_set(args.option)
+    except ConfigError:
+        bad = next(item for item in args.option if not all(item.partition("=")[:2]))
+        print(f"error: --option {bad!r}: expected KEY=VALUE", file=sys.stderr)
+        return 2
+    for key, value in texts.items():
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             options[key] = value  # a plain string, e.g. a path
     try:
         path = render(args.pipeline, args.data, args.out, n=args.n, seed=args.seed, **options)
-    except SslkitError as e:
+    except SslkitError as e:   # a bad setting or input
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - one line for the user, whatever went wrong
+        return 2
+    except Exception as e:  # noqa: BLE001 - an internal failure, still one line for the user
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0
 
+
+if __name__ == "__main__":
+    sys.exit(main())

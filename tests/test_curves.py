@@ -56,10 +56,10 @@ def test_viz_run_writes_a_png(tmp_path, capsys):
 
 
 def test_viz_run_errors_are_one_line(tmp_path, capsys):
-    assert viz.main(["--run", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 1
+    assert viz.main(["--run", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "log.jsonl: no such file" in err and "\n" not in err
     (tmp_path / "log.jsonl").write_text("not json\n" + json.dumps({"kind": "step"}) + "\n")
-    assert viz.main(["--run", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 1
+    assert viz.main(["--run", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "no records with a step (2 unreadable line(s))" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c.png")

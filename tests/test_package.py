@@ -219,9 +219,9 @@ def test_missing_dali_is_one_line_naming_the_extras(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(deps, "_installed", lambda module: False)
     d = str(tmp_path)
     calls = [(eval_cli.main, ["knn", "--ckpt", "pixels", "--train", d, "--val", d], 2),
-             (pl_cli.main, ["--teacher", d, "--data", d, "--out", str(tmp_path / "o")], 1),
-             (pl_cli.main, ["evaluate", "--ckpt", d, "--data", d], 1),
-             (viz.main, ["--data", d, "--out", str(tmp_path / "v.png")], 1)]
+             (pl_cli.main, ["--teacher", d, "--data", d, "--out", str(tmp_path / "o")], 2),
+             (pl_cli.main, ["evaluate", "--ckpt", d, "--data", d], 2),
+             (viz.main, ["--data", d, "--out", str(tmp_path / "v.png")], 2)]
     for main, argv, code in calls:
         assert main(argv) == code
         err = capsys.readouterr().err.strip()

@@ -395,7 +395,7 @@ def test_visualizer_option_errors_are_one_line(sample_shards, tmp_path, capsys):
     pipelines have them. Both fail before any pipeline is built."""
     from sslkit.viz import main
     base = ["--data", sample_shards, "--out", str(tmp_path / "x.png")]
-    assert main(["--pipeline", "jigsaw", "--option", "size=64", *base]) == 1
+    assert main(["--pipeline", "jigsaw", "--option", "size=64", *base]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: pipeline 'jigsaw': unknown option(s) size; accepted: permutations, geometry, dtype"
     assert main(["--pipeline", "colorization", "--preset", "tiny", *base]) == 2

@@ -346,8 +346,8 @@ def test_one_line_errors(base, tmp_path, capsys):
         pseudolabel(options(base, base["full"], top_k=2))
     with pytest.raises(PseudolabelError, match="--top-p 13: the teacher has only 12 classes"):
         pseudolabel(options(base, str(tmp_path / "o3"), top_p=13))
-    # the command line: `error: <one line>` and exit status 1
-    assert main(["--teacher", str(tmp_path / "nothing"), "--data", base["data"], "--out", str(tmp_path / "o4")]) == 1
+    # the command line: `error: <one line>` and exit status 2 (a bad input)
+    assert main(["--teacher", str(tmp_path / "nothing"), "--data", base["data"], "--out", str(tmp_path / "o4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and err[-1].endswith("nothing: no such file or folder")
 

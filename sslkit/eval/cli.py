@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("sslkit.eval").info("%s", plan.describe())
         args.threads = plan.dali
         report = run(options(args, argv, plan))
-    except SslkitError as e:
-        # the pipeline's and manifest's own one-line errors are not SslkitError subclasses (yet)
+    except SslkitError as e:   # a bad setting or input (loader and manifest errors are SslkitErrors too)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report["eval"], {("random-init" if n == "random" else n): r for n, r in report["results"].items()},

@@ -19,9 +19,6 @@ from . import knn, layers, linear, lowshot, svm
 from .encoders import PixelEncoder, TrunkEncoder
 from .errors import EvalError
 
-KINDS = ("knn", "linear", "svm", "lowshot")
-
-
 @dataclass
 class EvalOptions:
     kind: str
@@ -124,28 +121,37 @@ def eval_linear(o: EvalOptions, encoder, train: feats.FeatureSet | None, val: fe
             "steps_per_epoch": steps, "train_loss": losses}
 
 
+def _eval_knn(o: EvalOptions, encoder, train, val, name: str) -> dict:
+    return knn.knn_eval(train.x, train.labels, val.x, val.labels, val.num_classes, o.ks, o.temperature, o.device)
+
+
+def _eval_svm(o: EvalOptions, encoder, train, val, name: str) -> dict:
+    with Progress(val.num_classes, f"SVMs {name}", unit="class", enabled=o.progress, every=o.progress_every) as bar:
+        return svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                            val.num_classes, o.costs, o.folds, o.jobs, on_class=bar.update)
+
+
+def _eval_lowshot(o: EvalOptions, encoder, train, val, name: str) -> dict:
+    draws = o.draws * len(lowshot.feasible_shots(train.labels.numpy(), val.num_classes, o.shots))
+    with Progress(draws, f"low-shot {name}", unit="draw", enabled=o.progress, every=o.progress_every) as bar:
+        return lowshot.lowshot_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
+                                    val.num_classes, o.shots, o.draws, o.seed, o.classifier, o.costs, o.folds,
+                                    o.lowshot_k, o.temperature, o.jobs, on_draw=bar.update)
+
+
+# evaluation kind -> its metric: (options, encoder, train features or None, val features, subject name) -> result
+KINDS = {"knn": _eval_knn, "linear": eval_linear, "svm": _eval_svm, "lowshot": _eval_lowshot}
+
+
 def evaluate(o: EvalOptions, encoder, timings: dict, name: str) -> dict:
+    if o.kind not in KINDS:
+        raise EvalError(f"unknown evaluation {o.kind!r}; choose from {', '.join(KINDS)}")
     t0 = time.perf_counter()
-    need_train = not (o.kind == "linear" and not o.fast)
+    need_train = not (o.kind == "linear" and not o.fast)   # the protocol's probe trains on augmented crops
     train = _features(o, encoder, o.train) if need_train else None
     val = _features(o, encoder, o.val)   # classes were compared before any extraction (check_classes)
     t1 = time.perf_counter()
-    if o.kind == "knn":
-        res = knn.knn_eval(train.x, train.labels, val.x, val.labels, val.num_classes, o.ks, o.temperature, o.device)
-    elif o.kind == "linear":
-        res = eval_linear(o, encoder, train, val, name)
-    elif o.kind == "svm":
-        with Progress(val.num_classes, f"SVMs {name}", unit="class", enabled=o.progress, every=o.progress_every) as bar:
-            res = svm.svm_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
-                               val.num_classes, o.costs, o.folds, o.jobs, on_class=bar.update)
-    elif o.kind == "lowshot":
-        draws = o.draws * len(lowshot.feasible_shots(train.labels.numpy(), val.num_classes, o.shots))
-        with Progress(draws, f"low-shot {name}", unit="draw", enabled=o.progress, every=o.progress_every) as bar:
-            res = lowshot.lowshot_eval(train.x.numpy(), train.labels.numpy(), val.x.numpy(), val.labels.numpy(),
-                                       val.num_classes, o.shots, o.draws, o.seed, o.classifier, o.costs, o.folds,
-                                       o.lowshot_k, o.temperature, o.jobs, on_draw=bar.update)
-    else:
-        raise EvalError(f"unknown evaluation {o.kind!r}; choose from {', '.join(KINDS)}")
+    res = KINDS[o.kind](o, encoder, train, val, name)
     timings[name] = {"features": t1 - t0, "eval": time.perf_counter() - t1}
     res["dims"] = int(val.x.shape[1])
     res["caches"] = [fs.meta.get("cache") for fs in (train, val) if fs is not None]

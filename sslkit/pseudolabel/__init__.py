@@ -16,7 +16,7 @@ imports this package) does not pay for torch and DALI.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_getattr
 
 _EXPORTS = {"evaluate": "evaluate", "Options": "run", "pseudolabel": "run", "TopKSelector": "select",
             "select_topk": "select", "top_p": "select", "PseudolabelError": "teacher", "load_teacher": "teacher",
@@ -25,9 +25,4 @@ _EXPORTS = {"evaluate": "evaluate", "Options": "run", "pseudolabel": "run", "Top
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

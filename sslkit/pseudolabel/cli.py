@@ -43,6 +43,13 @@ TORCH_THREADS_HELP = ("torch intra-op threads per rank (0: OMP_NUM_THREADS when 
                       "that the DALI threads leave, at least 1)")
 
 
+def _progress_args(p: argparse.ArgumentParser):
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
+    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
+                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
+
+
 def label_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sslkit.pseudolabel", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -83,10 +90,7 @@ def label_parser() -> argparse.ArgumentParser:
                    help="time-boxed runs: every rank stops after N new chunks; re-run to continue")
     p.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
                    help="time-boxed runs: stop after N new output shards; re-run to continue")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
-    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
-                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
+    _progress_args(p)
     return p
 
 
@@ -103,10 +107,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-threads", type=int, default=0, help="DALI threads (0: this process' share of the cores)")
     p.add_argument("--torch-threads", type=int, default=0, help=TORCH_THREADS_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
-    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
-                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
+    _progress_args(p)
     return p
 
 
@@ -119,10 +120,7 @@ def random_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="labelled shard folder")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress (default: a bar on a terminal, else a line every --progress-every seconds)")
-    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_EVERY, metavar="S",
-                   help=f"seconds between progress lines when not on a terminal ({DEFAULT_EVERY:g})")
+    _progress_args(p)
     return p
 
 
@@ -180,9 +178,9 @@ def main(argv=None) -> int:
                     stop_after_chunks=args.stop_after_chunks, stop_after_shards=args.stop_after_shards)
         pseudolabel(o)
         return 0
-    except SslkitError as e:
+    except SslkitError as e:   # a bad setting or input; an internal failure keeps its traceback (exit 1)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
