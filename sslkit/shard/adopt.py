@@ -180,12 +180,7 @@ def index_shard(job: tuple) -> dict:
         keep |= set(o["image_ext"])
     suffixes = tuple("." + e for e in keep)       # a cheap test first; split_name decides
     res = scan(tar, lambda name: name.lower().endswith(suffixes) and split_name(name)[1].lower() in keep)
-    groups: list[tuple[str, list]] = []
-    for m in res.members:
-        key, ext = split_name(m.name)
-        if not groups or groups[-1][0] != key:
-            groups.append((key, []))
-        groups[-1][1].append((ext, m))
+    groups = _group(res.members)
     rejects = []
     if res.damage:
         # The sample being read when the tar ended or broke is left out: the member that was cut, or
@@ -194,24 +189,21 @@ def index_shard(job: tuple) -> dict:
         if groups and cut in (None, groups[-1][0]):
             cut = groups.pop()[0]
         rejects.append([f"{tar}:{cut}" if cut else tar, f"{res.damage}; the sample is left out"])
+    names_ok = _names_ok("/".join(m.name for m in res.members))     # one test for the whole tar, as a rule
     lines, offsets, labels, formats, seen = [], [], [], Counter(), {}
     for j, (key, comps) in enumerate(groups):
-        ref = f"{tar}:{key}"
-        members = {}
-        reason = None
+        members, reason = {}, None
         for ext, m in comps:
-            if ext.lower() in members:
+            if ext in members:
                 reason = f"member {m.name} appears twice"
-            members[ext.lower()] = m
+            members[ext] = m
         if key in seen:
             reason = f"duplicated key {key} (first at sample {seen[key]} of this tar)"
-        seen.setdefault(key, j)
+        else:
+            seen[key] = j
         image_ext = next((e for e in o["image_ext"] if e in members), None)
-        if reason is None and image_ext is None:
-            reason = f"no image member ({'/'.join(o['image_ext'])}); it has {', '.join(sorted(members)) or 'nothing'}"
-        if reason is None and any(not m.name.isprintable() or _BLANK.search(m.name)
-                                  or not m.name.isascii() and _not_utf8(m.name) for m in members.values()):
-            reason = "a member name holds white space or bytes that are not UTF-8 text, which DALI's index cannot hold"
+        if reason is None:
+            reason = _problem(members, image_ext, names_ok, o)
         label = None
         if reason is None and o["label"] != "none":
             try:
@@ -221,13 +213,14 @@ def index_shard(job: tuple) -> dict:
         if reason is None and o["full"]:
             reason = _decodes(members[image_ext].data)
         if reason is not None:
-            rejects.append([ref, reason])
+            rejects.append([f"{tar}:{key}", reason])
             continue
         img = members[image_ext]
-        parts = [f"{IMAGE_COMPONENT} {img.offset} {img.size} {img.name}"]
-        parts += [f"{e} {m.offset} {m.size} {m.name}" for e, m in sorted(members.items())
-                  if e not in (image_ext, IMAGE_COMPONENT)]
-        lines.append(" ".join(parts))
+        line = f"{IMAGE_COMPONENT} {img.offset} {img.size} {img.name}"
+        if len(members) > 1:
+            line += "".join(f" {e} {m.offset} {m.size} {m.name}" for e, m in sorted(members.items())
+                            if e not in (image_ext, IMAGE_COMPONENT))
+        lines.append(line)
         offsets.append(img.offset)
         labels.append(label)
         formats[image_ext] += 1
@@ -238,6 +231,37 @@ def index_shard(job: tuple) -> dict:
     return {"k": k, "tar": tar, "count": len(lines), "bytes": res.bytes, "sha256": res.sha256,
             "offsets": np.asarray(offsets, np.int64), "labels": labels, "rejects": rejects,
             "ignored": res.ignored, "formats": dict(formats)}
+
+
+def _group(members) -> list[tuple[str, list]]:
+    """Members grouped into samples as webdataset does: consecutive members sharing a key (the name up
+    to the first dot after the last slash); extensions lower-cased."""
+    groups: list[tuple[str, list]] = []
+    comps: list = []
+    last = None
+    for m in members:
+        name = m.name
+        dot = name.find(".", name.rfind("/") + 1)
+        key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
+        if key != last:
+            comps = []
+            groups.append((key, comps))
+            last = key
+        comps.append((ext, m))
+    return groups
+
+
+def _names_ok(name: str) -> bool:
+    """DALI's index holds a member name as one token of UTF-8 text."""
+    return name.isprintable() and not _BLANK.search(name) and (name.isascii() or not _not_utf8(name))
+
+
+def _problem(members: dict, image_ext: str | None, names_ok: bool, o: dict) -> str | None:
+    if image_ext is None:
+        return f"no image member ({'/'.join(o['image_ext'])}); it has {', '.join(sorted(members)) or 'nothing'}"
+    if not names_ok and not all(_names_ok(m.name) for m in members.values()):
+        return "a member name holds white space or bytes that are not UTF-8 text, which DALI's index cannot hold"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,34 +309,29 @@ def _replay(state: str, fp: str, index_dir: str) -> dict[int, dict]:
                     break       # a torn last line from a kill
                 if not _intact(rec, state, index_dir):
                     break
-                done[rec["k"]] = rec
+                done[rec["k"]] = dict(rec, offsets=np.asarray(rec["offsets"], np.int64))
     return done
 
 
 def _intact(rec: dict, state: str, index_dir: str) -> bool:
-    """A journalled tar's index file and tables are complete (the counts agree)."""
-    k = rec["k"]
+    """A journalled tar's index file is complete and its tables are in the record (the counts agree)."""
     try:
-        with open(os.path.join(index_dir, f"{k:06d}.idx")) as f:
+        with open(os.path.join(index_dir, f"{rec['k']:06d}.idx")) as f:
             header = f.readline().split()
-        with np.load(os.path.join(state, f"{k:06d}.npz")) as z:
-            n = len(z["offsets"])
-    except (OSError, ValueError):
+    except OSError:
         return False
-    return header == ["v1.2", str(rec["count"])] and n == rec["count"]
+    count = rec.get("count")
+    return (header == ["v1.2", str(count)] and len(rec.get("offsets", ())) == count
+            and len(rec.get("labels", ())) == count)
 
 
 def _journal(state: str, rec: dict):
-    k = rec["k"]
-    tmp = os.path.join(state, f"{k:06d}.tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, offsets=rec["offsets"], labels=np.asarray([json.dumps(x) for x in rec["labels"]]))
-    os.replace(tmp, os.path.join(state, f"{k:06d}.npz"))
-    small = {key: v for key, v in rec.items() if key not in ("offsets", "labels")}
-    # not fsync'd (it cost more than reading a small tar): after a crash, `_replay` keeps only the
-    # records whose files are complete, and anything lost is simply indexed again
+    """One JSON line per finished tar, its sample tables included (a few bytes per sample: far cheaper
+    than a file per tar). Not fsync'd (it cost more than reading a small tar): after a crash, `_replay`
+    keeps the records up to the first torn or incomplete one, and anything lost is simply indexed again."""
+    line = json.dumps(dict(rec, offsets=rec["offsets"].tolist()))
     with open(os.path.join(state, "shards.jsonl"), "a") as f:
-        f.write(json.dumps(small) + "\n")
+        f.write(line + "\n")
 
 
 def _classes(raw_labels: set, class_names: str | None) -> dict[str, int]:
@@ -381,25 +400,29 @@ def part_folder(out: str, part: tuple[int, int]) -> str:
 
 def _run_jobs(jobs, state, done, opts, total_bytes):
     workers = min(opts.workers or os.cpu_count() or 1, max(len(jobs), 1))
+    read = sum(r["bytes"] for r in done.values())
+    tally = {"read": read, "rejected": sum(len(r["rejects"]) for r in done.values())}
     bar = Progress(total_bytes // 1_000_000, "index", unit="MB", enabled=opts.progress, every=30.0,
-                   initial=sum(r["bytes"] for r in done.values()) // 1_000_000)
+                   initial=read // 1_000_000)
     try:
         if workers > 1:
             with mp.get_context("fork").Pool(workers) as pool:
                 for rec in pool.imap_unordered(index_shard, jobs):
-                    _record(rec, state, done, bar)
+                    _record(rec, state, done, bar, tally)
         else:
             for job in jobs:
-                _record(index_shard(job), state, done, bar)
+                _record(index_shard(job), state, done, bar, tally)
     finally:
         bar.close()
 
 
-def _record(rec, state, done, bar):
+def _record(rec, state, done, bar, tally):
     _journal(state, rec)
-    done[rec["k"]] = {key: v for key, v in rec.items() if key not in ("offsets", "labels")}
-    bar.update(rec["bytes"] // 1_000_000, tars=len(done),
-               rejected=sum(len(r["rejects"]) for r in done.values()))
+    done[rec["k"]] = rec
+    before = tally["read"] // 1_000_000
+    tally["read"] += rec["bytes"]
+    tally["rejected"] += len(rec["rejects"])
+    bar.update(tally["read"] // 1_000_000 - before, tars=len(done), rejected=tally["rejected"])
 
 
 def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str, state: str) -> dict:
@@ -409,9 +432,8 @@ def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str
     offsets = []
     for k, tar in enumerate(tars):
         rec = done[k]
-        with np.load(os.path.join(state, f"{k:06d}.npz")) as z:
-            offsets.append(z["offsets"])
-            raw += [json.loads(x) for x in z["labels"]]
+        offsets.append(rec["offsets"])
+        raw += rec["labels"]
         rel = os.path.relpath(tar, os.path.abspath(out))
         path = rel if not rel.startswith("..") else tar
         if rec["count"]:

@@ -6,8 +6,15 @@ runs at the speed of sha256 and the disk, with no image decode and no copy. Only
 asks for (labels, JSON, or every image with `--full`) are handed over as bytes.
 
 Formats: ustar/GNU/PAX as Python's `tarfile` and webdataset write them (PAX `path`/`size` records,
-GNU long names). Damage is reported, not raised: a file cut inside a member or a header whose checksum
-fails ends the scan with `ScanResult.damage` naming the byte where it happened.
+GNU long names), and old v7 headers. Damage is reported, not raised: a file cut inside a member or a
+header whose checksum fails ends the scan with `ScanResult.damage` naming the byte where it happened.
+
+Speed: a web-scale tar holds a header (often two: PAX + file) per few kB of data, so a Python loop that
+slices and parses every header costs more than hashing the bytes. Instead, each window of the file is
+searched at once with numpy for blocks that carry the `ustar` magic, and their checksums, sizes, types
+and names are computed for all of them together; the walk from header to header then only looks these
+up. The walk alone decides what a header is (the magic inside an image's bytes is never reached), and a
+header the tables do not vouch for (no magic, an unusual number field) is parsed on its own, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 READ_SIZE = 8 << 20
+_POW8 = 8 ** np.arange(13, dtype=np.int64)
 
 
 class Member(NamedTuple):
@@ -40,55 +48,146 @@ class ScanResult:
     damaged_member: str | None = None   # the member being read when it stopped, if its header was intact
 
 
-class _Buffered:
-    """Sequential reads of one file through a sliding window, hashing every byte exactly once. `drop`
-    only moves a mark; the window is compacted when the next block is read, so skipping a member costs
-    no copy."""
+class _Window:
+    """The bytes [base, base + len(buf)) of a file read sequentially, every byte hashed exactly once.
+    `reach` slides the window forward; `moves` counts the slides, so tables computed on it can tell
+    when they are stale."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
-        self.buf, self.base, self.keep, self.eof = b"", 0, 0, False
+        self.buf, self.base, self.moves = b"", 0, 0
 
     @property
     def end(self) -> int:
         return self.base + len(self.buf)
 
-    def _fill(self, end: int):
-        while self.end < end and not self.eof:
-            block = self.f.read(max(READ_SIZE, end - self.end))
+    def reach(self, start: int, end: int) -> bool:
+        """Hold at least [start, end): bytes before `start` are let go (they were hashed). False when the
+        file ends first; the window then holds what there was from `start` on."""
+        if end <= self.end:
+            return True
+        pos = self.end
+        parts = [self.buf[start - self.base:]] if start < pos else []
+        base = start if start < pos else None
+        while pos < end:
+            block = self.f.read(READ_SIZE)
             if not block:
-                self.eof = True
                 break
             self.sha.update(block)
-            cut = max(0, min(self.keep, self.end) - self.base)
-            self.buf, self.base = self.buf[cut:] + block, self.base + cut
-
-    def get(self, start: int, n: int) -> bytes | None:
-        """Bytes [start, start + n), or None when the file ends first."""
-        lo = start - self.base
-        if lo < 0:
-            raise AssertionError("tar scan went backwards")
-        if lo + n > len(self.buf):
-            self._fill(start + n)
-            lo = start - self.base
-            if lo + n > len(self.buf):
-                return None
-        return self.buf[lo:lo + n]
-
-    def drop(self, before: int):
-        """Forget bytes before `before` (they were hashed already); reads on through a large member
-        block by block without keeping it."""
-        while self.end < before and not self.eof:
-            self.buf, self.base = b"", self.end
-            self._fill(min(before, self.end + READ_SIZE))
-        self.keep = max(self.keep, min(before, self.end))
+            if pos + len(block) > start:       # blocks wholly before `start` are hashed and dropped
+                if base is None:
+                    base = pos
+                parts.append(block)
+            pos += len(block)
+        self.buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.base = pos - len(self.buf) if base is None else base
+        self.moves += 1
+        return self.end >= end
 
     def drain(self) -> int:
         """Hash the rest of the file; return its size."""
-        while not self.eof:
-            self.buf, self.base = b"", self.end
-            self._fill(self.end + READ_SIZE)
-        return self.end
+        size = self.end
+        while block := self.f.read(READ_SIZE):
+            self.sha.update(block)
+            size += len(block)
+        return size
+
+
+def _octals(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Octal number fields (one per row), in the forms writers use: optional NUL/space padding, one run
+    of digits, NUL/space padding. Returns (values, ok); a row in another form (base-256, stray bytes) has
+    ok False and is parsed by `_octal` when the walk meets it. The form almost every writer uses (digits,
+    then one NUL or space, then maybe one more) is read with one product; only other rows take the
+    general path."""
+    width = fields.shape[1]
+    digits = width - 1 if width == 12 else 6            # size "%011o\0"; checksum "%06o\0 "
+    d = fields[:, :digits].astype(np.int64) - 48
+    ends = fields[:, digits:]
+    common = ((d >= 0) & (d <= 7)).all(1) & ((ends == 0) | (ends == 32)).all(1)
+    values = d @ _POW8[digits - 1::-1]
+    if common.all():
+        return values, common
+    odd = np.flatnonzero(~common)
+    values[odd], common[odd] = _octals_general(fields[odd])
+    return values, common
+
+
+def _octals_general(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    digit = (fields >= 48) & (fields <= 55)
+    pad = (fields == 0) | (fields == 32)
+    seen = np.cumsum(digit, axis=1)
+    after_run = np.cumsum(pad & (seen > 0), axis=1) > 0
+    ok = (digit | pad).all(1) & ~(digit & after_run).any(1)
+    later = seen[:, -1:] - seen          # digits to the right of each position: its power of 8
+    values = (np.where(digit, fields.astype(np.int64) - 48, 0) * _POW8[later]).sum(1)
+    return values, ok
+
+
+class _Tables:
+    """Header fields of every block in the window from `start` on that carries the ustar magic, computed
+    at once. `plain` rows need nothing the tables lack: a checksum that adds up, numbers in the usual
+    form (see `_octals`), the member inside the window, no GNU long name, no PAX record that renames or
+    resizes; `stop[i]` says that a stretch of plain rows, each followed directly by the next row, ends
+    at row i (row i is its last when it is plain)."""
+
+    def __init__(self, win: _Window, start: int):
+        lo = start - win.base
+        n = (len(win.buf) - lo) // BLOCK
+        blocks = np.frombuffer(win.buf, np.uint8, n * BLOCK, lo).reshape(n, BLOCK)
+        rows = np.flatnonzero(blocks[:, 257] == 117)                      # 'u' first, then the rest
+        rows = rows[(blocks[rows, 258:262] == np.frombuffer(b"star", np.uint8)).all(1)]
+        h = blocks[rows]
+        size, size_ok = _octals(h[:, 124:136])
+        stored, sum_ok = _octals(h[:, 148:156])
+        sums = h.sum(1, dtype=np.uint32).astype(np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 256
+        kind = h[:, 156]
+        off = start + BLOCK * rows
+        nxt = off + BLOCK + ((size + BLOCK - 1) & -BLOCK)
+        plain = size_ok & sum_ok & (stored == sums) & (nxt <= win.end) & (kind != 76)
+        _pax_plain(blocks, rows, size, plain & (kind == 120), plain)
+        link = np.zeros(len(rows), bool)
+        link[:-1] = nxt[:-1] == off[1:]
+        self.off, self.nxt, self.size, self.kind, self.plain = off, nxt, size, kind, plain
+        self.stop = ~(plain & link)
+        self.regular = (kind == 48) | (kind == 0) | (kind == 55)
+        self.skipped = (kind == 120) | (kind == 103)
+        self._h, self.moves = h, win.moves
+
+    def stretch(self, pos: int) -> tuple[int, int] | None:
+        """Rows [first, last] of the plain stretch whose first header is at `pos`, or None."""
+        i = int(np.searchsorted(self.off, pos))
+        if i == len(self.off) or self.off[i] != pos or not self.plain[i]:
+            return None
+        k = i + int(self.stop[i:].argmax())
+        return i, k if self.plain[k] else k - 1
+
+    def names(self, sel: np.ndarray) -> list[str]:
+        h = self._h[sel]
+        names = np.ascontiguousarray(h[:, :100]).view("S100")[:, 0].tolist()
+        prefixed = np.flatnonzero(h[:, 345] != 0).tolist()
+        if prefixed:
+            prefixes = np.ascontiguousarray(h[:, 345:500]).view("S155")[:, 0].tolist()
+            for r in prefixed:
+                names[r] = prefixes[r].split(b"\0", 1)[0] + b"/" + names[r]
+        return [(n.split(b"\0", 1)[0] if b"\0" in n else n).decode("utf-8", "surrogateescape") for n in names]
+
+
+def _pax_plain(blocks: np.ndarray, rows: np.ndarray, size: np.ndarray, pax: np.ndarray, plain: np.ndarray):
+    """Clear `plain` for PAX headers whose records set a path or a size (which change the member they
+    describe). Bodies of one block are searched all together, the usual case (webdataset writes an
+    mtime only); a larger body, or any hit, is looked at on its own. The bodies lie inside `blocks`:
+    plain rows end inside the window."""
+    pax = np.flatnonzero(pax)
+    sizes = size[pax]
+    short = pax[(sizes > 0) & (sizes <= BLOCK)]
+    longest = int(size[short].max()) if len(short) else 0
+    joined = blocks[rows[short] + 1, :longest].tobytes()     # each body, and maybe the NULs after it
+    hit = b"path=" in joined or b"size=" in joined
+    for x in pax[(sizes > 0) if hit else (sizes > BLOCK)].tolist():   # then each one on its own
+        first, n = int(rows[x]) + 1, int(size[x])
+        body = blocks[first:first + (n + BLOCK - 1) // BLOCK].tobytes()[:n]
+        if b"path=" in body or b"size=" in body:
+            plain[x] = False
 
 
 def _octal(field_bytes: bytes) -> int:
@@ -101,8 +200,11 @@ def _octal(field_bytes: bytes) -> int:
 
 
 def _header_ok(h: bytes) -> bool:
-    stored, field = _octal(h[148:156]), h[148:156]
-    if stored == sum(h) - sum(field) + 256:      # the checksum field counts as 8 spaces
+    try:
+        stored = _octal(h[148:156])
+    except ValueError:
+        return False
+    if stored == sum(h) - sum(h[148:156]) + 256:      # the checksum field counts as 8 spaces
         return True
     return stored == sum((b - 256 if b > 127 else b) for b in h[:148] + b" " * 8 + h[156:])  # old signed tars
 
@@ -121,134 +223,6 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-class _Headers:
-    """Headers met so far, checked in batches (a numpy sum is ~20x cheaper than Python's per header):
-    the scan runs ahead on each header's size and, when a checksum fails, is cut back to that header."""
-    BATCH = 4096
-
-    def __init__(self):
-        self.blocks: list[bytes] = []
-        self.where: list[tuple[int, int]] = []     # (byte offset, members listed before it)
-
-    def add(self, h: bytes, pos: int, members: int) -> int | None:
-        self.blocks.append(h)
-        self.where.append((pos, members))
-        return self.check() if len(self.blocks) >= self.BATCH else None
-
-    def check(self) -> int | None:
-        """The first failing header's index into `where`, or None (then the batch is forgotten)."""
-        if not self.blocks:
-            return None
-        arr = np.frombuffer(b"".join(self.blocks), np.uint8).reshape(-1, BLOCK)
-        sums = arr.sum(1, dtype=np.int64) - arr[:, 148:156].sum(1, dtype=np.int64) + 256
-        for i in np.flatnonzero(sums != [_stored_checksum(h) for h in self.blocks]):
-            if not _header_ok(self.blocks[i]):          # the signed variant of old tars, one by one
-                return int(i)
-        del self.blocks[:], self.where[:]      # emptied in place: the scan holds these lists
-        return None
-
-
-def _stored_checksum(h: bytes) -> int:
-    try:
-        return _octal(h[148:156])
-    except ValueError:
-        return -1
-
-
-def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_members: int | None = None) -> ScanResult:
-    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`.
-    With `max_members`, stop after that many (a peek: no sha256, `bytes` 0)."""
-    res = ScanResult()
-    headers = _Headers()
-    with open(path, "rb") as f:
-        r = _Buffered(f)
-        try:
-            bad = _walk(r, res, headers, want, max_members)
-        except (ValueError, IndexError, UnicodeDecodeError) as e:   # fields of a damaged header
-            bad = headers.check()
-            if bad is None:
-                res.damage = f"an unreadable tar header ({e})"
-        if bad is None:
-            bad = headers.check()
-        if bad is not None:
-            pos, listed = headers.where[bad]
-            del res.members[listed:]
-            res.damage, res.damaged_member = f"a damaged tar header at byte {pos}", None
-        if max_members is not None and len(res.members) >= max_members:
-            return res
-        res.bytes = r.drain()
-        res.sha256 = r.sha.hexdigest()
-    return res
-
-
-def _walk(r: _Buffered, res: ScanResult, headers: _Headers, want, max_members) -> int | None:
-    """The header loop of `scan`; returns a failing header's index when a batch check finds one. It runs
-    once per header of every tar, so it is written for speed: fields are read in place, no calls that
-    can be avoided."""
-    pos, long_name, pax = 0, None, None
-    members, blocks, where = res.members, headers.blocks, headers.where
-    while True:
-        lo = pos - r.base
-        if lo + BLOCK <= len(r.buf):
-            h = r.buf[lo:lo + BLOCK]
-        else:
-            h = r.get(pos, BLOCK)
-            if h is None:
-                if pos < r.end:
-                    res.damage = f"the file ends inside a tar header at byte {pos}"
-                return None   # a tar without its end-of-archive blocks: every complete member is still there
-        if h[0] == 0 and h == ZERO_BLOCK:
-            return None   # end of archive
-        blocks.append(h)
-        where.append((pos, len(members)))
-        if len(blocks) >= headers.BATCH:
-            bad = headers.check()
-            if bad is not None:
-                return bad
-        if pax and "size" in pax:
-            size = int(pax["size"])
-        elif h[124] & 0x80:                               # GNU base-256 for sizes over 8 GB
-            size = int.from_bytes(h[125:136], "big")
-        else:
-            size = int(h[124:136].strip(b" \0") or b"0", 8)
-        kind = h[156]
-        data_at = pos + BLOCK
-        end = data_at + size
-        nxt = data_at + ((size + BLOCK - 1) & -BLOCK)
-        if kind in (76, 120, 103):                        # L (GNU long name), x / g (PAX)
-            body = r.get(data_at, size)
-            if body is None:
-                res.damage = f"the file ends inside a tar header at byte {pos}"
-                return None
-            if kind == 76:
-                long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif kind == 120 and (b"path=" in body or b"size=" in body):
-                pax = _pax(body)   # only names and sizes matter here (webdataset writes mtime records)
-            pos = nxt
-            continue
-        name = long_name or (pax and pax.get("path")) or _ustar_name(h)
-        long_name = pax = None
-        if kind not in (48, 0, 55):                       # regular files ('0', NUL, '7') only
-            res.ignored += 1
-            pos = nxt
-            continue
-        data = r.get(data_at, size) if want(name) else None
-        if data is None and end > r.end:
-            r.drop(end)
-            if r.end < end:
-                res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
-                res.damaged_member = name
-                return None
-        members.append(Member(name, data_at, size, data))
-        if max_members is not None and len(members) >= max_members:
-            return None
-        pos = nxt
-        if pos <= r.end:
-            r.keep = pos
-        else:
-            r.drop(pos)
-
-
 def _ustar_name(h: bytes) -> str:
     name = h[0:100].split(b"\0", 1)[0]
     if h[257:262] == b"ustar":
@@ -256,3 +230,98 @@ def _ustar_name(h: bytes) -> str:
         if prefix:
             name = prefix + b"/" + name
     return name.decode("utf-8", "surrogateescape")
+
+
+def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_members: int | None = None) -> ScanResult:
+    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`.
+    With `max_members`, stop after that many (a peek: no sha256, `bytes` 0)."""
+    res = ScanResult()
+    with open(path, "rb", buffering=0) as f:
+        win = _Window(f)
+        try:
+            _walk(win, res, want, max_members)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:   # fields of a damaged header
+            res.damage = f"an unreadable tar header ({e})"
+        if max_members is not None and len(res.members) >= max_members:
+            return res
+        res.bytes = win.drain()
+        res.sha256 = win.sha.hexdigest()
+    return res
+
+
+def _walk(win: _Window, res: ScanResult, want, max_members):
+    """The header loop of `scan`: plain stretches (see `_Tables`) are listed at once; any other header
+    (no magic, a GNU long name, a PAX path or size, a member running past the window, damage) is taken
+    on its own by `_header`."""
+    pos, pending, tab = 0, None, None
+    while True:
+        if pos + BLOCK > win.end and not win.reach(pos, pos + BLOCK):
+            if pos < win.end:
+                res.damage = f"the file ends inside a tar header at byte {pos}"
+            return   # a tar without its end-of-archive blocks: every complete member is still there
+        if pending is None:
+            if tab is None or tab.moves != win.moves:
+                tab = _Tables(win, pos)
+            rows = tab.stretch(pos)
+            if rows is not None:
+                pos = _list_stretch(tab, rows, win, res, want)
+                if max_members is not None and len(res.members) >= max_members:
+                    del res.members[max_members:]
+                    return
+                continue
+        pos, pending = _header(win, res, want, pos, pending)
+        if pos is None or max_members is not None and len(res.members) >= max_members:
+            return
+
+
+def _list_stretch(tab: _Tables, rows: tuple[int, int], win: _Window, res: ScanResult, want) -> int:
+    """List the members of a plain stretch of rows; return the byte where the header after it starts."""
+    first, last = rows
+    regular = tab.regular[first:last + 1]
+    res.ignored += int((~regular & ~tab.skipped[first:last + 1]).sum())
+    sel = np.flatnonzero(regular) + first
+    buf, base, members = win.buf, win.base, res.members
+    for name, at, size in zip(tab.names(sel), (tab.off[sel] + BLOCK).tolist(), tab.size[sel].tolist()):
+        members.append(Member(name, at, size, buf[at - base:at - base + size] if want(name) else None))
+    return int(tab.nxt[last])
+
+
+def _header(win: _Window, res: ScanResult, want, pos: int, pending):
+    """One header parsed from its bytes. `pending` carries a GNU long name or PAX records to the member
+    they describe. Returns (where the next header starts, pending), or (None, None) to stop."""
+    long_name, pax = pending or (None, None)
+    lo = pos - win.base
+    h = win.buf[lo:lo + BLOCK]
+    if h == ZERO_BLOCK:
+        return None, None   # end of archive
+    if not _header_ok(h):
+        res.damage, res.damaged_member = f"a damaged tar header at byte {pos}", None
+        return None, None
+    size, kind = _octal(h[124:136]), h[156]
+    if pax and "size" in pax:
+        size = int(pax["size"])
+    data_at = pos + BLOCK
+    end = data_at + size
+    nxt = data_at + ((size + BLOCK - 1) & -BLOCK)
+    if kind in (76, 120, 103):                        # L (GNU long name), x / g (PAX)
+        if end > win.end and not win.reach(pos, end):
+            res.damage = f"the file ends inside a tar header at byte {pos}"
+            return None, None
+        body = win.buf[data_at - win.base:end - win.base]
+        if kind == 76:
+            long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == 120 and (b"path=" in body or b"size=" in body):
+            pax = _pax(body)   # only names and sizes matter here (webdataset writes mtime records)
+        return nxt, ((long_name, pax) if long_name or pax else None)
+    name = long_name or (pax and pax.get("path")) or _ustar_name(h)
+    if kind not in (48, 0, 55):                       # regular files ('0', NUL, '7') only
+        res.ignored += 1
+        return nxt, None
+    wanted = want(name)
+    if end > win.end and not win.reach(data_at if wanted else end, end):
+        res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
+        res.damaged_member = name
+        return None, None
+    data = win.buf[data_at - win.base:end - win.base] if wanted else None
+    res.members.append(Member(name, data_at, size, data))
+    return nxt, None
