@@ -1,23 +1,29 @@
-"""DALI pipeline -> torch batches, with exact epochs, a resumable state and corrupt-sample counts.
+"""DALI pipeline -> torch batches, with exact epochs, a resumable (and elastic) state and corrupt-sample counts.
 
-Epoch semantics (why this is not DALI's stock iterator): each rank's reader slice is padded to the
-same length P (pad_last_batch), so every rank runs ceil(P / B) pipeline batches per epoch and the
-loader yields the first floor(P / B) of them (drop-last) -- identical on every rank, so no rank can
-hang or run an extra step at an epoch boundary. The state is (epoch, position, DALI checkpoint):
-restoring it rebuilds the pipeline from the checkpoint and continues the very same sample order. The
-state names the dataset by its identity (`sslkit.shard.manifest.identity`), not its path, so a run
-resumes on shards that were moved or copied.
+Epoch semantics: sslkit owns the sample order (`pipelines.order`): the shards are permuted per epoch,
+each rank reads one contiguous slice of the epoch, shuffled within windows of `shuffle_buffer`
+samples. Training pads the epoch to full batches on every rank (repeating at most world x batch - 1
+samples), so every rank runs the same number of batches and every sample is seen each epoch;
+evaluation pipelines (`exhaustive`) see every sample exactly once, the last batch partial.
+
+The state is (epoch, position, the stages of the epoch so far, DALI's checkpoint). Restored with the
+same world size and batch size it continues the very same samples and augmentations. Restored on
+another world size or batch size (elastic resume) the interrupted epoch continues with the samples the
+old ranks had not reached, split over the new ranks (each once, padding aside), and the next epoch
+starts afresh; the augmentations' random streams restart from a seed derived from the run's. The state
+names the dataset by its identity (`sslkit.shard.manifest.identity`), not its path, so a run resumes
+on shards that were moved or copied.
 
 Corrupt samples: the reader stage swaps every JPEG that fails the structure check for a placeholder
 and reports it in `batch["intact"]`; the loader counts them and reports each epoch. A sample that
 passes the check but still cannot be decoded stops the loader with a one-line `LoaderError` that
-passes DALI's reason through (it names the sample's tar, offset and key).
+passes DALI's reason through.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,11 +36,12 @@ from sslkit import threads
 
 from .augment import image_shape
 from .family import GraphInputs, Pipeline
-from .reader import READER_NAME, ShardSet, parse_decimal, read
+from .order import EpochOrder, Stage
+from .reader import SampleSource, ShardSet, read
 
 log = logging.getLogger("sslkit.loader")
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 class LoaderError(SslkitError, RuntimeError):
@@ -50,7 +57,7 @@ class LoaderConfig:
     seed: int = 0
     num_threads: int = 0           # 0: default_threads() -- several processes per machine: pass their share
     device_id: int | None = None   # CUDA device for device="gpu" (None: 0); the caller knows its local rank
-    shuffle_buffer: int = 4096     # samples; shards are globally pre-shuffled, this decorrelates batches
+    shuffle_buffer: int = 4096     # samples shuffled together in a rank's slice (<= 1: stored order)
     prefetch: int = 2
     hw_decoder_load: float | None = None   # share of JPEGs for the hardware decoder; None: default_hw_decoder_load()
     use_mmap: bool = True          # False for shards on a network file system
@@ -100,25 +107,23 @@ class DaliLoader:
             config = replace(config, hw_decoder_load=default_hw_decoder_load(config.device_id))
         self.family, self.shards, self.config = family, shards, config
         self.device = torch.device("cuda", config.device_id) if config.device == "gpu" else torch.device("cpu")
+        # Training pads every rank to the same number of full batches; evaluation pipelines
+        # (`exhaustive`) see every sample exactly once, each rank's last batch partial.
+        self.exhaustive = bool(getattr(family, "exhaustive", False))
         self.epoch = 0
         self.position = 0            # batches already yielded in the current epoch
+        self.earlier_stages: tuple[Stage, ...] = ()   # of the current epoch, read by other ranks (elastic resume)
         self.corrupt_epoch = 0       # placeholders served this epoch (this rank)
         self.corrupt_total = 0
         self.corrupt_last_epoch = 0  # placeholders served in the epoch that ended last (this rank)
         self._corrupt_seen: list[int] = []   # the first few replaced samples of this epoch, for the report
         self._names: list[str] = []
+        self._source: SampleSource | None = None
+        self.samples_per_rank = self.order(self.epoch).rank_length()
+        if not self.exhaustive and shards.total < config.world_size * config.batch_size:
+            raise LoaderError(f"{shards.directory}: {shards.total} samples is less than one batch of "
+                              f"{config.batch_size} on each of {config.world_size} rank(s)")
         self._pipe = self._build()
-        meta = self._pipe.reader_meta(READER_NAME)
-        per_rank = meta["epoch_size_padded"] // meta["number_of_shards"]
-        self.samples_per_rank = per_rank
-        # Training drops the last partial batch (same step count on every rank); evaluation pipelines
-        # (`exhaustive`) see every sample exactly once, the last batch trimmed of the reader's padding.
-        self.drop_last = not getattr(family, "exhaustive", False)
-        self._runs_per_epoch = math.ceil(per_rank / config.batch_size)
-        self._len = per_rank // config.batch_size if self.drop_last else None
-        if self.drop_last and self._len == 0:
-            raise LoaderError(f"{shards.directory}: {per_rank} samples per rank (of {shards.total}, world size "
-                              f"{config.world_size}) is less than one batch of {config.batch_size}")
 
     # -- what the trainer and the methods may know ------------------------------------------------
     @property
@@ -129,6 +134,12 @@ class DaliLoader:
     def num_classes(self) -> int | None:
         return self.shards.num_classes
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch on this world size (`len` is the current epoch's, which is shorter
+        when it was resumed on another world size)."""
+        return -(-self.order(self.epoch, fresh=True).rank_length() // self.config.batch_size)
+
     def describe(self) -> dict:
         """The pipeline's options and the dataset's facts, as plain data."""
         c = self.config
@@ -136,80 +147,107 @@ class DaliLoader:
                 "dataset": {"directory": self.shards.directory, "identity": self.shards.identity,
                             "size": self.dataset_size, "num_classes": self.num_classes},
                 "batch_size": c.batch_size, "rank": c.rank, "world_size": c.world_size, "device": c.device,
-                "samples_per_rank": self.samples_per_rank, "batches_per_epoch": len(self)}
+                "samples_per_rank": self.samples_per_rank, "batches_per_epoch": self.batches_per_epoch}
+
+    def order(self, epoch: int, fresh: bool = False) -> EpochOrder:
+        """The sample order of `epoch` (with the current epoch's earlier stages unless `fresh`)."""
+        c, s = self.config, self.shards
+        earlier = self.earlier_stages if epoch == self.epoch and not fresh else ()
+        return EpochOrder(s.counts, s.first_index, c.seed, epoch, c.shuffle_buffer, pad=not self.exhaustive,
+                          stages=earlier + (Stage(c.world_size, c.batch_size),))
+
+    @property
+    def epoch_fraction(self) -> float:
+        """Share of the current epoch's samples (over all ranks) already read."""
+        c = self.config
+        done = sum(st.world_size * st.batch_size * st.consumed for st in self.earlier_stages)
+        done += c.world_size * c.batch_size * self.position
+        left = c.world_size * (self.order(self.epoch).rank_length() - c.batch_size * self.position)
+        return done / max(done + left, 1)
 
     # -- pipeline ---------------------------------------------------------------------------------
     def _build(self, checkpoint: str | None = None):
         cfg, shards, family = self.config, self.shards, self.family
         names: list[str] = []
+        if self._source is not None:
+            self._source.close()
+        source = SampleSource(shards, self.order, cfg.rank, self.epoch, self.position, cfg.batch_size,
+                              want_label=shards.labelled, extra_keys=tuple(cfg.extra_keys), use_mmap=cfg.use_mmap)
+        source.prepare()
 
         @pipeline_def(enable_checkpointing=True)
         def pipe():
-            jpg, index, label, intact, extras = read(
-                shards, rank=cfg.rank, world_size=cfg.world_size, shuffle_buffer=cfg.shuffle_buffer,
-                want_label=shards.labelled, seed=cfg.seed + cfg.rank, use_mmap=cfg.use_mmap,
-                extra_keys=tuple(cfg.extra_keys))
+            jpg, meta, intact, extras = read(source, extra_keys=tuple(cfg.extra_keys))
             outs = family.graph(GraphInputs(jpg=jpg, shape=image_shape(jpg), device=cfg.device,
                                             hw_decoder_load=cfg.hw_decoder_load, with_params=cfg.with_params))
-            outs["index"], outs["intact"] = index, intact
-            if label is not None:
-                outs["label"] = label
+            outs["meta"], outs["intact"] = meta, intact
             outs.update(zip(cfg.extra_keys, extras))
             names.extend(outs)
             return tuple(outs.values())
 
         # The dynamic executor reference-counts its buffers: an output handed to torch by DLPack stays
         # valid while torch holds it, so outputs are shared with torch, never copied (see _to_torch).
+        # A pipeline rebuilt for another world size or batch size (elastic resume) gets another seed:
+        # its random streams cannot continue the old ranks' ones.
+        seed = cfg.seed + cfg.rank + 1_000_003 * len(self.earlier_stages)
         kw = dict(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
                   device_id=cfg.device_id if cfg.device == "gpu" else None,
-                  seed=cfg.seed + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
+                  seed=seed, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
         if checkpoint is not None:
             kw["checkpoint"] = checkpoint
         p = pipe(**kw)
         p.build()
-        self._names = names
+        self._names, self._source = names, source
         return p
 
     def _run(self):
         try:
             return self._pipe.run()
         except RuntimeError as e:
+            if isinstance(self._source.failure, SslkitError):   # the source's own one-line error
+                raise self._source.failure from None
             raise LoaderError(self._failure(e)) from e
 
     def _failure(self, e: Exception) -> str:
-        """One line for a DALI failure: where, DALI's own reason (its decoder names the sample's source,
-        `<tar>:<offset>:<key>.jpg`), and the tool that checks the shards. The JPEG check already swapped
-        every sample whose structure is damaged, so what is left is damage the check cannot see."""
+        """One line for a DALI failure: where, DALI's own reason, and the tool that checks the shards.
+        The JPEG check already swapped every sample whose structure is damaged, so what is left is
+        damage the check cannot see (or an unreadable shard, which the source names)."""
         lines = [s.strip() for s in str(e).splitlines()]
         body = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
         reason = "; ".join(s for s in body if s and "no longer valid" not in s) or type(e).__name__
-        return (f"rank {self.config.rank}, epoch {self.epoch}, batch {self.position}: DALI failed on a sample "
-                f"({reason}); find damaged samples with `python -m sslkit.shard verify --full "
-                f"{self.shards.directory}`")
+        return (f"rank {self.config.rank}, epoch {self.epoch}, batch {self.position}: DALI failed on a sample"
+                f"{self._culprit(reason)} ({reason}); find damaged samples with `python -m sslkit.shard verify "
+                f"--full {self.shards.directory}`")
+
+    def _culprit(self, reason: str) -> str:
+        """` <tar>:<member> (sample i)` of the batch's sample that DALI names by its place ("sample #3"):
+        the order is sslkit's, so the batch's samples are known."""
+        found = re.search(r"sample #(\d+)", reason)
+        if not found:
+            return ""
+        b = self.config.batch_size
+        seq = self.order(self.epoch).rank_sequence(self.config.rank)
+        index = int(seq[(self.position * b + int(found.group(1))) % len(seq)])
+        return f" {self.shards.sample_name(index)} (sample {index})"
 
     # -- iteration --------------------------------------------------------------------------------
-    def _shard_samples(self, epoch: int) -> int:
-        """Real samples of the reader shard this rank reads in `epoch` (DALI moves each rank to the
-        next shard every epoch and splits the sample list contiguously)."""
-        n, w = self.shards.total, self.config.world_size
-        shard = (self.config.rank + epoch) % w
-        return n * (shard + 1) // w - n * shard // w
-
     def __len__(self) -> int:
-        if self.drop_last:
-            return self._len
-        return math.ceil(self._shard_samples(self.epoch) / self.config.batch_size)
+        return -(-self._slice_length() // self.config.batch_size)
+
+    def _slice_length(self) -> int:
+        """Samples this rank reads in the current epoch (evaluation: its own slice, the last rank's
+        may be shorter)."""
+        if self.exhaustive:
+            return len(self.order(self.epoch).rank_sequence(self.config.rank))
+        return self.order(self.epoch).rank_length()
 
     def __iter__(self):
-        n_batches = len(self)
-        keep_last = self._shard_samples(self.epoch) - (n_batches - 1) * self.config.batch_size
+        n_batches, length, b = len(self), self._slice_length(), self.config.batch_size
         while self.position < n_batches:
-            keep = keep_last if not self.drop_last and self.position == n_batches - 1 else self.config.batch_size
+            keep = min(b, length - self.position * b)
             batch = self._to_torch(self._run(), keep)
             self.position += 1
             yield batch
-        for _ in range(self._runs_per_epoch - n_batches):
-            self._run()  # the dropped remainder keeps every rank's reader on the same epoch boundary
         if self.corrupt_epoch:
             names = ", ".join(self.shards.sample_name(i) for i in self._corrupt_seen)
             more = f" and {self.corrupt_epoch - len(self._corrupt_seen)} more" if self.corrupt_epoch > len(self._corrupt_seen) else ""
@@ -217,25 +255,20 @@ class DaliLoader:
                         "placeholder: %s%s; list them all with `python -m sslkit.shard verify --full %s`",
                         self.config.rank, self.epoch, self.corrupt_epoch, names, more, self.shards.directory)
         self.epoch += 1
-        self.position = 0
+        self.position, self.earlier_stages = 0, ()
         self.corrupt_last_epoch, self.corrupt_epoch, self._corrupt_seen = self.corrupt_epoch, 0, []
 
     def _to_torch(self, outputs, keep: int) -> dict[str, Any]:
         """Every output as a torch tensor on the loader's device (the first `keep` samples), then the
         pipeline's batch stage."""
-        ragged = set(self.config.extra_keys) | ({"index"} if self.shards.adopted else set())
+        ragged = set(self.config.extra_keys)
         raw = {name: _byte_strings(tl, keep) if name in ragged else _to_tensor(tl, self.device)[:keep]
                for name, tl in zip(self._names, outputs)}
-        # The reader's fields are CPU tensors: parsed and counted there, so nothing waits for the GPU.
-        if self.shards.adopted:
-            index = self.shards.locate(raw["index"])
-            raw["index"] = torch.from_numpy(index)
-            if self.shards.label_table is not None:
-                raw["label"] = torch.from_numpy(np.asarray(self.shards.label_table[index], np.int64))
-        else:
-            raw["index"] = parse_decimal(raw["index"])
-        if "label" in raw and raw["label"].dtype == torch.uint8:
-            raw["label"] = parse_decimal(raw["label"])
+        # The reader's fields are CPU tensors: counted there, so nothing waits for the GPU.
+        meta = raw.pop("meta")   # [B, 2]: index, label (labelled) or [B, 1]: index
+        raw["index"] = meta[:, 0].contiguous()
+        if meta.shape[1] > 1:
+            raw["label"] = meta[:, 1].contiguous()
         raw["intact"] = raw["intact"].view(-1).bool()
         broken = int((~raw["intact"]).sum())
         if broken and len(self._corrupt_seen) < 5:
@@ -249,28 +282,41 @@ class DaliLoader:
 
     # -- state ------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
+        """What a state must share with this loader to be resumed (world size and batch size may differ)."""
         c = self.config
         return {"pipeline": self.family.describe(), "dataset": self.shards.identity, "total": self.shards.total,
-                "batch_size": c.batch_size, "rank": c.rank, "world_size": c.world_size, "seed": c.seed,
-                "shuffle_buffer": c.shuffle_buffer}
+                "seed": c.seed, "shuffle_buffer": c.shuffle_buffer}
 
     def state_dict(self) -> dict:
         """Where this rank is: restore it with `load_state_dict` to continue the same sample order."""
+        c = self.config
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                "stages": [[s.world_size, s.batch_size, s.consumed] for s in self.earlier_stages],
+                "world_size": c.world_size, "batch_size": c.batch_size, "rank": c.rank,
                 "dali": self._pipe.checkpoint(), "corrupt_total": self.corrupt_total,
                 "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict):
+        """Continue from `state`: this rank's own (same world size and batch size: the same samples and
+        augmentations), or any rank's of a run on another world size or batch size (elastic: the
+        interrupted epoch's unread samples, split over this world)."""
         if state.get("version") != STATE_VERSION:
             raise LoaderError(f"loader state version {state.get('version')} (this sslkit writes {STATE_VERSION})")
         mine = self._fingerprint()
         if state["fingerprint"] != mine:
             diff = sorted(k for k in mine if state["fingerprint"].get(k) != mine[k])
             raise LoaderError(f"loader state was saved with different options ({', '.join(diff)}); "
-                              "resume with the same data, batch size, seed and world size")
+                              "resume with the same data, pipeline, seed and shuffle_buffer")
+        c = self.config
         self.epoch, self.position = state["epoch"], state["position"]
+        self.earlier_stages = tuple(Stage(*s) for s in state["stages"])
         self.corrupt_total = state.get("corrupt_total", 0)
-        self._pipe = self._build(state["dali"])
+        same = (state["world_size"], state["batch_size"], state["rank"]) == (c.world_size, c.batch_size, c.rank)
+        if not same and self.position:   # elastic: the rest of the epoch is a new stage
+            self.earlier_stages += (Stage(state["world_size"], state["batch_size"], self.position),)
+            self.position = 0
+        self.samples_per_rank = self.order(self.epoch).rank_length()
+        self._pipe = self._build(state["dali"] if same else None)
 
 
 def _to_tensor(tl, device: torch.device) -> torch.Tensor:

@@ -1,47 +1,48 @@
-"""The reader stage every graph shares: manifest -> `fn.readers.webdataset` -> (jpg, index, label, intact).
+"""The reader stage every graph shares: manifest -> this rank's samples -> (jpg, index, label, intact).
 
-Contract with `sslkit.shard build`: keys and the `index` component are 10-digit zero-padded decimal
-sample indices; `cls` is zero-padded decimal too. Fixed widths make them dense [10] uint8 outputs that
-the loader parses in torch (`parse_decimal`, one batched op), so indices are never invented by the
-loader and cost no DALI operator. The image check and the placeholder swap are one numba operator
-(`pipelines.kernels.check_jpeg`): the whole stage is 3 operators (reader, check, header shape).
+sslkit reads the samples itself and hands them to DALI through one `fn.external_source` (one CPU
+operator): the order is sslkit's (`pipelines.order`), so a rank opens only the shards its slice of the
+epoch touches, parses only their index files, and a resumed run -- on any number of ranks -- knows
+which samples are left. DALI's own `readers.webdataset` indexes the whole dataset in every process
+(~320 bytes per sample whatever `num_shards` is: ~32 GB per rank at 100M samples), which is what this
+replaces. Each sample costs one read of its image member (mmap or pread) in the Python thread that feeds
+DALI: ~3-10 us, against the ~40-500 us per image that decoding and augmenting take.
 
-Adopted folders (`sslkit.shard index`) have no such members: the same stage adds one CPU operator,
-DALI's source info of the image (tar path and offset), which `ShardSet.locate` maps to the index
-through the manifest's offsets table (4 operators).
+Built folders (`sslkit.shard build`) and adopted ones (`sslkit.shard index`) are read alike: the index
+of a sample is its shard's first index plus its position there, the label the `cls` member (built) or
+`labels.npy` (adopted). The image check and the placeholder swap are one numba operator
+(`pipelines.kernels.check_jpeg`): the whole stage is 4 operators (the source's two outputs, image and
+(index, label), the check, the header shape), plus one per extra member.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from nvidia.dali import fn
 
 from sslkit.shard import manifest as mf
+from sslkit.shard.tarwriter import read_index
 
 from .kernels import check_jpeg
-
-READER_NAME = "Reader"
-_POW10 = torch.tensor([10 ** k for k in range(mf.KEY_DIGITS - 1, -1, -1)], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """A shard folder as the reader needs it, checked against its manifest.
-
-    Built folders carry each sample's index and class id as tar members (`index`, `cls`). Adopted
-    folders (`sslkit.shard index`: tars written by other tools, never rewritten) carry them beside the
-    tars: the reader hands over DALI's source info (tar path and image offset) and `locate` turns it into
-    the sample index through `offsets.npy`; `label_table` (`labels.npy`) gives the class ids."""
+    """A shard folder as the reader needs it, checked against its manifest. Opening it reads only the
+    manifest (and memory-maps an adopted folder's tables): index files are parsed when a rank first
+    reads from their shard (`members`)."""
     directory: str
     tars: tuple[str, ...]
     indexes: tuple[str, ...]
     total: int
     classes: dict | None
     identity: str            # sslkit.shard.manifest.identity: the same dataset wherever it lies
+    counts: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()              # bytes of each tar
     image_component: str = "jpg"
     first_index: tuple[int, ...] = ()
     offsets: np.ndarray | None = None       # adopted: int64 [total], memory-mapped
@@ -54,14 +55,14 @@ class ShardSet:
             raise mf.ManifestError(f"{directory} is part {m['part'][0]}/{m['part'][1]} of a build; "
                                    "merge the parts (python -m sslkit.shard merge) before training")
         tars, idxs = mf.shard_paths(directory, m)
-        for shard, tar, idx in zip(m["shards"], tars, idxs):
-            _check_index_header(shard, tar, idx)
         extra = {}
         if mf.is_adopted(m):
             extra = dict(image_component=m["components"][0], offsets=_table(directory, m["offsets"], m["total"]),
                          label_table=_table(directory, m["labels"]["file"], m["total"]) if m.get("labels") else None)
+        shards = m["shards"]
         return cls(os.path.abspath(directory), tuple(tars), tuple(idxs), m["total"], m["classes"], mf.identity(m),
-                   first_index=tuple(s["first_index"] for s in m["shards"]), **extra)
+                   counts=tuple(s["count"] for s in shards), sizes=tuple(s["bytes"] for s in shards),
+                   first_index=tuple(s["first_index"] for s in shards), **extra)
 
     @property
     def adopted(self) -> bool:
@@ -75,49 +76,49 @@ class ShardSet:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes else None
 
-    def sample_name(self, index: int) -> str:
-        """`<tar>:<image member>` of sample `index`, for messages (reads one line of one index file)."""
-        k = int(np.searchsorted(np.asarray(self.first_index), index, side="right")) - 1
-        with open(self.indexes[k]) as f:
-            for j, line in enumerate(f):
-                if j == index - self.first_index[k] + 1:
-                    fields = line.split()
-                    names = {fields[i]: fields[i + 3] for i in range(0, len(fields) - 3, 4)}
-                    return f"{self.tars[k]}:{names.get(self.image_component, '?')}"
-        return f"{self.tars[k]}:sample {index}"
+    def shard_of(self, index: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.asarray(self.first_index), index, side="right") - 1
 
-    def locate(self, sources: list[bytes]) -> np.ndarray:
-        """Sample indices of DALI source infos (`<tar>:<offset of the image>:<member name>`)."""
-        by_path = self.__dict__.get("_by_path")
-        if by_path is None:
-            by_path = {t.encode(): k for k, t in enumerate(self.tars)}
-            object.__setattr__(self, "_by_path", by_path)
-        out = np.empty(len(sources), np.int64)
-        for i, src in enumerate(sources):
-            k, offset = _split_source(src, by_path)
-            if k is None:
-                raise mf.ManifestError(f"{self.directory}: DALI read a sample this manifest does not list "
-                                       f"({src[:200]!r}); re-run `python -m sslkit.shard index`")
+    def members(self, k: int, components: tuple[str, ...]) -> np.ndarray:
+        """Offset and size of each of `components` in every sample of shard `k` (int64 [count, C, 2];
+        size -1 where a sample lacks one), from its index file, checked against the manifest."""
+        idx, tar = self.indexes[k], self.tars[k]
+        try:
+            samples = read_index(idx)
+        except (OSError, ValueError) as e:
+            raise mf.ManifestError(f"{idx}: {e}; regenerate it (python -m sslkit.shard verify)") from None
+        if len(samples) != self.counts[k]:
+            raise mf.ManifestError(f"{idx}: index holds {len(samples)} samples but the manifest says "
+                                   f"{self.counts[k]} for {os.path.basename(tar)}; regenerate it (sslkit.shard verify)")
+        table = np.full((len(samples), len(components), 2), -1, np.int64)
+        for i, sample in enumerate(samples):
+            for c, comp in enumerate(components):
+                if comp in sample:
+                    table[i, c] = sample[comp][:2]
+        ends = table[:, :, 0] + table[:, :, 1]
+        if len(samples) and ends.max() > self.sizes[k]:
+            raise mf.ManifestError(f"{idx}: points past the end of {os.path.basename(tar)}; it does not "
+                                   "belong to this tar (sslkit.shard verify)")
+        if not self.adopted and samples:   # built: the keys are the sample indices
+            first, last = (int(samples[j][self.image_component][2].split(".")[0]) for j in (0, -1))
+            if (first, last) != (self.first_index[k], self.first_index[k] + len(samples) - 1):
+                raise mf.ManifestError(f"{idx}: samples {first}..{last}, the manifest says {self.first_index[k]}.."
+                                       f"{self.first_index[k] + len(samples) - 1}; regenerate it (sslkit.shard verify)")
+        if self.adopted and samples:   # adopted: offsets.npy locates the same image members
             lo = self.first_index[k]
-            hi = self.first_index[k + 1] if k + 1 < len(self.first_index) else self.total
-            pos = lo + int(np.searchsorted(self.offsets[lo:hi], offset))
-            if pos >= hi or self.offsets[pos] != offset:
-                raise mf.ManifestError(f"{self.tars[k]}: no indexed sample at byte {offset}; the index "
-                                       "does not belong to this tar (python -m sslkit.shard verify)")
-            out[i] = pos
-        return out
+            if not np.array_equal(np.asarray(self.offsets[lo:lo + len(samples)]), table[:, 0, 0]):
+                raise mf.ManifestError(f"{idx}: its image offsets differ from offsets.npy; re-run "
+                                       "`python -m sslkit.shard index`")
+        return table
 
-
-def _split_source(src: bytes, by_path: dict) -> tuple[int | None, int]:
-    """(shard number, offset) of `<path>:<offset>:<name>`; tried at each ':' so paths may hold ':' too."""
-    colon = src.find(b":")
-    while colon >= 0:
-        k = by_path.get(src[:colon])
-        end = src.find(b":", colon + 1)
-        if k is not None and end > colon + 1 and src[colon + 1:end].isdigit():
-            return k, int(src[colon + 1:end])
-        colon = src.find(b":", colon + 1)
-    return None, 0
+    def sample_name(self, index: int) -> str:
+        """`<tar>:<image member>` of sample `index`, for messages (reads one index file)."""
+        k = int(self.shard_of(np.asarray([index]))[0])
+        try:
+            name = read_index(self.indexes[k])[index - self.first_index[k]][self.image_component][2]
+        except (OSError, ValueError, IndexError, KeyError):
+            return f"{self.tars[k]}:sample {index}"
+        return f"{self.tars[k]}:{name}"
 
 
 def _table(directory: str, name: str, total: int) -> np.ndarray:
@@ -131,54 +132,117 @@ def _table(directory: str, name: str, total: int) -> np.ndarray:
     return table
 
 
-def _check_index_header(shard: dict, tar: str, idx: str):
-    """Cheap start-up check that an index belongs to its tar (count and last offset within the file);
-    `python -m sslkit.shard verify` does the full comparison."""
-    with open(idx) as f:
-        header = f.readline().split()
-        last = None
-        for line in f:
-            last = line
-    if len(header) != 2 or int(header[1]) != shard["count"]:
-        raise mf.ManifestError(f"{idx}: index holds {header[1:] or '?'} samples but the manifest says "
-                               f"{shard['count']} for {os.path.basename(tar)}; regenerate it (sslkit.shard verify)")
-    if last is not None:
-        fields = last.split()
-        end = max(int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), 4))
-        if end > shard["bytes"]:
-            raise mf.ManifestError(f"{idx}: points past the end of {os.path.basename(tar)}; it does not "
-                                   "belong to this tar (sslkit.shard verify)")
+class SampleSource:
+    """What `fn.external_source` calls for each batch: the next batch of this rank's sample order, as
+    (image bytes, [index, label] int64 ([index] when unlabelled), extras' bytes). Walks the epochs on its
+    own (DALI prefetches ahead of the loader): `orders(epoch)` gives each epoch's `EpochOrder`, whose
+    last stage `rank` reads, starting at batch `position` of `first_epoch`. Holds open only the shards of the epochs it is
+    reading."""
+
+    def __init__(self, shards: ShardSet, orders, rank: int, first_epoch: int, position: int, batch_size: int,
+                 want_label: bool, extra_keys: tuple[str, ...], use_mmap: bool):
+        self.shards, self.orders, self.rank = shards, orders, rank
+        self.epoch, self.position, self.batch_size = first_epoch, position, batch_size
+        self.want_label, self.use_mmap = want_label, use_mmap
+        self.components = (shards.image_component,) + (("cls",) if want_label and not shards.adopted else ()) \
+            + tuple(extra_keys)
+        self.n_extras = len(extra_keys)
+        self._sequence: np.ndarray | None = None
+        self._tables: dict[int, np.ndarray] = {}
+        self._files: dict[int, tuple[int, mmap.mmap | None]] = {}
+        self.failure: Exception | None = None
+
+    def prepare(self):
+        """Parse the index files of the shards the first epoch's slice reads (a bad one is a one-line
+        ManifestError now, not in DALI's thread)."""
+        self._start_epoch()
+        for k in np.unique(self.shards.shard_of(self._sequence)).tolist():
+            self._tables[k] = self.shards.members(k, self.components)
+
+    def _start_epoch(self):
+        self._sequence = self.orders(self.epoch).rank_sequence(self.rank)
+        if self.position * self.batch_size >= len(self._sequence):   # saved after the epoch's last batch
+            self.epoch, self.position = self.epoch + 1, 0
+            self._sequence = self.orders(self.epoch).rank_sequence(self.rank)
+        self._release(set(np.unique(self.shards.shard_of(self._sequence)).tolist()))
+
+    def __call__(self, batch_info=None):
+        try:
+            return self._next()
+        except Exception as e:   # DALI wraps it in a RuntimeError: the loader re-raises this one
+            self.failure = e
+            raise
+
+    def _next(self):
+        if self._sequence is None:
+            self._start_epoch()
+        seq, b = self._sequence, self.batch_size
+        take = seq[np.arange(self.position * b, (self.position + 1) * b) % len(seq)]  # the last batch wraps
+        self.position += 1
+        if self.position * b >= len(seq):
+            self.epoch, self.position, self._sequence = self.epoch + 1, 0, None
+        return self._read(take)
+
+    def _read(self, index: np.ndarray):
+        shard = self.shards.shard_of(index)
+        columns: list[list[np.ndarray]] = [[] for _ in self.components]
+        labels = []
+        for i, k in zip(index.tolist(), shard.tolist()):
+            if k not in self._tables:
+                self._tables[k] = self.shards.members(k, self.components)
+            row = self._tables[k][i - self.shards.first_index[k]]
+            for c in range(len(self.components)):
+                columns[c].append(self._bytes(k, *row[c]))
+        meta = index[:, None]
+        if self.want_label:
+            if self.shards.adopted:
+                labels = np.asarray(self.shards.label_table[index], np.int64)
+            else:
+                labels = np.array([int(bytes(c) or b"-1") for c in columns[1]], np.int64)
+            meta = np.stack([index, labels], axis=1)
+        return (columns[0], list(meta), *columns[len(self.components) - self.n_extras:])
+
+    def _bytes(self, k: int, offset: int, size: int) -> np.ndarray:
+        if size < 0:
+            return np.zeros(0, np.uint8)   # a missing extra member: empty, as DALI's "empty" behaviour
+        fd, mm = self._files.get(k) or self._open(k)
+        if mm is not None:
+            return np.frombuffer(mm, np.uint8, size, offset)
+        return np.frombuffer(os.pread(fd, size, offset), np.uint8)
+
+    def _open(self, k: int):
+        try:
+            fd = os.open(self.shards.tars[k], os.O_RDONLY)
+        except OSError as e:
+            raise mf.ManifestError(f"{self.shards.tars[k]}: cannot be read ({e.strerror})") from None
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if self.use_mmap and self.shards.sizes[k] else None
+        self._files[k] = (fd, mm)
+        return self._files[k]
+
+    def _release(self, keep: set[int]):
+        """Close the shards (and drop the index tables) no longer read: memory follows the slice."""
+        for k in [k for k in self._files if k not in keep]:
+            fd, mm = self._files.pop(k)
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:   # a batch still views it; the mapping goes with the last view
+                    pass
+            os.close(fd)
+        for k in [k for k in self._tables if k not in keep]:
+            del self._tables[k]
+
+    def close(self):
+        self._release(set())
 
 
-def parse_decimal(raw: torch.Tensor) -> torch.Tensor:
-    """Fixed-width ASCII decimals [B, 10] uint8 -> int64 [B] (a torch op on the whole batch)."""
-    return ((raw.to(torch.int64) - 48) * _POW10.to(raw.device)).sum(-1)
-
-
-def read(shards: ShardSet, *, rank: int, world_size: int, shuffle_buffer: int, want_label: bool, seed: int,
-         use_mmap: bool = True, extra_keys: tuple[str, ...] = ()):
-    """Reader + image check. Returns (jpg, index, label or None, intact, extras): jpg with the placeholder
-    JPEG in place of every sample that fails the check (`pipelines.kernels.image_ok`); index / label the
-    raw 10-byte ASCII fields (`parse_decimal`) of a built folder, or for an adopted one index the DALI
-    source info (`ShardSet.locate`) and label None (the loader reads `ShardSet.label_table`); intact [1]
-    uint8 (0: replaced); extras the raw bytes of each `extra_keys` member (empty where a sample has none)."""
-    member_fields = [] if shards.adopted else ["index"] + (["cls"] if want_label else [])
-    exts = [shards.image_component] + member_fields + list(extra_keys)
-    outs = fn.readers.webdataset(
-        paths=list(shards.tars), index_paths=list(shards.indexes), ext=exts,
-        missing_component_behavior="empty" if extra_keys else "error", name=READER_NAME,
-        shard_id=rank, num_shards=world_size,
-        # Every rank pads its slice to the same size, so all ranks run the same number of batches.
-        pad_last_batch=True,
-        random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1), seed=seed,
-        # mmap is faster on local disks; network file systems (NFS, Lustre, FUSE mounts of object
-        # stores) usually prefer plain reads
-        dont_use_mmap=not use_mmap,
-    )
-    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]   # one ext: DALI returns a bare node
-    if shards.adopted:   # one CPU operator: the tar and offset DALI read the image from
-        index, label = fn.get_property(outs[0], key="source_info"), None
-    else:
-        index, label = outs[1], outs[2] if want_label else None
+def read(source: SampleSource, *, extra_keys: tuple[str, ...] = ()):
+    """Source + image check. Returns (jpg, meta, intact, extras): jpg with the placeholder JPEG in place of
+    every sample that fails the check (`pipelines.kernels.image_ok`); meta int64 [2] per sample (index,
+    label) or [1] (index) when unlabelled -- one output, as each output of an external source is an
+    operator; intact [1] uint8 (0: replaced); extras the raw bytes of each `extra_keys` member (empty where
+    a sample has none)."""
+    outs = fn.external_source(source=source, num_outputs=2 + len(extra_keys), batch=True, batch_info=True,
+                              parallel=False)
     jpg, intact = check_jpeg(outs[0])
-    return jpg, index, label, intact, list(outs[1 + len(member_fields):])
+    return jpg, outs[1], intact, list(outs[2:])

@@ -351,21 +351,37 @@ def read_global(d: str, warn: Callable[[str], None] | None = None) -> dict:
 
 def _try_load(d: str, info: DistInfo) -> tuple[dict | None, dict | None, str | None, bool]:
     """This rank's view of checkpoint `d`: (global, rank state, None, verified by sha256) or
-    (None, None, why not, False)."""
+    (None, None, why not, False). Written by another world size, the rank state is that of old rank
+    `rank % old world size` (its loader position, statistics and RNG; `rank_states` reads every old
+    rank's method state), and every old rank's file must be there."""
     try:
         sums = checksums(d)
         g = _read(os.path.join(d, "global.pt"), sums, verify=True)
-        r = _read(os.path.join(d, f"rank{info.rank}.pt"), sums, verify=True)
+        old_world = g["world_size"]
+        for q in range(old_world):
+            if not os.path.exists(os.path.join(d, f"rank{q}.pt")):
+                raise CheckpointError(f"{os.path.join(d, f'rank{q}.pt')}: missing (one of the {old_world} ranks' "
+                                      "files; a resume needs them all)")
+        r = _read(os.path.join(d, f"rank{info.rank % old_world}.pt"), sums, verify=True)
     except CheckpointError as e:
         return None, None, str(e), False
     if r["step"] != g["step"]:
-        return None, None, f"{d}: rank{info.rank}.pt is from step {r['step']}, global.pt from step {g['step']}", False
+        return None, None, f"{d}: rank{info.rank % old_world}.pt is from step {r['step']}, global.pt from step {g['step']}", False
     return g, r, None, sums is not None
+
+
+def rank_states(d: str, world_size: int):
+    """Every rank file of checkpoint `d` (written by `world_size` ranks), in rank order, each verified
+    and read only when asked for: what a method re-splits its per-rank state from on another world size."""
+    sums = checksums(d)
+    for q in range(world_size):
+        yield _read(os.path.join(d, f"rank{q}.pt"), sums, verify=True)
 
 
 def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | None:
     """Collective. The newest checkpoint every rank can read and verify: (folder, global state, this
-    rank's state); None when the run has no checkpoint folder at all (a fresh start)."""
+    rank's state -- see `_try_load` for a checkpoint of another world size); None when the run has no
+    checkpoint folder at all (a fresh start)."""
     root = os.path.join(out, "checkpoints")
     names = broadcast_object(_step_dirs(root), info)  # rank 0's listing: every rank walks the same list
     skipped = []
@@ -374,9 +390,6 @@ def load_agreed(out: str, info: DistInfo, log=None) -> tuple[str, dict, dict] | 
         g, r, why, verified = _try_load(d, info)
         problems = [p for p in gather_objects(why, info) if p]
         if not problems:
-            if g["world_size"] != info.world_size:
-                raise CheckpointError(f"{d} was written by {g['world_size']} ranks; resume with the same world size "
-                                      "(per-rank memory banks and loader positions cannot be re-split)")
             if log is not None and info.is_main:
                 if skipped:
                     log.warning("resuming from %s, not from the newer %s", d, "; ".join(skipped))

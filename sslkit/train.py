@@ -33,7 +33,8 @@ from sslkit.config import (ConfigError, TrainConfig, apply_overrides, dumps, loa
 from sslkit.errors import SslkitError
 
 # fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "log_every", "ckpt_every", "keep_ckpts", "tensorboard", "loader_threads",
+# (the world size is not a config field: a run resumes on any number of ranks, see resume_elastic)
+RESUMABLE_CHANGES = {"epochs", "batch_size", "log_every", "ckpt_every", "keep_ckpts", "tensorboard", "loader_threads",
                      "torch_threads", "loader_prefetch", "hw_decoder_load", "use_mmap", "dist_timeout_s", "monitor"}
 # never compared as strings: the run folder is wherever the checkpoint was found, and the data is
 # compared by its manifest identity (so moved or copied runs and shards resume)
@@ -282,7 +283,7 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
                          device_id=info.local_rank if on_gpu else None, **cls.loader_options(cfg.method_options))
     ctx = RunContext(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.seed, group=info.group,
                      autocast=autocast, log=log, dataset_size=loader.dataset_size, num_classes=loader.num_classes,
-                     steps_per_epoch=len(loader), batch_size=cfg.batch_size,
+                     steps_per_epoch=loader.batches_per_epoch, batch_size=cfg.batch_size,
                      channels_last=on_gpu and cfg.channels_last, pipeline=loader.describe()["pipeline"],
                      check_stop=check_stop)
     method = registry.create("method", cfg.method, cfg, ctx)
@@ -323,6 +324,34 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
                                 lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     return Run(cfg, info, ctx, method, model, loader, optimizer, scaler, schedule, autocast)
+
+
+def resume_elastic(run: Run, where: str, g: dict, r: dict, step: int, log) -> int:
+    """Stage 6 on another world size or batch size than the checkpoint's: the loader continues the
+    interrupted epoch with the samples the old ranks had not reached (`r`: old rank `rank % old world`,
+    whose loader state holds the epoch's position), the method re-splits its per-rank state from every
+    old rank's file, RNG is re-seeded (old ranks' streams cannot be split), and the schedule goes on at
+    the same share of the epoch. Returns the shift from `step` to the schedule's index."""
+    import torch
+
+    from sslkit import ckpt
+    from sslkit.optim import scaled_lr
+    cfg, info, loader = run.cfg, run.info, run.loader
+    old_world, old_batch = g["world_size"], r["loader"]["batch_size"]
+    said = run.method.load_rank_states((s["method"] for s in ckpt.rank_states(where, old_world)), old_world)
+    loader.load_state_dict(r["loader"])
+    torch.manual_seed(cfg.seed + info.rank + 7919 * step)
+    epoch = g["epoch"]
+    target = epoch * run.steps_per_epoch + int(loader.epoch_fraction * run.steps_per_epoch)
+    if info.is_main:
+        old_global = old_world * old_batch * g["config"].get("accum_steps", 1)
+        log.info("elastic resume: %d rank(s) x %d -> %d rank(s) x %d (global batch %d -> %d, peak lr %.4g -> %.4g); "
+                 "epoch %d continues with its unread samples split over the new ranks (%d batches each), the "
+                 "schedule at %.1f%% of it; RNG re-seeded%s", old_world, old_batch, info.world_size, cfg.batch_size,
+                 old_global, run.global_batch, scaled_lr(g["config"]["lr"], old_global),
+                 scaled_lr(cfg.lr, run.global_batch), epoch, len(loader), 100 * loader.epoch_fraction,
+                 f"; {said}" if said else "")
+    return target - step
 
 
 def train_step(run: Run, batches, lr: float) -> dict:
@@ -385,7 +414,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
     # ----------------------------------------------------------------------------------------------
     # 6. resume: the newest checkpoint every rank can read, or a fresh start (method hook)
     # ----------------------------------------------------------------------------------------------
-    step, epoch, stats = 0, 0, MetricLogger()
+    step, epoch, stats, schedule_shift = 0, 0, MetricLogger(), 0
     resumed = ckpt.load_agreed(cfg.out, info, log)
     try:
         if resumed:
@@ -394,13 +423,16 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
             method.load_state_dict(g["model"])
             run.optimizer.load_state_dict(g["optimizer"])
             run.scaler.load_state_dict(g["scaler"])
-            method.load_rank_state_dict(r["method"])
-            loader.load_state_dict(r["loader"])
-            torch.set_rng_state(r["rng"]["cpu"])
-            if device.type == "cuda" and r["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(r["rng"]["cuda"], device)
             stats.load_state_dict(r["stats"], device)
             step, epoch = g["step"], g["epoch"]
+            if (g["world_size"], r["loader"]["batch_size"]) == (info.world_size, cfg.batch_size):
+                method.load_rank_state_dict(r["method"])
+                loader.load_state_dict(r["loader"])
+                torch.set_rng_state(r["rng"]["cpu"])
+                if device.type == "cuda" and r["rng"].get("cuda") is not None:
+                    torch.cuda.set_rng_state(r["rng"]["cuda"], device)
+            else:
+                schedule_shift = resume_elastic(run, where, g, r, step, log)
             log.info("resumed from %s: epoch %d, step %d", where, epoch, step)
         else:
             if cfg.init_from:
@@ -409,7 +441,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
     except dist.Preempted as p:
         log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
         return 0
-    mid_epoch = resumed is not None and loader.position > 0
+    mid_epoch = resumed is not None and (loader.position > 0 or bool(loader.earlier_stages))
     saved_step = step if resumed else None  # the step the newest checkpoint holds (None: none yet)
     # config.json and log.jsonl (rank 0, under the lock); a failure there stops every rank alike
     jlog = dist.on_main(lambda: open_run_files(cfg.out, dumps(cfg), step, lock, cfg.tensorboard), info) or JsonLog(None)
@@ -430,7 +462,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
     #    accum_steps micro-batches, so logs, stops and checkpoints fall between optimiser steps
     # ----------------------------------------------------------------------------------------------
     total_steps = cfg.epochs * run.steps_per_epoch
-    progress = StepLog(jlog, log, info.is_main, total_steps, step, run.global_batch, device)
+    progress = StepLog(jlog, log, info.is_main, total_steps, step + schedule_shift, run.global_batch, device)
     run.model.train()
     try:
         while epoch < cfg.epochs:
@@ -440,7 +472,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
             mid_epoch = False
             t_last = time.perf_counter()
             for batches in accumulate(loader, cfg.accum_steps):
-                lr = float(run.schedule[min(step, len(run.schedule) - 1)])
+                lr = float(run.schedule[min(step + schedule_shift, len(run.schedule) - 1)])
                 out = train_step(run, batches, lr)
                 step += 1
                 t_now = time.perf_counter()

@@ -1,6 +1,6 @@
 """sslkit.ckpt on its own (one process): retention, skipping incomplete, unreadable or corrupt (checksum)
 checkpoints with a one-line reason, older checkpoints without checksums, refusing to start over when
-none is usable, the world-size check, a write that fails (full disk, read-only) in one line."""
+none is usable, checkpoints of another world size, a write that fails (full disk, read-only) in one line."""
 
 from __future__ import annotations
 
@@ -68,10 +68,22 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert ckpt.load_agreed(str(tmp_path / "fresh"), ONE) is None   # no checkpoints at all: a fresh start
 
 
-def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
+def test_a_checkpoint_of_another_world_size_resumes_with_every_rank_file(tmp_path):
+    """Written by 2 ranks, read by 1 (or 3): this rank gets old rank `rank % 2`'s state, `rank_states`
+    every old rank's (verified); with an old rank's file missing, the checkpoint is skipped."""
     two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend=None)
     save(tmp_path, 1, info=two)
-    with pytest.raises(ckpt.CheckpointError, match="written by 2 ranks; resume with the same world size"):
+    d = tmp_path / "checkpoints" / "step-00000001"
+    sums = json.loads((d / "COMPLETE").read_text())
+    sums["files"]["rank1.pt"] = ckpt._atomic_save({"version": ckpt.VERSION, "step": 1, "loader": 101}, str(d / "rank1.pt"))
+    (d / "COMPLETE").write_text(json.dumps(sums))
+    where, g, r = ckpt.load_agreed(str(tmp_path), ONE)
+    assert g["world_size"] == 2 and r["loader"] == 1
+    third = DistInfo(rank=3, world_size=4, local_rank=0, device=torch.device("cpu"), backend=None)
+    assert ckpt._try_load(str(d), third)[1]["loader"] == 101     # new rank 3 of 4 starts from old rank 1
+    assert [s["loader"] for s in ckpt.rank_states(where, 2)] == [1, 101]
+    (d / "rank1.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"rank1.pt: missing \(one of the 2 ranks' files"):
         ckpt.load_agreed(str(tmp_path), ONE)
 
 

@@ -4,6 +4,7 @@ and undecodable samples, clear errors."""
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
@@ -276,10 +277,37 @@ def test_resume_continues_the_sequence(sample_shards):
         assert torch.equal(want["index"], got["index"])
         for v1, v2 in zip(want["views"], got["views"]):
             assert torch.equal(v1, v2)
-    # a state from other options is refused
-    other = make_loader("multicrop", sample_shards, batch_size=8, preset="tiny", seed=2)
-    with pytest.raises(LoaderError, match="batch_size"):
+    # a state from other options is refused (world size and batch size may change: see the elastic test)
+    other = make_loader("multicrop", sample_shards, batch_size=16, preset="tiny", seed=3)
+    with pytest.raises(LoaderError, match="seed"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("old, new", [((2, 16), (1, 16)), ((1, 16), (2, 8)), ((2, 8), (3, 8))])
+def test_elastic_resume_reads_each_unread_sample_once(sample_shards, old, new):
+    """A state saved by `old` (world size, batch) ranks mid-epoch resumes on `new` ranks: over the
+    interrupted epoch every sample is read, none more often than padding allows; the next epoch is
+    a whole one on the new world."""
+    (w0, b0), (w1, b1) = old, new
+    ranks = [make_loader("eval_train", sample_shards, batch_size=b0, rank=r, world_size=w0, seed=4) for r in range(w0)]
+    seen, states = [], []
+    for loader in ranks:
+        it = iter(loader)
+        seen += [i for _ in range(2) for i in next(it)["index"].tolist()]
+        states.append(loader.state_dict())
+    assert len(set(seen)) == len(seen) == 2 * w0 * b0
+    after = [make_loader("eval_train", sample_shards, batch_size=b1, rank=r, world_size=w1, seed=4) for r in range(w1)]
+    for loader in after:
+        loader.load_state_dict(states[0])   # any old rank's state: they differ only in rank and DALI's state
+    lengths = {len(loader) for loader in after}
+    assert len(lengths) == 1    # every new rank runs the same number of batches
+    rest = [i for loader in after for b in loader for i in b["index"].tolist()]
+    counts = collections.Counter(seen + rest)
+    assert set(counts) == set(range(96))
+    assert sum(c - 1 for c in counts.values()) < w1 * b1      # repeats: the end-of-epoch padding only
+    assert all(loader.epoch == 1 and len(loader) == loader.batches_per_epoch for loader in after)
+    whole = [i for loader in after for b in loader for i in b["index"].tolist()]
+    assert set(whole) == set(range(96)) and len(whole) - 96 < w1 * b1
 
 
 def test_resume_after_the_shards_moved(sample_shards, tmp_path):

@@ -13,7 +13,8 @@ Optional hooks: `on_train_start(loader)` (before the first epoch of a fresh run)
 (not again when resuming inside an epoch), `after_backward()` (before each optimiser step),
 `prepare_benchmark()` (steps without a real history), and
 `rank_state_dict`/`load_rank_state_dict` for per-rank state (a memory bank) that the trainer saves in
-per-rank checkpoint files without looking inside. Long hooks call `ctx.check_stop()` between their
+per-rank checkpoint files without looking inside, and `load_rank_states` to re-split it when a run resumes
+on another world size. Long hooks call `ctx.check_stop()` between their
 steps: a collective that raises `sslkit.dist.Preempted` on every rank after a preemption signal, and
 show their progress with `ctx.progress_bar(...)` (rank 0 only, display only).
 """
@@ -21,7 +22,7 @@ show their progress with `ctx.progress_bar(...)` (rank 0 only, display only).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -116,6 +117,12 @@ class Method(nn.Module):
 
     def load_rank_state_dict(self, state: dict):
         pass
+
+    def load_rank_states(self, states: Iterable[dict], old_world_size: int) -> str:
+        """Resume on another world size: `states` yields every old rank's `rank_state_dict()` in rank
+        order (each read from disk when asked for); take this rank's share of them. Returns one line
+        saying what was carried over, or "" when the method has no per-rank state."""
+        return ""
 
 
 class MultiCropMethod(Method):

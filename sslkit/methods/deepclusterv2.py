@@ -149,3 +149,25 @@ class DeepClusterV2(MultiCropMethod):
         self.bank = state["bank"].to(device)
         self.bank_index = state["bank_index"].to(device)
         self.bank_ptr = int(state["bank_ptr"])
+
+    def load_rank_states(self, states, old_world_size: int) -> str:
+        """Another world size: the old banks' embeddings are re-keyed by sample index (this rank keeps
+        index % world_size == rank), so the k-means at the next epoch start sees each of them once; the
+        bank grows to hold them and this rank's share of the epoch's unread samples."""
+        ctx, kept, index, total = self.ctx, [], [], 0
+        for state in states:
+            n = int(state["bank_ptr"])
+            old_index = state["bank_index"][:n]
+            mine = old_index % ctx.world_size == ctx.rank
+            kept.append(state["bank"][:, :n][:, mine])
+            index.append(old_index[mine])
+            total += n
+        bank, index = torch.cat(kept, 1), torch.cat(index)
+        size = max(self.bank.shape[1], len(index) + ctx.steps_per_epoch * ctx.batch_size)
+        self.bank = torch.zeros(self.bank.shape[0], size, self.bank.shape[2], device=ctx.device)
+        self.bank_index = torch.full((size,), -1, dtype=torch.long, device=ctx.device)
+        self.bank[:, :len(index)] = bank.to(ctx.device)
+        self.bank_index[:len(index)] = index.to(ctx.device)
+        self.bank_ptr = len(index)
+        return (f"memory bank: the {total} embeddings of {old_world_size} rank(s) re-keyed by sample index over "
+                f"{ctx.world_size} rank(s)")

@@ -157,3 +157,27 @@ class SwAV(MultiCropMethod):
         queue = state["queue"]
         self.queue = None if queue is None else queue.to(self.ctx.device)
         self.queue_filled = int(state["queue_filled"])
+
+    def load_rank_states(self, states, old_world_size: int) -> str:
+        """Another world size: the old queues' rows are re-split, newest first (row j of old rank q has
+        recency j * old_world_size + q; this rank keeps every world_size-th), up to this world's
+        `queue_rows`; the queue is used again once full, as after its creation."""
+        ctx, keys, rows, started = self.ctx, [], [], False
+        for q, state in enumerate(states):
+            if state["queue"] is None:
+                continue
+            started, filled = True, int(state["queue_filled"])
+            recency = torch.arange(filled) * old_world_size + q
+            mine = recency % ctx.world_size == ctx.rank
+            keys.append(recency[mine])
+            rows.append(state["queue"][:, :filled][:, mine])
+        if not started or not self.queue_rows:
+            self.queue, self.queue_filled = None, 0
+            return "queue: none yet" if not started else "queue: not used at this global batch, dropped"
+        order = torch.cat(keys).argsort()[:self.queue_rows]
+        taken = torch.cat(rows, 1)[:, order]
+        self.queue = torch.zeros(len(self.o.crops_for_assign), self.queue_rows, self.o.feat_dim, device=ctx.device)
+        self.queue[:, :taken.shape[1]] = taken.to(ctx.device)
+        self.queue_filled = taken.shape[1]
+        return (f"queue: {self.queue_filled} of {self.queue_rows} rows per rank re-split from {old_world_size} "
+                f"rank(s), newest first")
