@@ -47,86 +47,82 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
-from ssl_quality import REPO, Runner, build_shards, cpu_seconds  # noqa: E402  (stdlib only at import)
+from ssl_quality import (ALEXNET_LAYERS, REPO, RESNET_LAYERS, Runner, build_shards,  # noqa: E402
+                         cpu_seconds)   # (stdlib only at import)
 
 AXES = ("data", "perms", "k", "arch", "option")
 AXIS_OPTION = {"perms": "method_options.permutations", "k": "method_options.k"}   # --axis option: --option KEY
 NOT_OPTIONS = ("arch", "data", "out", "seed", "device", "method", "preset")      # the study sets these itself
-RESNET_LAYERS, ALEXNET_LAYERS = "res5avg,res4,res3", "conv5,conv4,conv3"
 
 # Study presets. CPU ones run on the 2-core machine (Fashion-MNIST / the embedded colour corpus); `full-*`
 # ones are the paper's scale on GPUs (their data must be given: --dataset SOURCE, --eval-train/--eval-test).
 # Cost estimates are in docs/BENCHMARKS.md ("Scaling study").
 CPU_EVAL = dict(train_images=5000, test_images=None, layers=None, svm_layers=1, probe_epochs=28, shots="1,4,8",
                 draws=5, device="cpu")
+GPU_EVAL = dict(train_images=None, test_images=None, layers=None, svm_layers=3, probe_epochs=28,
+                shots="1,2,4,8,16,32,64,96", draws=5, device="cuda")   # VOC07 SVMs at 3 layers, as the paper
 
 
-def _recipe(method: str, option: str, values: str) -> dict:
-    """A recipe sweep of a method's `fmnist` preset on 5,000 Fashion-MNIST images (--axis option)."""
-    return dict(method=method, train_preset="fmnist", axis="option", option=option, values=values,
-                arches="resnet_tiny", dataset="fmnist", seeds=1, **CPU_EVAL)
+def _preset(about: str, method: str, train_preset: str, axis: str, values: str, *, dataset: str | None = "fmnist",
+            arches: str | None = "resnet_tiny", seeds: int = 1, evaluation: dict = CPU_EVAL, **more) -> dict:
+    """One study preset: what is pretrained and varied, on which data, evaluated how (CPU_EVAL or GPU_EVAL);
+    `more` adds the rest (option, epochs, budget_images, set) and overrides evaluation fields."""
+    return dict(about=about, method=method, train_preset=train_preset, axis=axis, values=values, arches=arches,
+                dataset=dataset, seeds=seeds, **{**evaluation, **more})
 
 
 PRESETS = {
-    "tiny": dict(about="tests and smoke runs: jigsaw `tiny`, |P| 10 vs 100 on 64 colour crops, 1 epoch, "
-                       "one layer pair; ~1 min on 2 cores",
-                 method="jigsaw", train_preset="tiny", axis="perms", values="10,100", arches="resnet_tiny",
-                 dataset="sample", seeds=1, epochs=1, **{**CPU_EVAL, "train_images": 64, "test_images": 48,
-                 "layers": "res5avg,res3", "probe_epochs": 2, "shots": "1,2", "draws": 2}),
+    "tiny": _preset("tests and smoke runs: jigsaw `tiny`, |P| 10 vs 100 on 64 colour crops, 1 epoch, one layer "
+                    "pair; ~1 min on 2 cores",
+                    "jigsaw", "tiny", "perms", "10,100", dataset="sample", epochs=1, train_images=64,
+                    test_images=48, layers="res5avg,res3", probe_epochs=2, shots="1,2", draws=2),
     # resnet18's jigsaw step is ~12x resnet_tiny's on 2 cores, so only cpu-perms carries both lines;
     # `--arches resnet_tiny,resnet18` adds the second line to cpu-data (~2.5 h more).
-    "cpu-data": dict(about="jigsaw `fmnist`, 1k/4k/16k/60k Fashion-MNIST images at 64,000 images seen "
-                           "(2,000 steps at batch 32), resnet_tiny, 2 seeds",
-                     method="jigsaw", train_preset="fmnist", axis="data", values="1000,4000,16000,60000",
-                     arches="resnet_tiny", dataset="fmnist", seeds=2, budget_images=64000, **CPU_EVAL),
-    "cpu-perms": dict(about="jigsaw `fmnist` on 5,000 Fashion-MNIST images, |P| 10/100/1000, resnet_tiny vs "
-                            "resnet18, 2 seeds, 5 epochs (780 steps)",
-                      method="jigsaw", train_preset="fmnist", axis="perms", values="10,100,1000",
-                      arches="resnet_tiny,resnet18", dataset="fmnist", seeds=2, epochs=5, **CPU_EVAL),
-    "cpu-k": dict(about="colorization `sample` on the embedded colour corpus (600 / 300 crops), K 2/10/40, "
-                        "resnet_tiny vs alexnet_colorization, 2 seeds",
-                  method="colorization", train_preset="sample", axis="k", values="2,10,40",
-                  arches="resnet_tiny,alexnet_colorization", dataset="sample", seeds=2,
-                  **{**CPU_EVAL, "train_images": 600, "test_images": 300}),
-    "cpu-arch": dict(about="jigsaw `fmnist` at Goyal's geometry (64 px tiles of a 255 px crop, which AlexNet's "
-                           "trunk needs): resnet_tiny vs resnet18 vs alexnet_jigsaw, 1 epoch, 1 seed",
-                     method="jigsaw", train_preset="fmnist", axis="arch", values="resnet_tiny,resnet18,alexnet_jigsaw",
-                     dataset="fmnist", seeds=1, epochs=1, set=["method_options.geometry=goyal"], **CPU_EVAL),
+    "cpu-data": _preset("jigsaw `fmnist`, 1k/4k/16k/60k Fashion-MNIST images at 64,000 images seen (2,000 steps "
+                        "at batch 32), resnet_tiny, 2 seeds",
+                        "jigsaw", "fmnist", "data", "1000,4000,16000,60000", seeds=2, budget_images=64000),
+    "cpu-perms": _preset("jigsaw `fmnist` on 5,000 Fashion-MNIST images, |P| 10/100/1000, resnet_tiny vs "
+                         "resnet18, 2 seeds, 5 epochs (780 steps)",
+                         "jigsaw", "fmnist", "perms", "10,100,1000", arches="resnet_tiny,resnet18", seeds=2,
+                         epochs=5),
+    "cpu-k": _preset("colorization `sample` on the embedded colour corpus (600 / 300 crops), K 2/10/40, "
+                     "resnet_tiny vs alexnet_colorization, 2 seeds",
+                     "colorization", "sample", "k", "2,10,40", dataset="sample",
+                     arches="resnet_tiny,alexnet_colorization", seeds=2, train_images=600, test_images=300),
+    "cpu-arch": _preset("jigsaw `fmnist` at Goyal's geometry (64 px tiles of a 255 px crop, which AlexNet's "
+                        "trunk needs): resnet_tiny vs resnet18 vs alexnet_jigsaw, 1 epoch, 1 seed",
+                        "jigsaw", "fmnist", "arch", "resnet_tiny,resnet18,alexnet_jigsaw", arches=None, epochs=1,
+                        set=["method_options.geometry=goyal"]),
     # Recipe points for small images (issue 22, item 4): the variants the literature suggests, as config
-    # overrides of the `fmnist` presets (tile geometry, head width, |P| are cpu-perms, batch, epochs).
-    "cpu-jigsaw-geometry": dict(about="jigsaw `fmnist`: tile geometry small (16 px tiles of a 63 px crop) vs noroozi "
-                                      "(64 px tiles, per-tile normalisation) vs goyal (64 px of 255), 1 seed",
-                                **_recipe("jigsaw", "method_options.geometry", "small;noroozi;goyal")),
-    "cpu-jigsaw-head": dict(about="jigsaw `fmnist`: per-tile head width 64/128/512, 1 seed",
-                            **_recipe("jigsaw", "method_options.tile_dim", "64,128,512")),
-    "cpu-jigsaw-batch": dict(about="jigsaw `fmnist`: batch 16/32/64 at the same lr per 256 images and epochs, 1 seed",
-                             **_recipe("jigsaw", "batch_size", "16,32,64")),
-    "cpu-jigsaw-epochs": dict(about="jigsaw `fmnist`: 10/20/40 epochs, 1 seed",
-                              **_recipe("jigsaw", "epochs", "10,20,40")),
-    "cpu-jigclu-patch": dict(about="jigclu `fmnist`: 32/48/64 px patches (64-128 px montages; the method "
-                                   "refuses < 32), 1 seed",
-                             **_recipe("jigclu", "method_options.patch_size", "32,48,64")),
-    "cpu-jigclu-cross": dict(about="jigclu `fmnist`: patch overlap (cross) 0/0.15/0.3, 1 seed",
-                             **_recipe("jigclu", "method_options.cross", "0.0,0.15,0.3")),
-    "full-data": dict(about="Goyal'19 Fig. 1: jigsaw |P| 2000 on 1M/10M/50M/100M images of a YFCC100M file list "
-                            "at a fixed 134M images seen (ImageNet-1k x 105 epochs), ResNet-50 vs AlexNet, "
-                            "VOC07 SVM transfer",
-                      method="jigsaw", train_preset="rn50_perm2000", axis="data",
-                      values="1000000,10000000,50000000,100000000", arches="resnet50,alexnet_jigsaw", dataset=None,
-                      seeds=1, budget_images=134_553_600, train_images=None, test_images=None, layers=None,
-                      svm_layers=3, probe_epochs=28, shots="1,2,4,8,16,32,64,96", draws=5, device="cuda"),
-    "full-perms": dict(about="Goyal'19 Fig. 2: jigsaw on ImageNet-1k, |P| 100/701/2000/5000/10000, ResNet-50 vs "
-                             "AlexNet, 105 epochs, VOC07 SVM transfer",
-                       method="jigsaw", train_preset="rn50_perm2000", axis="perms", values="100,701,2000,5000,10000",
-                       arches="resnet50,alexnet_jigsaw", dataset=None, seeds=1, train_images=None,
-                       test_images=None, layers=None, svm_layers=3, probe_epochs=28, shots="1,2,4,8,16,32,64,96",
-                       draws=5, device="cuda"),
-    "full-k": dict(about="Goyal'19 complexity axis for colorization on ImageNet-1k, K 2/10/40, ResNet-50 vs "
-                         "AlexNet (needs --set method_options.prior=FILE)",
-                   method="colorization", train_preset="rn50_k10", axis="k", values="2,10,40",
-                   arches="resnet50,alexnet_colorization", dataset=None, seeds=1, train_images=None,
-                   test_images=None, layers=None, svm_layers=3, probe_epochs=28, shots="1,2,4,8,16,32,64,96",
-                   draws=5, device="cuda"),
+    # overrides of the `fmnist` presets (tile geometry, head width, |P| are cpu-perms, batch, epochs), on
+    # 5,000 Fashion-MNIST images.
+    "cpu-jigsaw-geometry": _preset("jigsaw `fmnist`: tile geometry small (16 px tiles of a 63 px crop) vs noroozi "
+                                   "(64 px tiles, per-tile normalisation) vs goyal (64 px of 255), 1 seed",
+                                   "jigsaw", "fmnist", "option", "small;noroozi;goyal",
+                                   option="method_options.geometry"),
+    "cpu-jigsaw-head": _preset("jigsaw `fmnist`: per-tile head width 64/128/512, 1 seed",
+                               "jigsaw", "fmnist", "option", "64,128,512", option="method_options.tile_dim"),
+    "cpu-jigsaw-batch": _preset("jigsaw `fmnist`: batch 16/32/64 at the same lr per 256 images and epochs, 1 seed",
+                                "jigsaw", "fmnist", "option", "16,32,64", option="batch_size"),
+    "cpu-jigsaw-epochs": _preset("jigsaw `fmnist`: 10/20/40 epochs, 1 seed",
+                                 "jigsaw", "fmnist", "option", "10,20,40", option="epochs"),
+    "cpu-jigclu-patch": _preset("jigclu `fmnist`: 32/48/64 px patches (64-128 px montages; the method refuses < 32), "
+                                "1 seed",
+                                "jigclu", "fmnist", "option", "32,48,64", option="method_options.patch_size"),
+    "cpu-jigclu-cross": _preset("jigclu `fmnist`: patch overlap (cross) 0/0.15/0.3, 1 seed",
+                                "jigclu", "fmnist", "option", "0.0,0.15,0.3", option="method_options.cross"),
+    "full-data": _preset("Goyal'19 Fig. 1: jigsaw |P| 2000 on 1M/10M/50M/100M images of a YFCC100M file list at a "
+                         "fixed 134M images seen (ImageNet-1k x 105 epochs), ResNet-50 vs AlexNet, VOC07 SVM transfer",
+                         "jigsaw", "rn50_perm2000", "data", "1000000,10000000,50000000,100000000", dataset=None,
+                         arches="resnet50,alexnet_jigsaw", evaluation=GPU_EVAL, budget_images=134_553_600),
+    "full-perms": _preset("Goyal'19 Fig. 2: jigsaw on ImageNet-1k, |P| 100/701/2000/5000/10000, ResNet-50 vs "
+                          "AlexNet, 105 epochs, VOC07 SVM transfer",
+                          "jigsaw", "rn50_perm2000", "perms", "100,701,2000,5000,10000", dataset=None,
+                          arches="resnet50,alexnet_jigsaw", evaluation=GPU_EVAL),
+    "full-k": _preset("Goyal'19 complexity axis for colorization on ImageNet-1k, K 2/10/40, ResNet-50 vs AlexNet "
+                      "(needs --set method_options.prior=FILE)",
+                      "colorization", "rn50_k10", "k", "2,10,40", dataset=None,
+                      arches="resnet50,alexnet_colorization", evaluation=GPU_EVAL),
 }
 DEFAULTS = dict(method=None, train_preset=None, axis=None, option=None, values=None, arches=None, dataset="fmnist",
                 seeds=1, epochs=None, budget_images=None, label_column=None, **CPU_EVAL)

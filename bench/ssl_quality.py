@@ -108,6 +108,7 @@ def read_result(path: str, kind: str) -> dict:
 
 
 DATASETS = ("fmnist", "sample")
+RESNET_LAYERS, ALEXNET_LAYERS = "res5avg,res4,res3", "conv5,conv4,conv3"   # default --layers
 SAMPLE_TEST = 300   # sample:300 at seed 1: the test set of --dataset sample
 
 
@@ -135,7 +136,7 @@ def build_shards(run: Runner, py: str, dataset: str, n_train: int, n_test: int |
     return train_dir, test_dir, n_test
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="deepclusterv2", help="pretraining method for train.py (deepclusterv2)")
     p.add_argument("--preset", default="fmnist", help="its preset (fmnist)")
@@ -167,23 +168,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the supervised run and the baselines (0)")
     p.add_argument("--fresh", action="store_true", help="delete this configuration's runs and results first")
     args = p.parse_args(argv)
-    n_train = args.train_images or {"fmnist": 5000, "sample": 600}[args.dataset]
+    args.train_images = args.train_images or {"fmnist": 5000, "sample": 600}[args.dataset]
+    args.work = os.path.abspath(args.work)
+    return args
 
-    t_start = time.perf_counter()
-    load_start = list(os.getloadavg())   # the machine may be shared: wall times are read against this
-    run = Runner()
-    py = sys.executable
-    work = os.path.abspath(args.work)
-    data_tag = f"{args.dataset}{n_train}" + (f"-test{args.test_images}" if args.test_images else "")
-    tag = f"{args.method}-{args.preset}-e{args.epochs or 'preset'}-{data_tag}" + \
+
+def data_tag(args) -> str:
+    """The training and test data in a folder name: the supervised run and the results depend on it."""
+    return f"{args.dataset}{args.train_images}" + (f"-test{args.test_images}" if args.test_images else "")
+
+
+def pretrain(run: Runner, py: str, args, train_dir: str) -> tuple[str, str]:
+    """(run folder, results folder) of the pretraining run, trained with train.py (re-running resumes; a
+    finished run returns at once; --fresh deletes both folders first)."""
+    tag = f"{args.method}-{args.preset}-e{args.epochs or 'preset'}-{data_tag(args)}" + \
         ("-" + "-".join(s.replace("=", "_").replace("/", "_") for s in args.set) if args.set else "")
-    run_dir = os.path.join(work, "runs", tag)
-    results_dir = os.path.join(work, "results", tag)
-
-    # 1. shards ----------------------------------------------------------------------------------------
-    train_dir, test_dir, n_test = build_shards(run, py, args.dataset, n_train, args.test_images, work)
-
-    # 2. pretraining (re-running resumes; a finished run returns at once) --------------------------------
+    run_dir = os.path.join(args.work, "runs", tag)
+    results_dir = os.path.join(args.work, "results", tag)
     cmd = [py, "train.py", "--method", args.method, "--preset", args.preset, "--data", train_dir, "--out", run_dir,
            "--device", args.device]
     if args.epochs:
@@ -195,35 +196,39 @@ def main(argv=None) -> int:
             shutil.rmtree(d, ignore_errors=True)
     os.makedirs(results_dir, exist_ok=True)
     run("pretrain", cmd)
+    return run_dir, results_dir
 
-    from sslkit.trunk import load_trunk
-    _, spec = load_trunk(run_dir)
 
-    # 3. supervised reference: the project's trainer, as a subprocess (a finished run returns at once) ----
-    sup_dir = os.path.join(work, "supervised", f"{spec.arch}-e{args.sup_epochs}-c{args.sup_scale}-b{args.sup_batch}"
-                           f"-lr{args.sup_lr}-{data_tag}-s{args.size}-seed{args.seed}")
+def supervised_reference(run: Runner, py: str, args, spec, train_dir: str) -> tuple[str, dict]:
+    """(run folder, record) of the supervised reference: the project's trainer as a subprocess, the SSL
+    trunk's architecture with its default options and RGB input (a finished run returns at once)."""
+    sup_dir = os.path.join(args.work, "supervised", f"{spec.arch}-e{args.sup_epochs}-c{args.sup_scale}"
+                           f"-b{args.sup_batch}-lr{args.sup_lr}-{data_tag(args)}-s{args.size}-seed{args.seed}")
     if args.fresh:
         shutil.rmtree(sup_dir, ignore_errors=True)
-    sup_cmd = supervised_command(py, train_dir, spec.arch, sup_dir, args.sup_epochs, args.size, args.sup_batch,
-                                 args.sup_lr, args.sup_scale, args.seed, args.device)
-    run("supervised", sup_cmd)
-    sup_info = {"run": sup_dir, "ckpt": _ckpt_path(sup_dir), "epochs": _epoch_records(sup_dir),
-                "trunk": {"arch": spec.arch, "kwargs": {}, "input": "rgb"}}
+    run("supervised", supervised_command(py, train_dir, spec.arch, sup_dir, args.sup_epochs, args.size,
+                                         args.sup_batch, args.sup_lr, args.sup_scale, args.seed, args.device))
+    info = {"run": sup_dir, "ckpt": _ckpt_path(sup_dir), "epochs": _epoch_records(sup_dir),
+            "trunk": {"arch": spec.arch, "kwargs": {}, "input": "rgb"}}
     if spec.kwargs or spec.input != "rgb":
-        sup_info["note"] = (f"the SSL trunk is {spec.arch} with {spec.kwargs}, input {spec.input}; the supervised "
-                            f"reference is {spec.arch} with its defaults and RGB input")
+        info["note"] = (f"the SSL trunk is {spec.arch} with {spec.kwargs}, input {spec.input}; the supervised "
+                        f"reference is {spec.arch} with its defaults and RGB input")
+    return sup_dir, info
 
-    # 4. evaluation -----------------------------------------------------------------------------------
-    cache = os.path.join(work, "features")
-    common = ["--train", train_dir, "--val", test_dir, "--device", args.device, "--cache-dir", cache, "--no-progress"]
+
+def evaluate(run: Runner, py: str, args, layers: list[str], ckpts: dict[str, str], eval_dirs: tuple[str, str],
+             results_dir: str) -> tuple[dict, dict]:
+    """kNN + linear of the SSL trunk (and its random init) at every layer, raw pixels and the supervised
+    trunk: (headline figures {ssl, random, pixels, supervised: {kind: top1}}, {layer: {ssl, random: ...}})."""
+    common = ["--train", eval_dirs[0], "--val", eval_dirs[1], "--device", args.device,
+              "--cache-dir", os.path.join(args.work, "features"), "--no-progress"]
     trunk_crop = ["--size", str(args.size), "--resize", str(args.size)]
     pixels_crop = ["--size", str(args.pixels_size), "--resize", str(args.pixels_size)]
     probe = ["--fast", "--epochs", str(args.probe_epochs)]
-    layers = (args.layers or ("conv5,conv4,conv3" if spec.arch.startswith("alexnet") else "res5avg,res4,res3")).split(",")
     jobs = [  # (name, layer, ckpt args, crop): the SSL trunk (with its random init) at every layer
-        *[("ssl", layer, [run_dir, "--layer", layer], trunk_crop) for layer in layers],
+        *[("ssl", layer, [ckpts["ssl"], "--layer", layer], trunk_crop) for layer in layers],
         ("pixels", None, ["pixels"], pixels_crop),
-        ("supervised", None, [sup_dir, "--no-baseline"], trunk_crop),
+        ("supervised", None, [ckpts["supervised"], "--no-baseline"], trunk_crop),
     ]
     summary = {k: {} for k in ("ssl", "random", "pixels", "supervised")}
     by_layer = {layer: {"ssl": {}, "random": {}} for layer in layers}
@@ -237,14 +242,29 @@ def main(argv=None) -> int:
                     by_layer[layer][key][kind] = top1
                 if layer in (None, layers[0]):
                     summary[key][kind] = top1
+    return summary, by_layer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    load_start = list(os.getloadavg())   # the machine may be shared: wall times are read against this
+    run, py = Runner(), sys.executable
+    train_dir, test_dir, n_test = build_shards(run, py, args.dataset, args.train_images, args.test_images, args.work)
+    run_dir, results_dir = pretrain(run, py, args, train_dir)
+    from sslkit.trunk import load_trunk
+    _, spec = load_trunk(run_dir)
+    sup_dir, sup_info = supervised_reference(run, py, args, spec, train_dir)
+    layers = (args.layers or (ALEXNET_LAYERS if spec.arch.startswith("alexnet") else RESNET_LAYERS)).split(",")
+    summary, by_layer = evaluate(run, py, args, layers, {"ssl": run_dir, "supervised": sup_dir},
+                                 (train_dir, test_dir), results_dir)
     run.seconds["total"] = time.perf_counter() - t_start
     run.cpu_seconds["total"] = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
-
-    losses = [r["loss"] for r in _epoch_records(run_dir)]
     report = {**summary, "layer": layers[0], "layers": by_layer, "ckpt": _ckpt_path(run_dir),
-              "trunk": spec.to_dict(), "pretrain_epoch_losses": losses, "supervised_run": sup_info,
-              "data": {"dataset": args.dataset, "train": train_dir, "test": test_dir, "train_images": n_train,
-                       "test_images": n_test},
+              "trunk": spec.to_dict(), "pretrain_epoch_losses": [r["loss"] for r in _epoch_records(run_dir)],
+              "supervised_run": sup_info,
+              "data": {"dataset": args.dataset, "train": train_dir, "test": test_dir,
+                       "train_images": args.train_images, "test_images": n_test},
               "protocol": {"knn": "k=20, T=0.07, L2-normalised, memory = train shards", "linear":
                            f"--fast: BN+Linear on cached centre-crop features, {args.probe_epochs} epochs",
                            "trunk_crop": f"resize {args.size} + centre crop {args.size}",
@@ -256,6 +276,13 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
+    print_table(summary, by_layer, layers)
+    print(f"total {run.seconds['total']:.0f} s wall, {run.cpu_seconds['total']:.0f} s CPU "
+          f"(load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); wrote {args.json}")
+    return 0
+
+
+def print_table(summary: dict, by_layer: dict, layers: list[str]) -> None:
     rows = [("pixels", summary["pixels"])]
     for layer in layers:
         rows += [(f"random {layer}", by_layer[layer]["random"]), (f"ssl {layer}", by_layer[layer]["ssl"])]
@@ -263,9 +290,6 @@ def main(argv=None) -> int:
     print(f"\n{'features':<16} {'kNN top-1':>10} {'linear top-1':>13}")
     for name, r in rows:
         print(f"{name:<16} {r.get('knn', float('nan')):>10.4f} {r.get('linear', float('nan')):>13.4f}")
-    print(f"total {run.seconds['total']:.0f} s wall, {run.cpu_seconds['total']:.0f} s CPU "
-          f"(load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); wrote {args.json}")
-    return 0
 
 
 def _epoch_records(run_dir: str) -> list[dict]:
