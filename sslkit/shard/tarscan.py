@@ -20,14 +20,16 @@ header the tables do not vouch for (no magic, an unusual number field) is parsed
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Collection, NamedTuple
 
 import numpy as np
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
-READ_SIZE = 8 << 20
+CHUNK = 256 << 10        # bytes per read
+WINDOW = 16 << 20        # bytes whose headers are looked at together
 _POW8 = 8 ** np.arange(13, dtype=np.int64)
 
 
@@ -49,48 +51,86 @@ class ScanResult:
 
 
 class _Window:
-    """The bytes [base, base + len(buf)) of a file read sequentially, every byte hashed exactly once.
-    `reach` slides the window forward; `moves` counts the slides, so tables computed on it can tell
-    when they are stale."""
+    """The bytes [base, base + len) of a file read sequentially, every byte hashed exactly once. `reach`
+    slides the window forward; `moves` counts the slides, so tables computed on it can tell when they
+    are stale. Reads are CHUNK bytes into the window's own buffer: on a cold page cache a few large
+    reads wait for the disk in turn, while a stream of moderate ones keeps the kernel's readahead busy
+    (as `cat` does), and reading into place copies nothing."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
-        self.buf, self.base, self.moves = b"", 0, 0
+        self.size = os.fstat(f.fileno()).st_size      # a guide for the window's size, not a limit
+        self.buf, self.base, self.len, self.moves = bytearray(), 0, 0, 0
 
     @property
     def end(self) -> int:
-        return self.base + len(self.buf)
+        return self.base + self.len
+
+    def take(self, start: int, end: int) -> bytes:
+        return bytes(memoryview(self.buf)[start - self.base:end - self.base])
+
+    def _fill(self, view: memoryview) -> int:
+        """Read into `view` (short at the end of the file), hashing as it comes; return the count."""
+        n = 0
+        while n < len(view):
+            got = self.f.readinto(view[n:n + CHUNK])
+            if not got:
+                break
+            self.sha.update(view[n:n + got])
+            n += got
+        return n
 
     def reach(self, start: int, end: int) -> bool:
         """Hold at least [start, end): bytes before `start` are let go (they were hashed). False when the
         file ends first; the window then holds what there was from `start` on."""
         if end <= self.end:
             return True
-        pos = self.end
-        parts = [self.buf[start - self.base:]] if start < pos else []
-        base = start if start < pos else None
-        while pos < end:
-            block = self.f.read(READ_SIZE)
-            if not block:
-                break
-            self.sha.update(block)
-            if pos + len(block) > start:       # blocks wholly before `start` are hashed and dropped
-                if base is None:
-                    base = pos
-                parts.append(block)
-            pos += len(block)
-        self.buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.base = pos - len(self.buf) if base is None else base
+        if start > self.end:                          # a member nobody asked for: hash it, keep nothing
+            scratch = memoryview(bytearray(min(CHUNK, start - self.end)))
+            pos = self.end
+            while pos < start and (got := self._fill(scratch[:min(CHUNK, start - pos)])):
+                pos += got
+            self.buf, self.base, self.len = bytearray(), pos, 0
+            if pos < start:
+                return False
+        kept = self.end - start
+        buf = bytearray(max(end - start, min(WINDOW, self.size - start)))
+        buf[:kept] = memoryview(self.buf)[start - self.base:self.len]
+        if start + len(buf) < self.size:          # the disk reads the next window while this one is used
+            will_need(self.f.fileno(), WINDOW, start + len(buf))
+        self.len = kept + self._fill(memoryview(buf)[kept:])
+        self.buf, self.base = buf, start
         self.moves += 1
         return self.end >= end
 
     def drain(self) -> int:
         """Hash the rest of the file; return its size."""
-        size = self.end
-        while block := self.f.read(READ_SIZE):
-            self.sha.update(block)
-            size += len(block)
+        scratch, size = memoryview(bytearray(CHUNK)), self.end
+        while got := self._fill(scratch):
+            size += got
         return size
+
+
+def will_need(file: str | int, length: int, offset: int = 0) -> int:
+    """Ask the kernel to read [offset, offset + length) of a file (a path or an open descriptor) in the
+    background; returns the bytes asked for (0 where the system has no such call or refuses)."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    try:
+        fd = os.open(file, os.O_RDONLY) if isinstance(file, str) else file
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        length = min(length, size - offset)
+        if length > 0:                         # (0 would mean: to the end of the file)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        return max(length, 0)
+    except OSError:
+        return 0
+    finally:
+        if isinstance(file, str):
+            os.close(fd)
 
 
 def _octals(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +172,7 @@ class _Tables:
 
     def __init__(self, win: _Window, start: int):
         lo = start - win.base
-        n = (len(win.buf) - lo) // BLOCK
+        n = (win.len - lo) // BLOCK
         blocks = np.frombuffer(win.buf, np.uint8, n * BLOCK, lo).reshape(n, BLOCK)
         rows = np.flatnonzero(blocks[:, 257] == 117)                      # 'u' first, then the rest
         rows = rows[(blocks[rows, 258:262] == np.frombuffer(b"star", np.uint8)).all(1)]
@@ -232,14 +272,15 @@ def _ustar_name(h: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_members: int | None = None) -> ScanResult:
-    """Walk the tar at `path` once; `want(name)` says which members' bytes to keep in `Member.data`.
+def scan(path: str, keep: Collection[str] = (), max_members: int | None = None) -> ScanResult:
+    """Walk the tar at `path` once; members whose extension (WebDataset's: after the first dot of the
+    file name, lower-cased) is in `keep` have their bytes in `Member.data`.
     With `max_members`, stop after that many (a peek: no sha256, `bytes` 0)."""
     res = ScanResult()
     with open(path, "rb", buffering=0) as f:
         win = _Window(f)
         try:
-            _walk(win, res, want, max_members)
+            _walk(win, res, frozenset(keep), max_members)
         except (ValueError, IndexError, UnicodeDecodeError) as e:   # fields of a damaged header
             res.damage = f"an unreadable tar header ({e})"
         if max_members is not None and len(res.members) >= max_members:
@@ -249,7 +290,7 @@ def scan(path: str, want: Callable[[str], bool] = lambda name: False, max_member
     return res
 
 
-def _walk(win: _Window, res: ScanResult, want, max_members):
+def _walk(win: _Window, res: ScanResult, keep: frozenset, max_members):
     """The header loop of `scan`: plain stretches (see `_Tables`) are listed at once; any other header
     (no magic, a GNU long name, a PAX path or size, a member running past the window, damage) is taken
     on its own by `_header`."""
@@ -264,34 +305,38 @@ def _walk(win: _Window, res: ScanResult, want, max_members):
                 tab = _Tables(win, pos)
             rows = tab.stretch(pos)
             if rows is not None:
-                pos = _list_stretch(tab, rows, win, res, want)
+                pos = _list_stretch(tab, rows, win, res, keep)
                 if max_members is not None and len(res.members) >= max_members:
                     del res.members[max_members:]
                     return
                 continue
-        pos, pending = _header(win, res, want, pos, pending)
+        pos, pending = _header(win, res, keep, pos, pending)
         if pos is None or max_members is not None and len(res.members) >= max_members:
             return
 
 
-def _list_stretch(tab: _Tables, rows: tuple[int, int], win: _Window, res: ScanResult, want) -> int:
+def _list_stretch(tab: _Tables, rows: tuple[int, int], win: _Window, res: ScanResult, keep: frozenset) -> int:
     """List the members of a plain stretch of rows; return the byte where the header after it starts."""
     first, last = rows
     regular = tab.regular[first:last + 1]
     res.ignored += int((~regular & ~tab.skipped[first:last + 1]).sum())
     sel = np.flatnonzero(regular) + first
-    buf, base, members = win.buf, win.base, res.members
+    members, take = res.members, win.take
     for name, at, size in zip(tab.names(sel), (tab.off[sel] + BLOCK).tolist(), tab.size[sel].tolist()):
-        members.append(Member(name, at, size, buf[at - base:at - base + size] if want(name) else None))
+        data = None
+        if keep:
+            dot = name.find(".", name.rfind("/") + 1)
+            if dot >= 0 and name[dot + 1:].lower() in keep:
+                data = take(at, at + size)
+        members.append(Member(name, at, size, data))
     return int(tab.nxt[last])
 
 
-def _header(win: _Window, res: ScanResult, want, pos: int, pending):
+def _header(win: _Window, res: ScanResult, keep: frozenset, pos: int, pending):
     """One header parsed from its bytes. `pending` carries a GNU long name or PAX records to the member
     they describe. Returns (where the next header starts, pending), or (None, None) to stop."""
     long_name, pax = pending or (None, None)
-    lo = pos - win.base
-    h = win.buf[lo:lo + BLOCK]
+    h = win.take(pos, pos + BLOCK)
     if h == ZERO_BLOCK:
         return None, None   # end of archive
     if not _header_ok(h):
@@ -307,7 +352,7 @@ def _header(win: _Window, res: ScanResult, want, pos: int, pending):
         if end > win.end and not win.reach(pos, end):
             res.damage = f"the file ends inside a tar header at byte {pos}"
             return None, None
-        body = win.buf[data_at - win.base:end - win.base]
+        body = win.take(data_at, end)
         if kind == 76:
             long_name = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == 120 and (b"path=" in body or b"size=" in body):
@@ -317,11 +362,12 @@ def _header(win: _Window, res: ScanResult, want, pos: int, pending):
     if kind not in (48, 0, 55):                       # regular files ('0', NUL, '7') only
         res.ignored += 1
         return nxt, None
-    wanted = want(name)
+    dot = name.find(".", name.rfind("/") + 1)
+    wanted = dot >= 0 and name[dot + 1:].lower() in keep
     if end > win.end and not win.reach(data_at if wanted else end, end):
         res.damage = f"the file ends inside member {name} (byte {data_at}, {size} bytes)"
         res.damaged_member = name
         return None, None
-    data = win.buf[data_at - win.base:end - win.base] if wanted else None
+    data = win.take(data_at, end) if wanted else None
     res.members.append(Member(name, data_at, size, data))
     return nxt, None
