@@ -411,26 +411,6 @@ def _log_records(run_dir: str) -> list[dict]:
 
 # --- evaluation ---------------------------------------------------------------------------------------
 
-def eval_once(run: Runner, kind: str, argv: list[str], out: str) -> dict:
-    """`python -m sslkit.eval KIND ARGV --out OUT`, in this process (torch and DALI load once for the
-    study), recorded like a subprocess; skipped when OUT exists (a finished evaluation of this point)."""
-    full = [kind, *argv, "--out", out]
-    line = "python -m sslkit.eval " + " ".join(shlex.quote(x) for x in full)
-    run.commands.append(line)
-    if os.path.exists(out):
-        run.reused.append(line)
-    else:
-        from sslkit.eval.cli import main as eval_main
-        print(f"\n$ {line}", flush=True)
-        t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
-        rc = eval_main(full)
-        run.add(f"eval_{kind}", time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0)
-        if rc != 0:
-            sys.exit(f"error: evaluation failed (exit {rc}): {line}")
-    with open(out) as f:
-        return json.load(f)
-
-
 def evaluate_trunk(run: Runner, a, ckpt: str, ev: dict, eval_dirs: tuple[str, str], out_dir: str, seed: int,
                    say, pixels: bool = False) -> dict:
     """kNN + linear at every layer, SVM + low-shot at the first svm_layers: {kind: {layer: {subject: ...}}}
@@ -449,8 +429,8 @@ def evaluate_trunk(run: Runner, a, ckpt: str, ev: dict, eval_dirs: tuple[str, st
     for i, (kind, layer) in enumerate(jobs, 1):
         say(f"evaluation {i}/{len(jobs)}: {kind}" + (f" at {layer}" if layer else ""))
         ck = ["--ckpt", "pixels"] if pixels else ["--ckpt", ckpt, "--layer", layer]
-        rep = eval_once(run, kind, ck + common + extra[kind],
-                        os.path.join(out_dir, f"{kind}-{layer or 'pixels'}.json"))
+        rep = run.evaluate(kind, ck + common + extra[kind], os.path.join(out_dir, f"{kind}-{layer or 'pixels'}.json"),
+                           reuse=True)
         subjects = {{"ckpt": "ssl"}.get(n, n): r for n, r in rep["results"].items()}
         out.setdefault(kind, {})[layer or "pixels"] = {n: summarise(kind, r) for n, r in subjects.items()}
     return out
@@ -474,7 +454,6 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     t_start, load_start = time.perf_counter(), list(os.getloadavg())
     run, py = Runner(), sys.executable
-    run.reused = []       # evaluations whose JSON an earlier invocation wrote (not run again)
     os.makedirs(a.work, exist_ok=True)
     print(f"scaling study: {a.method} ({a.train_preset}), axis {a.axis} = {a.values}, trunks {a.arches}, "
           f"{a.seeds} seed(s); work folder {a.work}", flush=True)

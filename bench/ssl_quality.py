@@ -5,7 +5,8 @@
 
 1. shards: `--dataset fmnist` (default): the first --train-images (5,000) Fashion-MNIST training images,
    labelled (pretraining data, kNN memory and probe training set), and the 10,000 test images (what every
-   number is measured on; --test-images N takes the first N), each `sslkit.shard build IDX --limit N`. `--dataset sample`: the embedded colour corpus labelled by photo,
+   number is measured on; --test-images N takes the first N), each `sslkit.shard build IDX --limit N`.
+   `--dataset sample`: the embedded colour corpus labelled by photo,
    `sample:600` at seed 0 for training and `sample:300` at seed 1 for testing (other random crops of the
    same 12 photographs) -- for colorization, which has nothing to learn from grey images;
 2. pretraining: `train.py --method M --preset P --data TRAIN --out RUN --device cpu` (a subprocess);
@@ -14,7 +15,8 @@
    --sup-scale-1 + flip, --sup-epochs epochs, SGD + cosine, cross-entropy) -- the upper end the SSL trunk
    is read against. It is built with the architecture's default options and RGB input: for colorization's
    1-channel, stride-1 trunk it is the RGB version of the same architecture;
-4. evaluation with `python -m sslkit.eval` (subprocesses, features cached under the work folder):
+4. evaluation with `python -m sslkit.eval` (run in this process, each recorded as its command line;
+   features cached under the work folder):
    kNN (k=20, T=0.07) and a linear probe (`--fast`: cached centre-crop features, no augmentation) for
    the SSL trunk, the same trunk at its seeded initialisation (the CLI's baseline), raw pixels (a
    --pixels-size centre crop, 28: the raw 28x28 Fashion-MNIST image; L2-normalised; kNN and linear) and
@@ -68,6 +70,7 @@ class Runner:
 
     def __init__(self):
         self.commands: list[str] = []
+        self.reused: list[str] = []     # evaluations read back from an earlier invocation's JSON, not run again
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
 
@@ -85,6 +88,27 @@ class Runner:
         if rc != 0:
             sys.exit(f"error: stage {stage} failed (exit {rc}): {line}")
 
+    def evaluate(self, kind: str, argv: list[str], out: str, reuse: bool = False) -> dict:
+        """`python -m sslkit.eval KIND ARGV --out OUT` run in this process (torch, DALI and the pipelines'
+        numba operators load once per bench run, not once per evaluation: most of a small evaluation's
+        time), recorded like a subprocess; with reuse, skipped when OUT exists (an evaluation an earlier
+        invocation finished). Returns OUT's report."""
+        full = [kind, *argv, "--out", out]
+        line = "python -m sslkit.eval " + " ".join(shlex.quote(x) for x in full)
+        self.commands.append(line)
+        if reuse and os.path.exists(out):
+            self.reused.append(line)
+        else:
+            from sslkit.eval.cli import main as eval_main
+            print(f"\n$ {line}", flush=True)
+            t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
+            rc = eval_main(full)
+            self.add(f"eval_{kind}", time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0)
+            if rc != 0:
+                sys.exit(f"error: evaluation failed (exit {rc}): {line}")
+        with open(out) as f:
+            return json.load(f)
+
 
 def supervised_command(py: str, train_dir: str, arch: str, out: str, epochs: int, size: int, batch: int,
                        lr: float, min_scale: float, seed: int, device: str) -> list[str]:
@@ -98,13 +122,9 @@ def supervised_command(py: str, train_dir: str, arch: str, out: str, epochs: int
             "--set", f"method_options.scale=[{min_scale},1.0]", "--set", "log_every=50"]
 
 
-def read_result(path: str, kind: str) -> dict:
-    with open(path) as f:
-        rep = json.load(f)
-    out = {}
-    for name, r in rep["results"].items():
-        out[name] = r["top1"]["20"] if kind == "knn" else r["top1"]
-    return out
+def top1s(rep: dict, kind: str) -> dict:
+    """{subject: top-1} of one evaluation report (kNN: at k=20)."""
+    return {name: r["top1"]["20"] if kind == "knn" else r["top1"] for name, r in rep["results"].items()}
 
 
 DATASETS = ("fmnist", "sample")
@@ -216,7 +236,7 @@ def supervised_reference(run: Runner, py: str, args, spec, train_dir: str) -> tu
     return sup_dir, info
 
 
-def evaluate(run: Runner, py: str, args, layers: list[str], ckpts: dict[str, str], eval_dirs: tuple[str, str],
+def evaluate(run: Runner, args, layers: list[str], ckpts: dict[str, str], eval_dirs: tuple[str, str],
              results_dir: str) -> tuple[dict, dict]:
     """kNN + linear of the SSL trunk (and its random init) at every layer, raw pixels and the supervised
     trunk: (headline figures {ssl, random, pixels, supervised: {kind: top1}}, {layer: {ssl, random: ...}})."""
@@ -235,8 +255,8 @@ def evaluate(run: Runner, py: str, args, layers: list[str], ckpts: dict[str, str
     for name, layer, ck, crop in jobs:
         for kind, extra in (("knn", ["--k", "10,20,100,200"]), ("linear", probe)):
             out = os.path.join(results_dir, f"{name}{'-' + layer if layer else ''}-{kind}.json")
-            run(f"eval_{kind}", [py, "-m", "sslkit.eval", kind, "--ckpt", *ck, *crop, *common, *extra, "--out", out])
-            for subject, top1 in read_result(out, kind).items():
+            rep = run.evaluate(kind, ["--ckpt", *ck, *crop, *common, *extra], out)
+            for subject, top1 in top1s(rep, kind).items():
                 key = {"ckpt": name, "random": "random"}.get(subject, name)
                 if layer:
                     by_layer[layer][key][kind] = top1
@@ -256,7 +276,7 @@ def main(argv=None) -> int:
     _, spec = load_trunk(run_dir)
     sup_dir, sup_info = supervised_reference(run, py, args, spec, train_dir)
     layers = (args.layers or (ALEXNET_LAYERS if spec.arch.startswith("alexnet") else RESNET_LAYERS)).split(",")
-    summary, by_layer = evaluate(run, py, args, layers, {"ssl": run_dir, "supervised": sup_dir},
+    summary, by_layer = evaluate(run, args, layers, {"ssl": run_dir, "supervised": sup_dir},
                                  (train_dir, test_dir), results_dir)
     run.seconds["total"] = time.perf_counter() - t_start
     run.cpu_seconds["total"] = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
