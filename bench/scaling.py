@@ -503,10 +503,11 @@ def main(argv=None) -> int:
         computed += 1
         durations.append(rec["wall_seconds"])
         say(f"done in {_hms(rec['wall_seconds'])}", finished=True)
-    return finish(a, run, configs, points, pixels, eval_dirs, stopped, t_start, load_start)
+    return finish(a, run, configs, points, pixels, eval_dirs, stopped, t_start, load_start,
+                  sys.argv[1:] if argv is None else list(argv))
 
 
-def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start, load_start) -> int:
+def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start, load_start, argv) -> int:
     from scaling_plot import plot_study   # matplotlib only once there is something to draw
     complete = len(points) == len(configs)
     report = {"study": {k: v for k, v in vars(a).items() if k not in ("list_presets",)},
@@ -520,7 +521,7 @@ def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start,
               "seconds": {**run.seconds, "total": time.perf_counter() - t_start}, "cpu_seconds": run.cpu_seconds,
               "load_average": {"start": load_start, "end": list(os.getloadavg())},
               "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "argv": sys.argv[1:]}
+              "argv": argv}
     if points:
         plot_study(report, a.plot)
     _write_json(a.json, report)

@@ -1,8 +1,10 @@
 """bench/gpu.sh and bench/throughput.py: the smoke mode runs end to end and writes sane, positive numbers, a
-JSON and a PNG; the train probe crosses epochs. Never a speed threshold: CI machines differ, and throughput is judged from bench/out runs."""
+JSON and a PNG; the train probe crosses epochs. Never a speed threshold: CI machines differ, and throughput is
+judged from bench/out runs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, build_small, fashion_mnist_dir
 
@@ -63,10 +66,10 @@ def test_train_probe_crosses_epoch_boundaries(tmp_path):
     """More timed steps than an epoch has: the probe calls the method's epoch hook like the trainer
     (a DeepClusterV2 memory bank holds one epoch and overflowed before)."""
     data = str(tmp_path / "shards")
-    build_small(data, sources=("sample:48",))
+    build_small(data, sources=("sample:24",))    # 3 steps an epoch at batch 8; the probe takes >= 13
     out = tmp_path / "t.json"
     cmd = [sys.executable, os.path.join(REPO, "bench", "throughput.py"), "--data", data, "--mode", "train",
-           "--threads", "1", "--batch-size", "8", "--rounds", "2", "--batches", "5", "--warmup", "1",
+           "--threads", "1", "--batch-size", "8", "--rounds", "1", "--batches", "5", "--warmup", "1",
            "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -75,12 +78,17 @@ def test_train_probe_crosses_epoch_boundaries(tmp_path):
     assert rec["status"] == "ok" and rec["epochs_crossed"] >= 2, rec
 
 
-def test_throughput_rejects_bad_arguments(tmp_path, capsys):
+def bench_module(name: str):
+    """bench/NAME.py imported in this process (bench/ is a folder of scripts, not a package)."""
     sys.path.insert(0, os.path.join(REPO, "bench"))
     try:
-        import throughput
+        return importlib.import_module(name)
     finally:
         sys.path.remove(os.path.join(REPO, "bench"))
+
+
+def test_throughput_rejects_bad_arguments(tmp_path, capsys):
+    throughput = bench_module("throughput")
     cases = [
         (["--data", str(tmp_path), "--pipelines", "nope"], "unknown pipeline 'nope'"),
         (["--data", str(tmp_path), "--pipelines", "decode"], "unknown pipeline 'decode'"),
@@ -96,19 +104,24 @@ def test_throughput_rejects_bad_arguments(tmp_path, capsys):
         assert "Traceback" not in err
 
 
-def test_ssl_quality_protocol_end_to_end(tmp_path):
+def test_ssl_quality_protocol_end_to_end(tmp_path, monkeypatch):
     """bench/ssl_quality.py at toy size on real Fashion-MNIST: shards with --limit, a one-epoch DCv2 run,
     the supervised reference through train.py, kNN + linear for the four feature sets, and the JSON the
-    evaluation issue asks for (fractions; every command recorded)."""
+    evaluation issue asks for (fractions; every command recorded). Its `main` runs in this process (its
+    shard builds and training runs are subprocesses as always): the evaluations then share the torch,
+    DALI and compiled pipeline operators this test process already has."""
     fashion_mnist_dir()   # a clear error when `make test` has not fetched it
     out = tmp_path / "q.json"
-    cmd = [sys.executable, os.path.join(REPO, "bench", "ssl_quality.py"), "--method", "deepclusterv2",
-           "--preset", "tiny", "--epochs", "1", "--train-images", "128", "--test-images", "100",
-           "--sup-epochs", "1", "--sup-batch", "32", "--probe-epochs", "2", "--layers", "res5avg,res3",
-           "--work", str(tmp_path / "work"),
-           "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # the training subprocesses: tiny models, 2 shared cores
+    threads = torch.get_num_threads()                # the evaluations set this process' share
+    try:
+        rc = bench_module("ssl_quality").main([
+            "--method", "deepclusterv2", "--preset", "tiny", "--epochs", "1", "--train-images", "128",
+            "--test-images", "100", "--sup-epochs", "1", "--sup-batch", "32", "--probe-epochs", "2",
+            "--layers", "res5avg,res3", "--work", str(tmp_path / "work"), "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
     rep = json.loads(out.read_text())
     for name, kinds in (("ssl", ("knn", "linear")), ("random", ("knn", "linear")), ("pixels", ("knn", "linear")),
                         ("supervised", ("knn", "linear"))):
@@ -121,3 +134,4 @@ def test_ssl_quality_protocol_end_to_end(tmp_path):
     assert os.path.isdir(rep["ckpt"]) and len(rep["pretrain_epoch_losses"]) == 1
     assert any("--limit 128" in c for c in rep["commands"])
     assert any("--method supervised" in c for c in rep["commands"])
+    assert sum(c.startswith("python -m sslkit.eval ") for c in rep["commands"]) == 8   # 4 feature sets x 2

@@ -8,23 +8,35 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "scaling.py")
 
 
-def _study(tmp_path, *extra):
-    cmd = [sys.executable, SCRIPT, "--preset", "tiny", "--layers", "res5avg", "--work", str(tmp_path / "work"),
-           "--json", str(tmp_path / "study.json"), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads((tmp_path / "study.json").read_text())
+def _study(tmp_path, capsys, monkeypatch, *extra):
+    """One invocation of the study, its `main` in this process (pretraining runs are train.py subprocesses
+    as always; the evaluations share the torch, DALI and compiled pipeline operators this process has)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(os.path.join(REPO, "bench"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # train.py: tiny models on 2 shared cores
+    threads = torch.get_num_threads()                # the evaluations set this process' share
+    capsys.readouterr()
+    try:
+        rc = scaling.main(["--preset", "tiny", "--layers", "res5avg", "--work", str(tmp_path / "work"),
+                           "--json", str(tmp_path / "study.json"), *extra])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return capsys.readouterr().out, json.loads((tmp_path / "study.json").read_text())
 
 
-def test_interrupted_study_resumes_without_recomputing(tmp_path):
-    out1, rep1 = _study(tmp_path, "--max-points", "1")
+def test_interrupted_study_resumes_without_recomputing(tmp_path, capsys, monkeypatch):
+    out1, rep1 = _study(tmp_path, capsys, monkeypatch, "--max-points", "1")
     assert not rep1["complete"] and rep1["points_done"] == 1 and rep1["points_total"] == 2
     assert "re-run the same command to continue" in out1
     first = rep1["points"][0]
@@ -33,7 +45,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     stamp = os.stat(done).st_mtime_ns
     ckpts = sorted(os.listdir(os.path.join(first["pretrain"]["run"], "checkpoints")))
 
-    out2, rep2 = _study(tmp_path)
+    out2, rep2 = _study(tmp_path, capsys, monkeypatch)
     assert rep2["complete"] and [p["config"]["value"] for p in rep2["points"]] == [10, 100]
     # the first point was read back, not recomputed: same record file, same checkpoints, no command of it re-run
     p1, p2 = rep2["points"]
