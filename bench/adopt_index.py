@@ -5,7 +5,8 @@
 1. corpus (cached in --work): ImageNet-like JPEGs of the embedded sample corpus (`shard build sample:N`),
    written again by webdataset's own ShardWriter as --shards tars of --per-shard samples (jpg + cls +
    json, the usual web layout);
-2. limit: `cat` of every tar to /dev/null, the sequential read that indexing cannot beat;
+2. limit: `cat` of every tar to /dev/null, the sequential read that indexing cannot beat (its rounds
+   alternate with those of step 3);
 3. index: `python -m sslkit.shard index TARS --out NEW` (headers + sha256 of every byte, no decode);
 4. rebuild: unpack every tar (`tar -xf`) and `python -m sslkit.shard build` the files, what the only way
    in used to be; timed as one command, the unpacking included.
@@ -96,12 +97,15 @@ def main(argv=None) -> int:
     size = sum(os.path.getsize(t) for t in tar_list)
     images = args.shards * args.per_shard
     scratch = tempfile.mkdtemp(prefix="adoptbench-")
+    load_before = os.getloadavg()
     workers = str(args.workers or os.cpu_count() or 1)
     try:
         cold = [] if args.warm else tar_list
-        cat = timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *tar_list], args.rounds, cold=cold)
-        index = timed([sys.executable, "-m", "sslkit.shard", "index", tars, "--out", os.path.join(scratch, "idx"),
-                       "--no-progress", "--workers", workers], args.rounds, os.path.join(scratch, "idx"), cold)
+        cat, index = [], []
+        for _ in range(args.rounds):    # alternated, so a change in the machine's load touches both alike
+            cat += timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *tar_list], 1, cold=cold)
+            index += timed([sys.executable, "-m", "sslkit.shard", "index", tars, "--out", os.path.join(scratch, "idx"),
+                            "--no-progress", "--workers", workers], 1, os.path.join(scratch, "idx"), cold)
         unpacked, built = os.path.join(scratch, "unpacked"), os.path.join(scratch, "built")
         rebuild = (f'mkdir -p "{unpacked}" && for t in "$@"; do tar -xf "$t" -C "{unpacked}"; done && '
                    f'"{sys.executable}" -m sslkit.shard build "{unpacked}" --out "{built}" --no-progress --workers {workers}')
@@ -111,23 +115,27 @@ def main(argv=None) -> int:
             build += timed(["sh", "-c", rebuild, "rebuild", *tar_list], 1, built, cold)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in (("cat", cat), ("index", index), ("build", build))}
+    med = {k: statistics.median(v) for k, v in (("cat", cat), ("index", index), ("build", build)) if v}
     report = {
         "shards": len(tar_list), "images": images, "bytes": size, "workers": int(workers), "cores": os.cpu_count(),
         "page_cache": "warm" if args.warm else "evicted before every round",
+        # other processes share the cores: the 1-minute load average before and after the runs
+        "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
         "seconds": {"cat": cat, "index": index, "build": build},
         "shards_per_s": {k: len(tar_list) / med[k] for k in med},
         "mb_per_s": {k: size / 1e6 / med[k] for k in med},
         "index_vs_read_limit": med["cat"] / med["index"],
-        "rebuild_vs_index": med["build"] / med["index"],
+        "rebuild_vs_index": med["build"] / med["index"] if "build" in med else None,
         "command": "python bench/adopt_index.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"{len(tar_list)} tars, {images} images, {size / 1e6:.0f} MB, {workers} worker(s), page cache "
-          f"{report['page_cache']}; median of {args.rounds} (rebuild: {args.rebuild_rounds})")
+          f"{report['page_cache']}; median of {args.rounds} (rebuild: {args.rebuild_rounds}); load average "
+          f"{load_before[0]:.1f} before, {report['load_average']['after']:.1f} after")
     for k, label in (("cat", "read limit (cat)"), ("index", "shard index"), ("build", "shard build (rebuild)")):
-        print(f"  {label:24s} {med[k]:7.2f} s  {report['shards_per_s'][k]:8.1f} shards/s  {report['mb_per_s'][k]:8.0f} MB/s")
-    print(f"  index at {100 * report['index_vs_read_limit']:.0f}% of the read limit; "
-          f"rebuilding takes {report['rebuild_vs_index']:.1f}x as long as indexing")
+        if k in med:
+            print(f"  {label:24s} {med[k]:7.2f} s  {report['shards_per_s'][k]:8.1f} shards/s  {report['mb_per_s'][k]:8.0f} MB/s")
+    print(f"  index at {100 * report['index_vs_read_limit']:.0f}% of the read limit"
+          + (f"; rebuilding takes {report['rebuild_vs_index']:.1f}x as long as indexing" if "build" in med else ""))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -312,3 +312,63 @@ def test_adopting_built_shards_finds_the_same_sample_indices(sample_shards, tmp_
     for i, s in seen.items():
         assert s["json"] == built.component(i, "json")          # the very sample stored at index i
         assert s["label"] == int(s["cls"]) == int(built.component(i, "cls"))
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax", "v7"])
+def test_the_tar_scan_agrees_with_tarfile(tmp_path, monkeypatch, fmt):
+    """The header walk (tables computed per window with numpy, stretches listed at once) against Python's
+    own tarfile: long names (GNU records, PAX paths, ustar prefixes), empty and block-sized members,
+    a directory, old v7 headers without the ustar magic; with tiny reads and windows, so members and
+    PAX records cross window edges, and a tar stored inside the tar."""
+    import io
+    import tarfile
+    from sslkit.shard import tarscan
+    rng = np.random.default_rng(3)
+    raw = io.BytesIO()
+    form = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "v7": tarfile.USTAR_FORMAT}[fmt]
+    with tarfile.open(fileobj=raw, mode="w", format=form) as t:
+        for i in range(40):
+            name = f"k{i // 2:03d}.{'cls' if i % 2 else 'jpg'}"
+            if i % 7 == 3:
+                name = ("deep/" * 12 if fmt != "v7" else "d/") + name    # over 100 bytes but for v7
+            data = rng.integers(0, 256, int(rng.choice([0, 1, 511, 512, 513, 5000]))).astype(np.uint8).tobytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5          # a fractional mtime: a PAX record in pax format
+            t.addfile(info, io.BytesIO(data))
+            if i == 20:     # a tar inside the tar: headers with the ustar magic inside a member's data
+                inner = io.BytesIO()
+                with tarfile.open(fileobj=inner, mode="w", format=tarfile.USTAR_FORMAT) as nested:
+                    for j in range(3):
+                        nested.addfile(tarfile.TarInfo(f"inner{j}.cls"), io.BytesIO(b""))
+                nested_info = tarfile.TarInfo("k999.tar")
+                inner_tar = inner.getvalue()[:5 * 512]       # three headers, the end-of-archive blocks
+                nested_info.size = len(inner_tar)
+                t.addfile(nested_info, io.BytesIO(inner_tar))
+            if i == 10:
+                folder = tarfile.TarInfo("a-folder")
+                folder.type = tarfile.DIRTYPE
+                t.addfile(folder)
+    blob = bytearray(raw.getvalue())
+    if fmt == "v7":         # strip the magic from every header, as tars from before POSIX have none
+        pos = 0
+        while blob[pos:pos + 512] != bytes(512):
+            head = blob[pos:pos + 512]
+            size = int(bytes(head[124:136]).strip(b" \0") or b"0", 8)
+            head[257:265] = bytes(8)
+            head[148:156] = b" " * 8
+            head[148:156] = b"%06o\0 " % sum(head)
+            blob[pos:pos + 512] = head
+            pos += 512 + (size + 511) // 512 * 512
+    path = tmp_path / "t.tar"
+    path.write_bytes(bytes(blob))
+    with tarfile.open(path) as t:
+        truth = [(m.name, m.offset_data, m.size) for m in t.getmembers() if m.isfile()]
+    for chunk, window in ((tarscan.CHUNK, tarscan.WINDOW), (1536, 4096)):
+        monkeypatch.setattr(tarscan, "CHUNK", chunk)
+        monkeypatch.setattr(tarscan, "WINDOW", window)
+        res = tarscan.scan(str(path), keep={"cls"})
+        assert [(m.name, m.offset, m.size) for m in res.members] == truth
+        assert all((m.data is not None) == m.name.endswith(".cls") for m in res.members)
+        assert all(m.data == bytes(blob[m.offset:m.offset + m.size]) for m in res.members if m.data is not None)
+        assert res.damage is None and res.ignored == 1
+        assert res.sha256 == hashlib.sha256(blob).hexdigest() and res.bytes == len(blob)
