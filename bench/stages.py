@@ -21,7 +21,8 @@ from nvidia.dali import pipeline_def
 import baseline_pil as B
 from pipelines import LoaderConfig, ShardSet, make_loader
 from pipelines.augment import decode
-from pipelines.reader import read
+from pipelines.loader import epoch_order
+from pipelines.reader import SampleSource, read
 from report import cfg_label, new_record, progress
 
 def _multicrop(opts, seed):
@@ -107,13 +108,15 @@ def forever(loader):
 def decode_stage(args, cfg):
     """The DALI decode-only pipeline: the shared reader stage and the decoder, nothing after it.
     Reader options are the loader's defaults, so it does exactly the reading a pipeline does."""
-    shards, defaults = ShardSet.open(args.data), LoaderConfig(batch_size=1)
+    shards = ShardSet.open(args.data)
+    defaults = LoaderConfig(batch_size=cfg["batch_size"], seed=args.seed)
     hw = cfg["hw_decoder_load"]  # GPU rows always carry one (the loader's default unless swept)
+    source = SampleSource(shards, lambda epoch: epoch_order(shards, defaults, epoch), 0, 0, 0, defaults.batch_size,
+                          want_label=False, extra_keys=(), use_mmap=defaults.use_mmap)
 
     @pipeline_def
     def decode_only():
-        jpg, _, _, _, _ = read(shards, rank=0, world_size=1, shuffle_buffer=defaults.shuffle_buffer,
-                                 want_label=False, seed=args.seed)
+        jpg, _, _, _ = read(source)
         return decode(jpg, args.device, hw)  # read() already swapped damaged samples for the placeholder
 
     pipe = decode_only(batch_size=cfg["batch_size"], num_threads=cfg["threads"],

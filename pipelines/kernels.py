@@ -1,12 +1,14 @@
-"""numba kernels inside the DALI graphs: the JPEG check, the crop windows, the fused CPU colour stage.
+"""numba kernels of the pipelines: the image check, the crop windows, the fused CPU colour stage.
 
-Each runs as a DALI `numba_function` operator, called once per sample in DALI's thread pool, so no Python
-runs per sample and one operator does what would otherwise take dozens of scalar DALI ops (every op
-costs ~0.25 ms per batch whatever it computes). The numerics are `@njit(cache=True)` functions, compiled
-once and cached on disk; they take plain scalars and arrays. The run functions that read the graph's
-tensors (and the uniform layout `VIEW_U`) are compiled when their operator is first made, together with
-the C wrapper DALI compiles for every NumbaFunction (~2 s): the operators are made once per process
-(`_op`) and reused by every pipeline, so their parameters travel as constant inputs, never as closures.
+The image check (`image_ok`) runs in the reader's Python source on the bytes it has just read (a cached
+njit function: microseconds per image, no operator). The others run as DALI `numba_function` operators,
+called once per sample in DALI's thread pool, so no Python runs per sample and one operator does what
+would otherwise take dozens of scalar DALI ops (every op costs ~0.25 ms per batch whatever it
+computes). The numerics are `@njit(cache=True)` functions, compiled once and cached on disk; they take
+plain scalars and arrays. The run functions that read the graph's tensors (and the uniform layout
+`VIEW_U`) are compiled when their operator is first made, together with the C wrapper DALI compiles for
+every NumbaFunction (seconds each, in every process): the operators are made once per process (`_op`)
+and reused by every pipeline, so their parameters travel as constant inputs, never as closures.
 
 The semantics are those of pipelines/spec.py; tests/reference.py re-implements them for the tests.
 """
@@ -196,25 +198,6 @@ def image_ok(b) -> bool:
     return jpeg_ok(b)
 
 
-@do_not_convert
-def _check_run(dst, intact, src):
-    # element loops, not slice assignments: numba takes seconds longer to compile those
-    ok = image_ok(src)
-    body = src.shape[0] if ok else PLACEHOLDER_JPEG.shape[0]
-    for i in range(body):
-        dst[i] = src[i] if ok else PLACEHOLDER_JPEG[i]
-    for i in range(body, dst.shape[0]):
-        dst[i] = 0      # after EOI (only for samples shorter than the placeholder): decoders skip it
-    intact[0] = ok
-
-
-@do_not_convert
-def _check_setup(outs, ins):
-    for i in range(len(ins[0])):
-        outs[0][i][0] = max(ins[0][i][0], PLACEHOLDER_JPEG.shape[0])
-        outs[1][i][0] = 1
-
-
 # == crop windows ====================================================================================
 
 @njit(cache=True)
@@ -400,7 +383,6 @@ def _fused_setup(outs, ins):
 
 _KINDS = {
     # kind: (run, setup, out_types, in_types, outs_ndim, ins_ndim)
-    "check": (_check_run, _check_setup, [types.UINT8, types.UINT8], [types.UINT8], [1, 1], [1]),
     "roi": (_roi_run, _roi_setup, [types.FLOAT] * 6, [types.INT64, types.FLOAT, types.FLOAT], [1] * 6, [1, 2, 2]),
     "fused": (_fused_run, _fused_setup, [types.FLOAT], [types.UINT8, types.FLOAT, types.FLOAT], [4], [4, 2, 1]),
 }
@@ -419,11 +401,6 @@ def register_op(kind: str, run, setup, out_types, in_types, outs_ndim, ins_ndim)
     """Another module's numba operator (e.g. the jigsaw tiles), made once per process through `_op`."""
     _KINDS.setdefault(kind, (run, setup, out_types, in_types, outs_ndim, ins_ndim))
     return functools.partial(_op, kind)
-
-
-def check_jpeg(jpg):
-    """(jpg, intact): the encoded bytes, or the placeholder JPEG where `image_ok` fails; intact uint8 [1]."""
-    return _op("check")(jpg)
 
 
 def view_rois(shape, u, rows: list[list[float]]):

@@ -80,6 +80,13 @@ class LoaderConfig:
             raise LoaderError(f"hw_decoder_load={self.hw_decoder_load}: expected 0..1")
 
 
+def epoch_order(shards: ShardSet, config: LoaderConfig, epoch: int, pad: bool = True,
+                earlier: tuple[Stage, ...] = ()) -> EpochOrder:
+    """The sample order of `epoch` of `shards` for `config`'s world (after `earlier` stages of it)."""
+    return EpochOrder(shards.counts, shards.first_index, config.seed, epoch, config.shuffle_buffer, pad=pad,
+                      stages=earlier + (Stage(config.world_size, config.batch_size),))
+
+
 def default_threads(processes_per_machine: int = 1, device: str = "cpu") -> int:
     """This process' share of the CPU cores it may use; at most sslkit.threads.GPU_THREADS for a GPU
     pipeline (sslkit.threads, which also gives torch its threads beside these)."""
@@ -151,10 +158,8 @@ class DaliLoader:
 
     def order(self, epoch: int, fresh: bool = False) -> EpochOrder:
         """The sample order of `epoch` (with the current epoch's earlier stages unless `fresh`)."""
-        c, s = self.config, self.shards
         earlier = self.earlier_stages if epoch == self.epoch and not fresh else ()
-        return EpochOrder(s.counts, s.first_index, c.seed, epoch, c.shuffle_buffer, pad=not self.exhaustive,
-                          stages=earlier + (Stage(c.world_size, c.batch_size),))
+        return epoch_order(self.shards, self.config, epoch, pad=not self.exhaustive, earlier=earlier)
 
     @property
     def epoch_fraction(self) -> float:
@@ -177,10 +182,10 @@ class DaliLoader:
 
         @pipeline_def(enable_checkpointing=True)
         def pipe():
-            jpg, meta, intact, extras = read(source, extra_keys=tuple(cfg.extra_keys))
+            jpg, meta, extras = read(source, extra_keys=tuple(cfg.extra_keys))
             outs = family.graph(GraphInputs(jpg=jpg, shape=image_shape(jpg), device=cfg.device,
                                             hw_decoder_load=cfg.hw_decoder_load, with_params=cfg.with_params))
-            outs["meta"], outs["intact"] = meta, intact
+            outs["meta"] = meta
             outs.update(zip(cfg.extra_keys, extras))
             names.extend(outs)
             return tuple(outs.values())
@@ -232,17 +237,18 @@ class DaliLoader:
 
     # -- iteration --------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return -(-self._slice_length() // self.config.batch_size)
+        return -(-self.samples_this_epoch // self.config.batch_size)
 
-    def _slice_length(self) -> int:
-        """Samples this rank reads in the current epoch (evaluation: its own slice, the last rank's
-        may be shorter)."""
+    @property
+    def samples_this_epoch(self) -> int:
+        """Samples this rank reads in the current epoch: training, its padded slice; evaluation, its own
+        slice of the stored order (ranks' slices differ by at most one)."""
         if self.exhaustive:
             return len(self.order(self.epoch).rank_sequence(self.config.rank))
         return self.order(self.epoch).rank_length()
 
     def __iter__(self):
-        n_batches, length, b = len(self), self._slice_length(), self.config.batch_size
+        n_batches, length, b = len(self), self.samples_this_epoch, self.config.batch_size
         while self.position < n_batches:
             keep = min(b, length - self.position * b)
             batch = self._to_torch(self._run(), keep)
@@ -265,11 +271,10 @@ class DaliLoader:
         raw = {name: _byte_strings(tl, keep) if name in ragged else _to_tensor(tl, self.device)[:keep]
                for name, tl in zip(self._names, outputs)}
         # The reader's fields are CPU tensors: counted there, so nothing waits for the GPU.
-        meta = raw.pop("meta")   # [B, 2]: index, label (labelled) or [B, 1]: index
-        raw["index"] = meta[:, 0].contiguous()
-        if meta.shape[1] > 1:
-            raw["label"] = meta[:, 1].contiguous()
-        raw["intact"] = raw["intact"].view(-1).bool()
+        meta = raw.pop("meta")   # [B, 3]: index, intact, label (labelled) or [B, 2]: index, intact
+        raw["index"], raw["intact"] = meta[:, 0].contiguous(), meta[:, 1].bool()
+        if meta.shape[1] > 2:
+            raw["label"] = meta[:, 2].contiguous()
         broken = int((~raw["intact"]).sum())
         if broken and len(self._corrupt_seen) < 5:
             self._corrupt_seen += raw["index"][~raw["intact"]].tolist()[:5 - len(self._corrupt_seen)]
@@ -316,7 +321,15 @@ class DaliLoader:
             self.earlier_stages += (Stage(state["world_size"], state["batch_size"], self.position),)
             self.position = 0
         self.samples_per_rank = self.order(self.epoch).rank_length()
-        self._pipe = self._build(state["dali"] if same else None)
+        if not same:
+            self._pipe = self._build()
+            return
+        try:
+            self._pipe = self._build(state["dali"])
+        except RuntimeError as e:   # a graph that changed since (another sslkit version): same samples
+            log.warning("rank %d: DALI's saved state does not fit this pipeline (%s); the sample order continues "
+                        "exactly, the augmentations' random draws restart", c.rank, str(e).splitlines()[0][:160])
+            self._pipe = self._build()
 
 
 def _to_tensor(tl, device: torch.device) -> torch.Tensor:

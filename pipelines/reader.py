@@ -1,7 +1,6 @@
 """The reader stage every graph shares: manifest -> this rank's samples -> (jpg, index, label, intact).
 
-sslkit reads the samples itself and hands them to DALI through one `fn.external_source` (one CPU
-operator): the order is sslkit's (`pipelines.order`), so a rank opens only the shards its slice of the
+sslkit reads the samples itself and hands them to DALI through one `fn.external_source`: the order is sslkit's (`pipelines.order`), so a rank opens only the shards its slice of the
 epoch touches, parses only their index files, and a resumed run -- on any number of ranks -- knows
 which samples are left. DALI's own `readers.webdataset` indexes the whole dataset in every process
 (~320 bytes per sample whatever `num_shards` is: ~32 GB per rank at 100M samples), which is what this
@@ -10,9 +9,10 @@ DALI: ~3-10 us, against the ~40-500 us per image that decoding and augmenting ta
 
 Built folders (`sslkit.shard build`) and adopted ones (`sslkit.shard index`) are read alike: the index
 of a sample is its shard's first index plus its position there, the label the `cls` member (built) or
-`labels.npy` (adopted). The image check and the placeholder swap are one numba operator
-(`pipelines.kernels.check_jpeg`): the whole stage is 4 operators (the source's two outputs, image and
-(index, label), the check, the header shape), plus one per extra member.
+`labels.npy` (adopted). The image check (`pipelines.kernels.image_ok`, a cached numba function) runs
+here too, on the bytes just read: a damaged image becomes the placeholder JPEG and is flagged. The whole
+stage is 2 DALI operators (the source's outputs: the images, and (index, intact, label)), plus one per
+extra member: no numba operator, whose wrapper DALI compiles anew in every process (seconds each).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from nvidia.dali import fn
 from sslkit.shard import manifest as mf
 from sslkit.shard.tarwriter import read_index
 
-from .kernels import check_jpeg
+from .kernels import PLACEHOLDER_JPEG, image_ok
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _table(directory: str, name: str, total: int) -> np.ndarray:
 
 class SampleSource:
     """What `fn.external_source` calls for each batch: the next batch of this rank's sample order, as
-    (image bytes, [index, label] int64 ([index] when unlabelled), extras' bytes). Walks the epochs on its
+    (image bytes, [index, intact, label] int64 ([index, intact] when unlabelled), extras' bytes). Walks the epochs on its
     own (DALI prefetches ahead of the loader): `orders(epoch)` gives each epoch's `EpochOrder`, whose
     last stage `rank` reads, starting at batch `position` of `first_epoch`. Holds open only the shards of the epochs it is
     reading."""
@@ -193,14 +193,16 @@ class SampleSource:
             row = self._tables[k][i - self.shards.first_index[k]]
             for c in range(len(self.components)):
                 columns[c].append(self._bytes(k, *row[c]))
-        meta = index[:, None]
+        # the image check: a damaged image is swapped for the placeholder JPEG and flagged, never dropped
+        intact = np.array([image_ok(b) for b in columns[0]], np.int64)
+        images = [b if ok else PLACEHOLDER_JPEG for b, ok in zip(columns[0], intact)]
+        meta = [index, intact]
         if self.want_label:
             if self.shards.adopted:
-                labels = np.asarray(self.shards.label_table[index], np.int64)
+                meta.append(np.asarray(self.shards.label_table[index], np.int64))
             else:
-                labels = np.array([int(bytes(c) or b"-1") for c in columns[1]], np.int64)
-            meta = np.stack([index, labels], axis=1)
-        return (columns[0], list(meta), *columns[len(self.components) - self.n_extras:])
+                meta.append(np.array([int(bytes(c) or b"-1") for c in columns[1]], np.int64))
+        return (images, list(np.stack(meta, axis=1)), *columns[len(self.components) - self.n_extras:])
 
     def _bytes(self, k: int, offset: int, size: int) -> np.ndarray:
         if size < 0:
@@ -237,12 +239,11 @@ class SampleSource:
 
 
 def read(source: SampleSource, *, extra_keys: tuple[str, ...] = ()):
-    """Source + image check. Returns (jpg, meta, intact, extras): jpg with the placeholder JPEG in place of
-    every sample that fails the check (`pipelines.kernels.image_ok`); meta int64 [2] per sample (index,
-    label) or [1] (index) when unlabelled -- one output, as each output of an external source is an
-    operator; intact [1] uint8 (0: replaced); extras the raw bytes of each `extra_keys` member (empty where
-    a sample has none)."""
+    """The reader stage of every graph. Returns (jpg, meta, extras): jpg with the placeholder JPEG in
+    place of every sample that fails the check (`pipelines.kernels.image_ok`); meta int64 [3] per sample
+    (index, intact: 0 where replaced, label) or [2] when unlabelled -- one output, as each output of an
+    external source is an operator; extras the raw bytes of each `extra_keys` member (empty where a
+    sample has none)."""
     outs = fn.external_source(source=source, num_outputs=2 + len(extra_keys), batch=True, batch_info=True,
                               parallel=False)
-    jpg, intact = check_jpeg(outs[0])
-    return jpg, outs[1], intact, list(outs[2:])
+    return outs[0], outs[1], list(outs[2:])

@@ -26,7 +26,25 @@ import torch
 from .runlock import RunFolderError, os_reason
 
 
-class BarSafeHandler(logging.StreamHandler):
+class StderrHandler(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is written, not the one it was made with: a
+    library caller (a notebook, pytest's capture) that swaps stderr after `get_logger` would otherwise
+    leave the "sslkit" logger writing to a closed stream. An explicit `stream` is used as given."""
+
+    def __init__(self, stream=None):
+        self._fixed = stream     # a stream of the caller's (tests); None: the current sys.stderr
+        super().__init__(stream)
+
+    @property
+    def stream(self):
+        return self._fixed or sys.stderr
+
+    @stream.setter
+    def stream(self, value):   # StreamHandler.__init__ sets it; the property always answers sys.stderr
+        pass
+
+
+class BarSafeHandler(StderrHandler):
     """Log lines on a terminal go through tqdm, which clears the progress bars (the step bar, the memory
     bank's, k-means') and draws them again below the line, instead of the line breaking a bar."""
 
@@ -41,7 +59,7 @@ class BarSafeHandler(logging.StreamHandler):
 def get_logger(rank: int) -> logging.Logger:
     log = logging.getLogger("sslkit")
     log.handlers.clear()
-    h = BarSafeHandler(sys.stderr) if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)
+    h = BarSafeHandler() if sys.stderr.isatty() else StderrHandler()
     h.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(h)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)

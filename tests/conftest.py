@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 
@@ -17,6 +18,17 @@ from sslkit.shard.sources import fashion_mnist_dir as find_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+
+@pytest.fixture(autouse=True)
+def isolated_sslkit_logger():
+    """`sslkit.log.get_logger` sets up the process's "sslkit" logger (as logging.basicConfig would) when a
+    test runs the trainer in-process; restore it after each test, so the next test's CLI output does not
+    depend on which tests ran before it in the same process."""
+    log = logging.getLogger("sslkit")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 def real_photos() -> dict[str, np.ndarray]:
     """The colour and gray photographs that scikit-image / scikit-learn ship, as RGB uint8 arrays."""

@@ -228,7 +228,7 @@ def check_folder(out: str, step: int, last_epoch: int, keep: bool):
     for r in (0, 1):
         state = torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
         fp = state["loader"]["fingerprint"]
-        assert (fp["rank"], fp["world_size"], fp["total"]) == (r, 2, 64), fp
+        assert (state["loader"]["rank"], state["loader"]["world_size"], fp["total"]) == (r, 2, 64), state["loader"]
         bank = state["method"]["bank_index"][:state["method"]["bank_ptr"]].tolist()
         assert len(bank) == len(set(bank)), bank
         banks.append(set(bank))

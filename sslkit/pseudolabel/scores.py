@@ -90,12 +90,6 @@ def find_complete(scores_dir: str) -> str | None:
     return None
 
 
-def rank_slice(total: int, rank: int, world_size: int) -> int:
-    """Samples rank `rank` reads in the loader's first epoch: DALI splits the stored order into
-    contiguous, near-equal slices (the progress total and the DONE record's `samples`)."""
-    return total * (rank + 1) // world_size - total * rank // world_size
-
-
 def _atomic(path: str, write):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -140,7 +134,7 @@ def run_rank(teacher: Teacher, data_dir: str, o: PassOptions, layout: str, rank:
     loader = _open_loader(data_dir, o, rank, world_size, local_rank)
     chunks = _Chunks(rdir, state, loader)
     skip = _restore_loader(loader, state, rank, chunks.done * o.chunk_batches)
-    total = rank_slice(loader.dataset_size, rank, world_size)
+    total = loader.samples_this_epoch   # this rank's slice of the stored order
     start = min(chunks.done * o.chunk_batches * o.batch_size, total)
     if chunks.done and rank == 0:
         log.info("rank 0: resuming the teacher pass after %d committed chunk(s) (%d of %d images)", chunks.done,
