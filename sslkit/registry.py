@@ -1,11 +1,12 @@
 """One registry for everything built by name: `register(kind, name)`, `create(kind, name, **opts)`.
 
-Kinds and the package whose import fills them:
+Kinds and the package whose import fills them (this module imports none of them: it sits below them;
+each package's front door -- `sslkit.models.create`, `sslkit.methods.method_entry`,
+`pipelines.make_loader` -- is what callers import, and importing it registers its entries):
     model     sslkit.models      a trunk factory, e.g. create("model", "resnet50", num_classes=0)
     method    sslkit.methods     an SSL method class, built by the trainer from (cfg, ctx); declared, with
                                  its options and presets, in sslkit.recipes (no torch)
     pipeline  pipelines          a DALI view family, built by pipelines.make_loader
-    renderer  sslkit.viz         a visualizer row renderer for one pipeline
 
 Registration happens once, at import, through the decorator; a name registered twice is an error
 (otherwise `create` would depend on import order). `create` checks the options against the
@@ -15,22 +16,20 @@ from deep inside a constructor.
 A declared kind (DECLARED_IN) is filed in two steps, so that what needs only an entry's facts does
 not wait for its factory's imports: resolving or printing a run's config needs a method's options
 and presets, not torch. The light package `declare`s each name with its facts (`meta`); the package
-of KINDS registers the factory under a declared name. A lookup (`entry`, `names`) imports only the
-light package; an entry's `factory` imports the other one the first time it is read. Either way
-there is one table and one entry per name: the link is the name, no module path is stored per entry.
+of KINDS registers the factory under a declared name once it is imported. There is one table and one
+entry per name: the link is the name, no module path is stored and nothing is imported by name.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable
 
 from .errors import SslkitError, UnknownNameError
 
-# Where the entries of each kind are registered (imported on first lookup).
-KINDS = {"model": "sslkit.models", "method": "sslkit.methods", "pipeline": "pipelines", "renderer": "sslkit.viz"}
-# The light package that declares the entries of a declared kind (imported on first lookup instead).
+# The package that registers the entries of each kind (for messages: callers import it, see above).
+KINDS = {"model": "sslkit.models", "method": "sslkit.methods", "pipeline": "pipelines"}
+# The light package that declares the entries of a declared kind, with their facts.
 DECLARED_IN = {"method": "sslkit.recipes"}
 
 
@@ -45,10 +44,8 @@ class Entry:
     @property
     def factory(self) -> Callable:
         if self._factory is None:     # declared only, so far: the package that registers it has not run
-            importlib.import_module(KINDS[self.kind])
-        if self._factory is None:
-            raise LookupError(f"{self.kind} {self.name!r} is declared in {DECLARED_IN[self.kind]} but "
-                              f"{KINDS[self.kind]} registers nothing under that name")
+            raise LookupError(f"{self.kind} {self.name!r} is declared in {DECLARED_IN[self.kind]} but has no "
+                              f"class: import {KINDS[self.kind]} (which registers them) before building one")
         return self._factory
 
     def __repr__(self):
@@ -105,7 +102,8 @@ def register(kind: str, name: str, **meta) -> Callable:
 def _table(kind: str) -> dict[str, Entry]:
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
-    importlib.import_module(DECLARED_IN.get(kind, KINDS[kind]))
+    if not _ENTRIES[kind]:
+        raise LookupError(f"no {kind} is registered: import {DECLARED_IN.get(kind, KINDS[kind])} first")
     return _ENTRIES[kind]
 
 

@@ -147,7 +147,7 @@ def test_a_method_class_needs_a_declaration_and_the_facts_live_there(monkeypatch
     declare_method("toy", Opts, {"tiny": Preset("a toy", {"epochs": 1})})
     with pytest.raises(ValueError, match="presets belong in its declaration"):
         registry.register("method", "toy", presets={})(Toy)
-    with pytest.raises(LookupError, match="declared in sslkit.recipes but sslkit.methods registers nothing"):
+    with pytest.raises(LookupError, match="declared in sslkit.recipes but has no class: import sslkit.methods"):
         method_entry("toy").factory
     assert preset_config("toy", "tiny").epochs == 1    # usable for configs before it has a class
     registry.register("method", "toy")(Toy)

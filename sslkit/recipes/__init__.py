@@ -12,7 +12,7 @@ answers in a fraction of a second because nothing here imports torch, DALI or nu
 
     from sslkit.recipes import method_entry, list_methods       # sslkit.methods re-exports both
     entry = method_entry("swav")    # entry.meta["options" | "presets" | "default_preset"]: no torch
-    entry.factory                   # the nn.Module class: imports sslkit.methods (torch) the first time
+    entry.factory                   # the nn.Module class, once sslkit.methods (torch) is imported
 """
 
 from __future__ import annotations
