@@ -5,8 +5,9 @@
 
 What a rank does at start-up in the loader (pipelines/loader.py `DaliLoader._build`): `ShardSet.open`
 (reads the manifest, stats every tar and index file), then a `SampleSource` with the loader's own
-arguments and order (`DaliLoader.order`) and `SampleSource.prepare()` (the rank's epoch-0 sequence and
-the parsing of the index files of the shards that sequence touches). Nothing is decoded.
+arguments and order (`DaliLoader.order`, i.e. `epoch_order`) and `SampleSource.prepare()` (the rank's
+epoch-0 sequence and the parsing of the index files of the shards that sequence touches). Nothing is
+decoded.
 
 The data is synthetic (made once under --cache, reused): a pool of shards of --samples-per-shard samples
 whose DALI v1.2 index files are real text (members jpg, index, cls, json at tar-plausible offsets, JPEG
@@ -36,6 +37,7 @@ extrapolated.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -209,17 +211,11 @@ def _peak() -> int:
 
 
 def loader_order(shards, config):
-    """`DaliLoader.order` -- the loader's own function, not a copy -- for a loader over `shards` (anything
-    with `counts` and `first_index`) at a fresh start: epoch 0, no earlier stages, training (padded)."""
-    from pipelines.loader import DaliLoader
-
-    class View:   # what DaliLoader.order reads of a loader
-        order = DaliLoader.order
-
-        def __init__(self):
-            self.shards, self.config, self.exhaustive = shards, config, False
-            self.epoch, self.position, self.earlier_stages = 0, 0, ()
-    return View().order
+    """What the loader passes its SampleSource as `orders` at a fresh start (`DaliLoader.order`: epoch
+    0, no earlier stages, training): `pipelines.loader.epoch_order` over `shards` (anything with
+    `counts` and `first_index`), the loader's own function, not a copy of it."""
+    from pipelines.loader import epoch_order
+    return functools.partial(epoch_order, shards, config)
 
 
 def _uniform(shards: int, per_shard: int):
