@@ -411,6 +411,8 @@ def parse_args(argv=None):
         raise BenchError(f"--datasets/--worlds/--baseline: comma-separated integers expected ({e})") from None
     if not args.datasets or not args.worlds or min(args.datasets + args.worlds + args.baseline + [args.samples_per_shard]) < 1:
         raise BenchError("--datasets, --worlds and --samples-per-shard must be positive integers")
+    if len(args.datasets) * len(args.worlds) < 2:
+        raise BenchError("the curve needs at least two (dataset, world) points: give more --datasets or --worlds")
     return args
 
 
