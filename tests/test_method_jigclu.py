@@ -88,7 +88,7 @@ def reference_loss(method, patches: torch.Tensor, step: int) -> float:
     upsampling of the odd res5 map, then the mean of each 2x2 block), heads, SupClu by brute force,
     and the location cross-entropy one patch at a time."""
     n, h = patches.shape[0], patches.shape[-1]
-    perm = montage_permutation(n, method.seed, step)
+    perm = montage_permutation(n, method.ctx.seed, step)
     montages = torch.zeros(n, 3, 2 * h, 2 * h)
     labels = {}
     for m, q in itertools.product(range(n), range(4)):

@@ -94,7 +94,7 @@ def test_label_round_trips_through_the_pipeline(loader, batches):
 
 # -- the model -------------------------------------------------------------------------------------
 
-def test_head_size_follows_the_permutation_set(batches):
+def test_head_size_follows_the_permutation_set(loader, batches):
     """|P| comes from the pipeline's description (or, without one, the same spec): 100 and 2000 give
     different last layers; the per-tile head reads the trunk's width; logits are [B, |P|]."""
     heads = {}
@@ -109,9 +109,9 @@ def test_head_size_follows_the_permutation_set(batches):
         with torch.no_grad():
             assert method.logits(batches[0]["tiles"]).shape == (8, n)
     assert heads[100].out_features == 100 and heads[2000].out_features == 2000
-    # the trainer's loader description nests the pipeline's; no description: resolved from the spec
-    nested = ENTRY.factory(config(), context(pipeline={"pipeline": {"num_permutations": 100}}))
-    assert nested.classifier.out_features == 100
+    # what the trainer passes (its loader's description of the pipeline); no description: from the spec
+    described = ENTRY.factory(config(), context(loader))
+    assert described.classifier.out_features == 100
     assert ENTRY.factory(config(), context()).classifier.out_features == 100
     with pytest.raises(ConfigError, match="permutations"):
         ENTRY.factory(config(**{"method_options.permutations": "/no/such/perms.npy"}), context())

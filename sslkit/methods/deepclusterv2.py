@@ -52,7 +52,7 @@ class DeepClusterV2(MultiCropMethod):
         if max(o.n_prototypes) > ctx.dataset_size:
             raise ConfigError(f"{max(o.n_prototypes)} prototypes for {ctx.dataset_size} samples: "
                               "use fewer (e.g. --set method_options.n_prototypes=[100,100,100])")
-        self.o, self.seed = o, cfg.seed
+        self.o = o
         self.make_embedding(cfg.arch)
         # Prototypes are the k-means centroids and are never trained (swav freezes them for more
         # iterations than a run has), so they are buffers: saved, not optimised.
@@ -116,7 +116,7 @@ class DeepClusterV2(MultiCropMethod):
     @torch.no_grad()
     def prepare_benchmark(self):
         """Random assignments instead of a memory-bank pass and k-means: same cost per step."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        g = torch.Generator(device="cpu").manual_seed(self.ctx.seed)
         for h, k in enumerate(self.o.n_prototypes):
             self.assignments[h] = torch.randint(k, (self.assignments.shape[1],), generator=g).to(self.assignments.device)
         self.bank_ptr = 0
@@ -131,7 +131,7 @@ class DeepClusterV2(MultiCropMethod):
         with ctx.progress_bar(heads * self.o.kmeans_iters, f"k-means epoch {epoch} ({heads} heads)", "round") as bar:
             for h, k in enumerate(self.o.n_prototypes):
                 # a generator per (seed, epoch, head): identical on every rank and after a resume
-                g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 101 + h)
+                g = torch.Generator(device="cpu").manual_seed(ctx.seed * 1_000_003 + epoch * 101 + h)
                 j = h % len(self.o.crops_for_assign)
                 bar.set_postfix(head=f"{h + 1}/{heads}", k=k)
                 centroids, local = spherical_kmeans(banks[j], k, iters=self.o.kmeans_iters, generator=g,

@@ -38,21 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..dist import rank_world
 from ..recipes.jigclu import JigCluOptions
 from ..registry import register
 from .base import Method, RunContext, l2_normalize
 
 LOCATIONS = ("TL", "BL", "TR", "BR")      # patch order in batch["patches"], = JigClu's location labels 0..3
 QUADRANTS = ("TL", "TR", "BL", "BR")      # a montage's quadrants: row-major 2x2, the pooled feature order
-
-
-def _rank_world(group) -> tuple[int, int]:
-    """(rank in group, world size); (0, 1) without an initialised torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialised")
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def montage_permutation(n: int, seed: int, step: int) -> torch.Tensor:
@@ -79,7 +71,7 @@ def make_montages(patches: torch.Tensor, perm: torch.Tensor, group=None) -> dict
     if patches.ndim != 5 or patches.shape[1] != len(LOCATIONS):
         raise ValueError(f"make_montages: expected patches [N, 4, C, h, w], got {tuple(patches.shape)}")
     n_local = patches.shape[0]
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     n = n_local * world
     if perm.shape != (4 * n,):
         raise ValueError(f"make_montages: perm must be a permutation of 4n = {4 * n}, got shape {tuple(perm.shape)}")
@@ -114,7 +106,7 @@ def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """All-gather along dim 0 (rank-major), with the gradient of a differentiable all-gather under
     DDP's averaging when every rank computes the same loss on the result (module docstring): other
     ranks' rows are constants, this rank's rows pass their gradient times the world size."""
-    rank, world = _rank_world(group)
+    rank, world = rank_world(group)
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -169,7 +161,7 @@ class JigClu(Method):
                               "with 2x2 quadrants)")
         if o.loss_clu < 0 or o.loss_loc < 0 or o.loss_clu + o.loss_loc == 0:
             raise ConfigError("loss_clu and loss_loc must be >= 0, not both 0")
-        self.o, self.seed = o, cfg.seed
+        self.o = o
         self.backbone = self.make_backbone(cfg.arch)
         if not hasattr(self.backbone, "layer4"):
             raise ConfigError(f"jigclu needs a ResNet trunk (its res5 map), not {cfg.arch}")
@@ -184,12 +176,11 @@ class JigClu(Method):
     def forward(self, batch: dict) -> dict:
         patches = batch["patches"]
         n_local = patches.shape[0]
-        _, world = _rank_world(self.ctx.group)
-        n = n_local * world
+        n = n_local * self.ctx.world_size
         step = self.steps_taken
         if self.training:
             self.step_taken()
-        perm = montage_permutation(n, self.seed, step).to(patches.device)
+        perm = montage_permutation(n, self.ctx.seed, step).to(patches.device)
         x = make_montages(patches, perm, self.ctx.group)["montages"]
         if self.ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

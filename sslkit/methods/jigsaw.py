@@ -33,11 +33,13 @@ N_TILES = 9
 
 
 def num_permutations(ctx: RunContext, options: JigsawOptions) -> int:
-    """|P| of the set the pipeline uses: from its description, else from the same spec."""
-    described = ctx.pipeline.get("pipeline", ctx.pipeline) if isinstance(ctx.pipeline, dict) else {}
-    n = described.get("num_permutations") if isinstance(described, dict) else None
-    if n is not None:
-        return int(n)
+    """|P| of the set the pipeline uses: from its description (the jigsaw pipeline's `describe()`, as
+    the trainer passes it), else, in a context without one, from the same spec."""
+    if ctx.pipeline:
+        if "num_permutations" not in ctx.pipeline:
+            raise ConfigError(f"jigsaw needs the jigsaw pipeline, not {ctx.pipeline.get('pipeline')!r}: its "
+                              "description has no num_permutations")
+        return int(ctx.pipeline["num_permutations"])
     from .. import permutations as perm_sets  # numba: only when there is no pipeline description
     try:
         return len(perm_sets.resolve(options.permutations, n_tiles=N_TILES))
