@@ -73,14 +73,13 @@ class Colorization:
         img = A.decode(g.jpg, g.device, g.hw_decoder_load)
         (start,), (end,) = A.view_windows(g.shape, A.uniforms(1), [self.rule])
         rgb = A.resized_crop(img, start, end, self.size, g.device)                     # [S, S, 3] uint8
-        if g.with_params:
-            return {"params.rgb": rgb, "params.roi.start": start, "params.roi.end": end}
-        return {"rgb": rgb}
+        return {"rgb": rgb, "params.roi.start": start, "params.roi.end": end} if g.with_params else {"rgb": rgb}
 
     def postprocess(self, batch: dict) -> dict:
         """uint8 RGB crops -> L input and soft ab targets, for the whole batch at once."""
-        rgb = batch.pop("rgb") if "rgb" in batch else batch["params.rgb"]
+        rgb = batch.pop("rgb")
         if "params.roi.start" in batch:
+            batch["params.rgb"] = rgb
             batch["params.window"], batch["params.flip"] = A.windows(batch.pop("params.roi.start"),
                                                                      batch.pop("params.roi.end"))
         x = rgb.permute(0, 3, 1, 2)

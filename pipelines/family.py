@@ -15,7 +15,7 @@ options and gives:
 
 The multi-view pipelines (multicrop, jigclu, eval_train) share `pipelines.views.Views`, whose graph
 outputs are `viewgroup.G` ([F, S, S, 3] uint8 crops of group G, or [F, 3, S, S] float32 views from
-the fused CPU kernel) and the per-view uniforms `u` (`params.u` with params).
+the fused CPU kernel) and the per-view uniforms `u` (kept as `params.u` with params).
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ class Jigsaw:
         # passed once per tile.
         strip = fn.multi_paste(*([crop] * N_TILES), in_anchors=in_anchors, shapes=shapes, out_anchors=out_anchors,
                                output_size=[N_TILES * t, t], device=g.device)           # [9t, t, 3] uint8
-        out = {"strip": strip, "perm": perm, ("params.u" if g.with_params else "u"): u}
+        out = {"strip": strip, "perm": perm, "u": u}
         if g.with_params:
             out.update({"params.crop": crop, "params.roi.start": start, "params.roi.end": end,
                         "params.in_anchors": in_anchors})
@@ -188,7 +188,8 @@ class Jigsaw:
 
     def postprocess(self, batch: dict) -> dict:
         geo, strip = self.geometry, batch.pop("strip")
-        u = (batch.pop("u") if "u" in batch else batch["params.u"])[:, 0]
+        uniforms = batch.pop("u")
+        u = uniforms[:, 0]
         hwc = strip.view(strip.shape[0], N_TILES, geo.tile, geo.tile, 3)
         tiles = A.channels_first(hwc)                                            # [B, 9, 3, t, t]
         gray = u[:, VIEW_U["gray"]] < geo.gray_p
@@ -204,6 +205,7 @@ class Jigsaw:
             batch["params.window"], batch["params.flip"] = A.windows(batch.pop("params.roi.start"),
                                                                      batch.pop("params.roi.end"))
             batch["params.gray"] = gray
+            batch["params.u"] = uniforms
             batch["params.offsets"] = batch.pop("params.in_anchors") - self._cells.to(tiles.device)
             batch["params.order"] = torch.from_numpy(self.perms).to(tiles.device)[batch["perm"]]   # (params only)
         return batch

@@ -20,7 +20,7 @@ from .family import TORCH_DTYPES, GraphInputs
 from .kernels import fused_views
 from .spec import IMAGENET_MEAN, IMAGENET_STD, ColorRecipe, SpecError, ViewRule, check_blur_fits, check_choice
 
-KERNELS = (None, "fused", "torch", "native")   # "native": the former name of "torch" (DALI's own ops, removed)
+KERNELS = (None, "fused", "torch")
 
 
 class Views:
@@ -37,7 +37,7 @@ class Views:
         color.validate()
         check_blur_fits(color, min(s for _, s in self.groups))
         self.color, self.mean, self.std = color, tuple(mean), tuple(std)
-        self.dtype, self.kernel = dtype, "torch" if kernel == "native" else kernel
+        self.dtype, self.kernel = dtype, kernel
 
     @property
     def num_views(self) -> int:
@@ -65,7 +65,7 @@ class Views:
             if g.with_params:
                 out[f"params.crops.{i}"] = group
             first += count
-        out["params.u" if g.with_params else "u"] = u
+        out["u"] = u
         if g.with_params:
             for k, (s, e) in enumerate(zip(starts, ends)):
                 out[f"params.roi.{k}.start"], out[f"params.roi.{k}.end"] = s, e
@@ -73,8 +73,9 @@ class Views:
 
     def postprocess(self, batch: dict) -> list[torch.Tensor]:
         """Pops the graph's outputs; returns one [B, F, 3, S, S] tensor per group. With params, also
-        leaves params.windows [B, V, 4] (y, x, h, w in source pixels) and params.flips [B, V]."""
-        u = batch.pop("u") if "u" in batch else batch["params.u"]
+        leaves params.u [B, V, N_VIEW_U] (the uniforms), params.windows [B, V, 4] (y, x, h, w in source
+        pixels) and params.flips [B, V]."""
+        u = batch.pop("u")
         dtype, out, first = TORCH_DTYPES[self.dtype], [], 0
         for i, (count, size) in enumerate(self.groups):
             x = batch.pop(f"viewgroup.{i}")
@@ -85,6 +86,7 @@ class Views:
             out.append(x.to(dtype))
             first += count
         if "params.roi.0.start" in batch:
+            batch["params.u"] = u
             starts = torch.stack([batch.pop(f"params.roi.{k}.start") for k in range(self.num_views)], 1)
             ends = torch.stack([batch.pop(f"params.roi.{k}.end") for k in range(self.num_views)], 1)
             batch["params.windows"], batch["params.flips"] = A.windows(starts, ends)

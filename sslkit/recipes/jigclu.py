@@ -18,7 +18,7 @@ class JigCluOptions:
     hidden_dim: int | None = None               # None: the trunk's width (2048 for ResNet-50), as JigClu
     loss_clu: float = 1.0
     loss_loc: float = 1.0
-    kernel: str | None = None                   # patches CPU kernel: None (auto), fused, native
+    kernel: str | None = None                   # colour stage: None (fused on CPU, torch on GPU), fused, torch
 
 
 # JigClu README: 4 GPUs x 64 = 256, SGD lr 0.03 momentum 0.9, wd 1e-4 on every parameter, 200 epochs, cosine

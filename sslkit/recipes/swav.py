@@ -20,7 +20,7 @@ class SwAVOptions:
     freeze_prototypes_niters: int = 313            # swav: 313 at batch 4096, 5005 at batch 256
     queue_length: int = 0                          # rows over all ranks (0: no queue); swav: 3840 at batch 256
     epoch_queue_starts: int = 15
-    kernel: str | None = None                      # multi-crop CPU kernel: None (auto), fused, native
+    kernel: str | None = None                      # colour stage: None (fused on CPU, torch on GPU), fused, torch
 
 
 SEED = dict(arch="resnet50", optimizer="lars", lr=0.3, final_lr_ratio=0.001, warmup_epochs=10, warmup_start_lr=0.3,
