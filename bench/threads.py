@@ -52,8 +52,8 @@ def parse_args(argv=None):
 
 def build_run(args):
     """The trainer's run (model, optimizer, loader) for the method's tiny preset on --data."""
-    import train as trainer
     from sslkit import dist
+    from sslkit import train as trainer
     from sslkit.config import TrainConfig, apply_overrides, parse_set
     from sslkit.log import get_logger
     from sslkit.methods import method_entry

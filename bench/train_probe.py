@@ -36,7 +36,7 @@ class EpochClock:
 def train_records(args, cfg) -> list[dict]:
     from sslkit import train as trainer
     from sslkit import dist
-    from sslkit.config import TrainConfig, apply_overrides, parse_set
+    from sslkit.config import TrainConfig, apply_overrides, parse_set, torch_device_type
     from sslkit.log import get_logger
     from sslkit.methods import method_entry
     from sslkit.threads import use_threads
@@ -50,7 +50,7 @@ def train_records(args, cfg) -> list[dict]:
     if preset:
         base = apply_overrides(base, presets[preset].overrides)
     overrides = {"data": args.data, "batch_size": cfg["batch_size"], "loader_threads": cfg["threads"],
-                 "device": "cuda" if args.device == "gpu" else "cpu", "seed": args.seed,
+                 "device": torch_device_type(args.device), "seed": args.seed,
                  "out": tempfile.mkdtemp(prefix="bench-train-"), "warmup_epochs": 0}
     if args.arch:
         overrides["arch"] = args.arch

@@ -12,7 +12,7 @@ import ast
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from .errors import SslkitError
@@ -196,6 +196,26 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 500M, 1e9)") from None
 
 
+# -- device words: torch calls the accelerator "cuda" (TrainConfig.device), DALI and sslkit.threads "gpu"
+_DALI_DEVICES = {"cuda": "gpu", "cpu": "cpu"}
+
+
+def dali_device(device) -> str:
+    """DALI's word ("gpu" | "cpu") for a torch device: a torch.device or its name ("cuda", "cuda:1", "cpu")."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind not in _DALI_DEVICES:
+        raise ConfigError(f"device {str(device)!r}: expected cuda or cpu")
+    return _DALI_DEVICES[kind]
+
+
+def torch_device_type(dali: str) -> str:
+    """torch's device type ("cuda" | "cpu") for DALI's word ("gpu" | "cpu")."""
+    kinds = {v: k for k, v in _DALI_DEVICES.items()}
+    if dali not in kinds:
+        raise ConfigError(f"device {dali!r}: expected gpu or cpu")
+    return kinds[dali]
+
+
 def to_dict(cfg) -> dict:
     def conv(v):
         if is_dataclass(v):
@@ -328,5 +348,5 @@ if __name__ == "__main__":
     print(config_reference(), end="")
 
 
-__all__ = ["ConfigError", "MonitorConfig", "TrainConfig", "apply_overrides", "config_reference", "dataclasses", "dumps",
-           "field", "field_docs", "load_config", "parse_set", "parse_size", "preset_config", "to_dict"]
+__all__ = ["ConfigError", "MonitorConfig", "TrainConfig", "apply_overrides", "config_reference", "dali_device", "dumps",
+           "field_docs", "load_config", "parse_set", "parse_size", "preset_config", "to_dict", "torch_device_type"]
