@@ -36,6 +36,7 @@ import torch
 
 from .dist import AgreedError, DistInfo, broadcast_object, gather_objects
 from .errors import SslkitError
+from .files import atomic_file, atomic_write, sha256_file
 from .runlock import os_reason
 
 VERSION = 2
@@ -79,34 +80,18 @@ def _remove(path: str):
 
 
 def _atomic_save(obj: Any, path: str) -> dict:
-    """torch.save via `path.tmp`, fsync, rename: {"bytes", "sha256"} of the file. Any failure removes
-    the .tmp and re-raises (through a Python file object, a full disk is an OSError with its errno,
-    not torch's `basic_ios::clear`)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            w = _HashingWriter(f)
-            torch.save(obj, w)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    """torch.save via `path.tmp`, fsync, rename (sslkit.files): {"bytes", "sha256"} of the file, taken
+    while it is written. Any failure removes the .tmp and re-raises (through a Python file object, a
+    full disk is an OSError with its errno, not torch's `basic_ios::clear`)."""
+    with atomic_file(path, "wb", tmp=path + ".tmp") as f:
+        w = _HashingWriter(f)
+        torch.save(obj, w)
     return {"bytes": w.bytes, "sha256": w.sha.hexdigest()}
 
 
 def _write_text(path: str, text: str):
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    """KEEP, COMPLETE, `latest`: through `path.tmp` too, the one temporary name a checkpoint uses."""
+    atomic_write(path, text, tmp=path + ".tmp")
 
 
 def save(out: str, step: int, global_state: dict, rank_state: dict, info: DistInfo, keep: bool, keep_last: int):
@@ -239,14 +224,6 @@ def checksums(d: str) -> dict | None:
     return files
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_file(path: str, sums: dict | None):
     """CheckpointError unless `path` has the size and sha256 recorded in `sums` (its folder's COMPLETE);
     without a list (an older checkpoint) the CRC-32 of every member of torch's zip format is checked."""
@@ -268,7 +245,7 @@ def verify_file(path: str, sums: dict | None):
     if size != want["bytes"]:
         what = "truncated" if size < want["bytes"] else "grown"
         raise CheckpointError(f"{path}: unreadable ({what}: {size} bytes, {want['bytes']} when written)")
-    if _sha256(path) != want["sha256"]:
+    if sha256_file(path) != want["sha256"]:
         raise CheckpointError(f"{path}: corrupt (its sha256 differs from the one recorded when it was written)")
 
 

@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import __version__
 from ..errors import SslkitError
+from ..files import atomic_file, atomic_write
 from ..progress import Progress
 from ..runlock import RunLock
 from . import manifest as mf
 from .tarscan import scan, will_need
-from .tarwriter import split_name
+from .tarwriter import INDEX_VERSION, split_name
 
 IMAGE_EXTS, LABEL_SOURCES = mf.IMAGE_EXTS, mf.LABEL_SOURCES
 IMAGE_COMPONENT = "img"        # the token the chosen image member gets in sslkit's index files
@@ -230,10 +230,8 @@ def index_shard(job: tuple) -> dict:
         offsets.append(img.offset)
         labels.append(label)
         formats[image_ext] += 1
-    tmp = idx_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
-    os.replace(tmp, idx_path)
+    atomic_write(idx_path, f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines),
+                 tmp=idx_path + ".tmp", durable=False)     # as the journal: a torn one is indexed again
     return {"k": k, "tar": tar, "count": len(lines), "bytes": res.bytes, "sha256": res.sha256,
             "offsets": np.asarray(offsets, np.int64), "labels": labels, "rejects": rejects,
             "ignored": res.ignored, "formats": dict(formats)}
@@ -327,7 +325,7 @@ def _intact(rec: dict, state: str, index_dir: str) -> bool:
     except OSError:
         return False
     count = rec.get("count")
-    return (header == ["v1.2", str(count)] and len(rec.get("offsets", ())) == count
+    return (header == [INDEX_VERSION, str(count)] and len(rec.get("offsets", ())) == count
             and len(rec.get("labels", ())) == count)
 
 
@@ -356,8 +354,7 @@ def _classes(raw_labels: set, class_names: str | None) -> dict[str, int]:
         return {str(i): i for i in range(count)}
     if class_names:
         raise AdoptError("--class-names names integer class ids; these labels are already names")
-    from .build import _class_order
-    return {n: i for i, n in enumerate(_class_order(str(x) for x in raw_labels))}
+    return {n: i for i, n in enumerate(mf.class_order(str(x) for x in raw_labels))}
 
 
 def index(opts: IndexOptions) -> dict:
@@ -380,7 +377,7 @@ def index(opts: IndexOptions) -> dict:
     try:
         os.makedirs(index_dir, exist_ok=True)
         done = _replay(state, fp, index_dir)
-        mf.atomic_write(os.path.join(state, "options.json"), json.dumps({"fingerprint": fp, **opts.content()}))
+        atomic_write(os.path.join(state, "options.json"), json.dumps({"fingerprint": fp, **opts.content()}))
         ahead = ReadAhead([t for k, t in enumerate(tars) if k not in done])
         label = opts.label
         if label == "auto":
@@ -458,24 +455,18 @@ def _record(rec, state, done, bar, tally):
 
 def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str, state: str) -> dict:
     out = part_folder(opts.out, opts.part)
-    shards, first, rejects, formats = [], 0, [], Counter()
-    raw: list = []
-    offsets = []
+    shards, first, rejects, formats, raw, offsets = [], 0, [], Counter(), [], []
     for k, tar in enumerate(tars):
         rec = done[k]
         offsets.append(rec["offsets"])
         raw += rec["labels"]
-        rel = os.path.relpath(tar, os.path.abspath(out))
-        path = rel if not rel.startswith("..") else tar
         if rec["count"]:
-            shards.append({"path": path, "index": f"{INDEX_DIR}/{k:06d}.idx", "count": rec["count"],
-                           "bytes": rec["bytes"], "sha256": rec["sha256"], "first_index": first})
+            shards.append(dict(rec, path=_relative(tar, out), index=f"{INDEX_DIR}/{k:06d}.idx", first_index=first))
         first += rec["count"]
         rejects += rec["rejects"]
         formats.update(rec["formats"])
     if first == 0:
-        from .build import format_rejects
-        mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
+        atomic_write(os.path.join(out, mf.REJECTED), mf.format_rejects(rejects))
         reason = f" (first: {rejects[0][0]}: {rejects[0][1]})" if rejects else ""
         raise AdoptError(f"no sample with an image in {len(tars)} tar(s); every reason is in "
                          f"{os.path.join(out, mf.REJECTED)}{reason}")
@@ -488,38 +479,37 @@ def _finish(opts: IndexOptions, tars: list[str], done: dict, label: str, fp: str
         class_counts = {c: int(counts[i]) for c, i in classes.items()}
         _save_npy(os.path.join(out, LABELS), ids)
     _save_npy(os.path.join(out, OFFSETS), np.concatenate(offsets))
-    manifest = {
-        "format_version": mf.FORMAT_VERSION, "created_by": f"sslkit {__version__}", "layout": mf.ADOPTED,
-        "total": first, "rejected": len(rejects), "ignored": sum(r["ignored"] for r in done.values()),
-        "inputs": first + len(rejects), "classes": classes, "class_counts": class_counts,
-        "components": [IMAGE_COMPONENT], "image_formats": dict(formats),
-        "labels": {"from": label if label != "json" else f"json:{opts.label_field}", "file": LABELS} if classes else None,
-        "offsets": OFFSETS, "part": list(opts.part), "shards": shards,
-        "build": {"fingerprint": fp, **opts.content()},
-    }
-    from .build import format_rejects
-    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
-    mf.write(out, manifest)
+    labels = {"from": label if label != "json" else f"json:{opts.label_field}", "file": LABELS} if classes else None
+    manifest = mf.make(total=first, shards=shards, classes=classes, class_counts=class_counts,
+                       components=[IMAGE_COMPONENT], build={"fingerprint": fp, **opts.content()},
+                       rejected=len(rejects), ignored=sum(r["ignored"] for r in done.values()),
+                       part=opts.part, layout=mf.ADOPTED, image_formats=dict(formats), labels=labels,
+                       offsets=OFFSETS)
+    mf.finish(out, manifest, rejects)
     shutil.rmtree(state, ignore_errors=True)
     size = sum(s["bytes"] for s in shards)
     print(f"{out}: adopted {first} samples in {len(shards)} tar(s), {size / 1e9:.2f} GB, nothing copied; "
           f"{len(rejects)} rejected (see {os.path.join(out, mf.REJECTED)})"
-          + (f"; {len(classes)} classes from {manifest['labels']['from']}" if classes else "; unlabelled"),
-          file=sys.stderr)
+          + (f"; {len(classes)} classes from {labels['from']}" if classes else "; unlabelled"), file=sys.stderr)
     return manifest
 
 
+def _relative(tar: str, out: str) -> str:
+    """A tar's path in the manifest: relative to the output folder when the tar is inside it (the folder
+    can then move with its tars), else absolute."""
+    rel = os.path.relpath(tar, os.path.abspath(out))
+    return rel if not rel.startswith("..") else tar
+
+
 def _save_npy(path: str, array: np.ndarray):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb", tmp=path + ".tmp.npy") as f:
+        np.save(f, array)
 
 
 def merge_adopted(manifests: list[tuple[str, dict]], out: str, classes: dict | None) -> dict:
     """One adopted folder from the parts of a multi-machine `index` (or from several indexes), in the
     given order: the index files, offsets and labels are joined, labels renumbered to `classes` (the
     union); no tar is read."""
-    from .build import format_rejects
     os.makedirs(out, exist_ok=True)
     for name in OURS:
         if os.path.exists(os.path.join(out, name)):
@@ -538,8 +528,7 @@ def merge_adopted(manifests: list[tuple[str, dict]], out: str, classes: dict | N
             name = f"{INDEX_DIR}/{len(shards):06d}.idx"
             shutil.copyfile(os.path.join(d, s["index"]), os.path.join(out, name))
             tar = os.path.abspath(os.path.join(d, s["path"]))
-            rel = os.path.relpath(tar, os.path.abspath(out))
-            shards.append(dict(s, path=rel if not rel.startswith("..") else tar, index=name, first_index=first))
+            shards.append(dict(s, path=_relative(tar, out), index=name, first_index=first))
             first += s["count"]
         with open(os.path.join(d, mf.REJECTED), encoding="utf-8") as f:
             next(f, None)
@@ -559,8 +548,7 @@ def merge_adopted(manifests: list[tuple[str, dict]], out: str, classes: dict | N
                     image_formats=dict(sum((Counter(m.get("image_formats", {})) for _, m in manifests), Counter())),
                     build=dict(first_m["build"], part=[0, 1], fingerprint=fingerprint,
                                merged_from=[os.path.abspath(d) for d, _ in manifests]))
-    mf.atomic_write(os.path.join(out, mf.REJECTED), format_rejects(rejects))
-    mf.write(out, manifest)
+    mf.finish(out, manifest, rejects)
     print(f"{out}: merged {len(manifests)} adopted folder(s): {first} samples in {len(shards)} tar(s), nothing copied",
           file=sys.stderr)
     return manifest

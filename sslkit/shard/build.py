@@ -39,7 +39,6 @@ from .journal import ShardJournal
 
 STATE_DIR = ".build"
 JOURNAL = "shards.jsonl"
-format_rejects = mf.format_rejects   # its old home; sslkit.shard.adopt imports it from here
 
 
 class BuildError(SslkitError, RuntimeError):
@@ -99,13 +98,6 @@ class BuildOptions:
 # Stage 1: plan
 # ------------------------------------------------------------------------------------------------
 
-def _class_order(names) -> list[str]:
-    names = list(names)
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
 def make_plan(opts: BuildOptions, state: str) -> dict:
     """Enumerate every source into state/plan.jsonl; return the plan summary (cached by fingerprint)."""
     summary_path = os.path.join(state, "plan.json")
@@ -152,7 +144,7 @@ def make_plan(opts: BuildOptions, state: str) -> dict:
         "key": key,
         "count": count,
         "labelled": labelled.pop(),
-        "classes": _class_order(labels),
+        "classes": mf.class_order(labels),
         "ignored": sum(s.ignored for s in sources),
     }
     mf.atomic_write(summary_path, json.dumps(summary))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import SslkitError
+from ..files import sha256_file
 from . import manifest as mf
 from .tarwriter import index_of_tar, read_index
 
@@ -21,20 +21,12 @@ class VerifyError(SslkitError, ValueError):
     """A shard folder does not match its manifest (one-line reason naming the file)."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_shard(directory: str, shard: dict, components: list[str], n_classes: int | None,
                  full: bool) -> int:
     """Check one shard against its manifest entry; return how many images were decoded."""
     tar = os.path.join(directory, shard["path"])
     idx = os.path.join(directory, shard["index"])
-    digest = _sha256(tar)
+    digest = sha256_file(tar)
     if digest != shard["sha256"]:
         raise VerifyError(f"{tar}: sha256 {digest[:12]}... does not match the manifest ({shard['sha256'][:12]}...)")
     try:
@@ -97,7 +89,7 @@ def verify_adopted_shard(directory: str, m: dict, k: int, full: bool) -> int:
     from .adopt import index_shard
     shard = m["shards"][k]
     tar, idx = os.path.join(directory, shard["path"]), os.path.join(directory, shard["index"])
-    digest = _sha256(tar)
+    digest = sha256_file(tar)
     if digest != shard["sha256"]:
         raise VerifyError(f"{tar}: sha256 {digest[:12]}... does not match the manifest ({shard['sha256'][:12]}...); "
                           "the tar changed since it was indexed: re-run `python -m sslkit.shard index`")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 from .. import __version__
 from ..errors import SslkitError
+from ..files import atomic_write  # noqa: F401 -- also used as mf.atomic_write by build, adopt, pseudolabel
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -31,25 +31,6 @@ class ManifestError(SslkitError, ValueError):
 
 def key_for(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
-
-
-def atomic_write(path: str, text: str):
-    """Write `text` to `path` so that readers see the old file or the new one, never a partial one."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write(directory: str, manifest: dict):
@@ -84,6 +65,14 @@ def make(*, total: int, shards: list[dict], classes: dict | None, class_counts: 
         "build": build,
         **more,
     }
+
+
+def class_order(names) -> list[str]:
+    """The one order of class names, hence their ids: numerically when every name is an integer, else sorted."""
+    names = list(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def format_rejects(rows) -> str:

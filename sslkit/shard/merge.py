@@ -16,7 +16,7 @@ import tarfile
 
 from ..progress import Progress
 from . import manifest as mf
-from .build import BuildError, _class_order
+from .build import BuildError
 from .tarwriter import ShardWriter, read_index, split_name
 
 
@@ -128,7 +128,7 @@ def merge(inputs: list[str], out: str, prefix: str | None = None, progress: bool
         raise BuildError("cannot merge labelled and unlabelled shard folders")
     classes = None   # the union of the inputs' classes, renumbered in sorted order
     if labelled.pop():
-        classes = {c: i for i, c in enumerate(_class_order({c for _, m in manifests for c in m["classes"]}))}
+        classes = {c: i for i, c in enumerate(mf.class_order({c for _, m in manifests for c in m["classes"]}))}
     if adopted.pop():
         from .adopt import merge_adopted
         return merge_adopted(manifests, out, classes)

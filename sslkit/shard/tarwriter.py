@@ -12,6 +12,8 @@ import io
 import os
 import tarfile
 
+from ..files import atomic_write
+
 BLOCK = 512
 # DALI's `wds2idx` writes this version; its lines are `ext offset size name` per component.
 INDEX_VERSION = "v1.2"
@@ -91,10 +93,8 @@ class ShardWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        with open(self.idx_path + ".tmp", "w") as f:
-            f.write(f"{INDEX_VERSION} {self.count}\n")
-            f.write("".join(line + "\n" for line in self._index_lines))
-        os.replace(self.idx_path + ".tmp", self.idx_path)
+        text = f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._index_lines)
+        atomic_write(self.idx_path, text, tmp=self.idx_path + ".tmp", durable=False)
         os.replace(self.tar_path + ".tmp", self.tar_path)
         return {"count": self.count, "bytes": self._f.pos, "sha256": self._f.sha.hexdigest()}
 
