@@ -149,7 +149,7 @@ def test_broken_tars_are_counted_and_reported_never_fatal(tmp_path, photos):
         f.seek(2000)
         f.write(b"\xff" * 8)
     r = cli("verify", str(tmp_path / "idx"), check=False)
-    assert r.returncode == 1 and "good.tar: sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "good.tar: sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_full_rejects_undecodable_images_and_without_it_the_loader_counts_them(tmp_path, photos, caplog):
@@ -219,10 +219,10 @@ def test_parts_from_a_slurm_array_merge_into_the_whole(tmp_path, folders):
     assert [seen[i]["label"] for i in range(len(truth))] == [m["classes"][t[2]] for t in truth]
     assert "OK" in cli("verify", out).stdout
     r = cli("merge", parts[0], parts[0] + "/", "--out", str(tmp_path / "twice"), check=False)
-    assert r.returncode == 1 and "given twice" in r.stderr
+    assert r.returncode == 2 and "given twice" in r.stderr
     cli("index", src, "--out", str(tmp_path / "again"), "--label", "shard", "--no-progress")
     r = cli("merge", out, str(tmp_path / "again"), "--out", str(tmp_path / "dup"), check=False)
-    assert r.returncode == 1 and "share samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "share samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_an_output_folder_with_someone_elses_files_is_refused(tmp_path, folders):
@@ -232,17 +232,17 @@ def test_an_output_folder_with_someone_elses_files_is_refused(tmp_path, folders)
         f.write('{"theirs": true}\n')
     before = snapshot(d)
     r = cli("index", d, "--out", d, check=False)
-    assert r.returncode == 1 and "already holds another manifest" in r.stderr
+    assert r.returncode == 2 and "already holds another manifest" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and snapshot(d) == before
     r = cli("index", os.path.join(d, "missing"), "--out", str(tmp_path / "x"), check=False)
-    assert r.returncode == 1 and "no such file or folder" in r.stderr
+    assert r.returncode == 2 and "no such file or folder" in r.stderr
 
 
 def test_a_folder_of_tars_without_a_manifest_says_how_to_adopt_it(folders, tmp_path):
     d = str(tmp_path / "plain")
     shutil.copytree(folders["in22k"][0], d, ignore=shutil.ignore_patterns(*adopt.OURS))
     r = cli("info", d, check=False)
-    assert r.returncode == 1 and "sslkit.shard index" in r.stderr
+    assert r.returncode == 2 and "sslkit.shard index" in r.stderr
 
 
 def test_train_evaluate_and_visualise_on_adopted_folders(folders, adopted, tmp_path, photos):

@@ -286,7 +286,7 @@ def test_idx_without_labels_file(tmp_path, photos):
     arr = np.stack([np.asarray(Image.fromarray(photos["cat"]).convert("L").resize((32, 32)))] * 5)
     write_idx(str(tmp_path / "x-images-idx3-ubyte"), arr)
     r = run_cli("build", str(tmp_path / "x-images-idx3-ubyte"), "--out", str(tmp_path / "o"), check=False)
-    assert r.returncode == 1 and "no labels file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "no labels file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     run_cli("build", str(tmp_path / "x-images-idx3-ubyte"), "--out", str(tmp_path / "o"), "--labels", "none",
             "--no-progress")
     m = load(str(tmp_path / "o"))
@@ -331,7 +331,7 @@ def test_killed_build_resumes_to_identical_result(tmp_path):
     # Running the finished command again is a no-op; other options are refused.
     assert "nothing to do" in run_cli(*args, "--out", out).stderr
     r = run_cli("build", "sample:240", "--out", out, "--quality", "50", check=False)
-    assert r.returncode == 1 and "different build" in r.stderr
+    assert r.returncode == 2 and "different build" in r.stderr
 
 
 def test_parts_merge_into_one_dense_dataset(tmp_path):
@@ -354,7 +354,7 @@ def test_parts_merge_into_one_dense_dataset(tmp_path):
     assert [s["index"] for s in b] == list(range(90))
     # A missing part is refused.
     r = run_cli("merge", parts[0], parts[2], "--out", str(tmp_path / "bad"), check=False)
-    assert r.returncode == 1 and "missing" in r.stderr
+    assert r.returncode == 2 and "missing" in r.stderr
 
 
 def test_verify_detects_damage(sample_shards, tmp_path):
@@ -380,7 +380,7 @@ def test_verify_detects_damage(sample_shards, tmp_path):
         f.seek(off + size // 2)
         f.write(bytes([b[0] ^ 0xFF]))
     r = run_cli("verify", d, check=False)
-    assert r.returncode == 1 and "sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # 3. a missing shard
     os.remove(tar)
     with pytest.raises(ManifestError, match="missing"):
@@ -388,7 +388,7 @@ def test_verify_detects_damage(sample_shards, tmp_path):
     # 4. no manifest at all
     os.remove(os.path.join(d, "manifest.json"))
     r = run_cli("verify", d, check=False)
-    assert r.returncode == 1 and "manifest.json: missing" in r.stderr
+    assert r.returncode == 2 and "manifest.json: missing" in r.stderr
 
 
 def test_info_reports_counts_and_sizes(sample_shards):
@@ -434,7 +434,7 @@ def test_a_build_that_fails_before_writing_leaves_nothing_behind(tmp_path, make)
         (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     r = run_cli("build", str(src), "--out", str(out), "--no-progress", check=False)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists(), os.listdir(out)
     # an output folder that existed before keeps existing, without build state in it
     out.mkdir()
@@ -447,7 +447,7 @@ def test_a_malformed_manifest_in_out_is_a_one_line_error(tmp_path):
     out.mkdir()
     (out / "manifest.json").write_text('{"format_version": 1, "total": ')
     r = run_cli("build", "sample:10", "--out", str(out), "--no-progress", check=False)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "manifest.json: not a readable manifest" in r.stderr
     assert sorted(os.listdir(out)) == ["manifest.json"]
 
@@ -470,4 +470,4 @@ def test_skip_and_limit_take_contiguous_items_of_the_sources(tmp_path):
     got = sorted(int(s["json"]["source"].rsplit("#", 1)[1]) for s in read_with_webdataset(out2))
     assert got == list(range(100, 150))
     r = run_cli("build", "sample:10", "--out", str(tmp_path / "x"), "--limit", "0", check=False)
-    assert r.returncode == 1 and "--limit 0" in r.stderr
+    assert r.returncode == 2 and "--limit 0" in r.stderr

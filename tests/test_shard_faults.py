@@ -29,7 +29,7 @@ def cli(*args, check=False, **kw):
 
 def one_line_error(r, *words):
     err = r.stderr.strip()
-    assert r.returncode == 1, (r.returncode, err)
+    assert r.returncode == 2, (r.returncode, err)
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)

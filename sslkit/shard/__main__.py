@@ -36,7 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sslkit.shard",
                                 description="Build, check and inspect WebDataset shards for sslkit.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_build_args, _index_args, _verify_args, _info_args, _merge_args):
+        add(sub)
+    return p
 
+
+def _build_args(sub):
     b = sub.add_parser("build", help="turn image folders, file lists, idx files or the sample corpus into shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Decode and validate every image once, convert it to an RGB JPEG and write "
@@ -81,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: one per core)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+
+def _index_args(sub):
     x = sub.add_parser("index", help="adopt WebDataset tars written by other tools in place (no copy, no re-encode)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Read each tar once (headers and sha256, no decode) and write a manifest, DALI "
@@ -105,17 +113,26 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--workers", type=int, default=0, help="tars read in parallel (0: one per core)")
     x.add_argument("--no-progress", action="store_true", help="no progress display")
 
+
+
+def _verify_args(sub):
     v = sub.add_parser("verify", help="check counts, checksums and index files against the manifest")
     v.add_argument("dir")
     v.add_argument("--full", action="store_true", help="also decode every image and parse every label/metadata")
     v.add_argument("--workers", type=int, default=1, help="shards checked in parallel")
     v.add_argument("--no-progress", action="store_true", help="no progress display")
 
+
+
+def _info_args(sub):
     i = sub.add_parser("info", help="counts, classes and the image-size distribution of a shard folder")
     i.add_argument("dir")
     i.add_argument("--limit", type=int, default=10_000, help="samples read for the size statistics")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+
+def _merge_args(sub):
     m = sub.add_parser("merge", help="write one dataset (global, dense sample indices) from parts/builds")
     m.add_argument("dirs", nargs="+", help="shard folders, e.g. the outputs of --part 0/4 ... 3/4")
     m.add_argument("--out", required=True, help="output folder: new, empty, or holding only the inputs (adopted "
@@ -124,16 +141,18 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-duplicates", action="store_true",
                    help="merge even when inputs share samples (the same tar, or a source file in two builds)")
     m.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def main(argv=None) -> int:
+    """The command line. Exit status as every sslkit command: 0 when done, 2 for a bad setting or input
+    (one `error: ...` line, a file that cannot be read or written included), 1 for an internal failure
+    (with its traceback)."""
     args = parser().parse_args(argv)
     try:
         return _run(args)
     except SslkitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -145,7 +164,7 @@ def main(argv=None) -> int:
     except OSError as e:
         where = e.filename or ""
         print(f"error: {where + ': ' if where else ''}{os_reason(e)}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _run(args) -> int:
