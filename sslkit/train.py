@@ -242,11 +242,25 @@ class Run:
         return optimizer_steps(self.ctx.steps_per_epoch, self.cfg.accum_steps)
 
 
+def mixed_precision(precision: str, device) -> tuple[str, Any, Callable]:
+    """(the precision "auto" resolves to: bf16 on GPU, fp32 on CPU; its autocast dtype or None; a
+    factory of the autocast context, a null context for fp32)."""
+    import contextlib
+
+    import torch
+    precision = precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return precision, amp_dtype, autocast
+
+
 def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali_threads: int = 0) -> Run:
     """Stages 3-5. dali_threads: the loader's threads (0: loader_threads, else this rank's share of
     the cores; the torch threads are the caller's to set, see sslkit.threads.use_threads)."""
-    import contextlib
-
     import torch
 
     from pipelines import make_loader
@@ -258,13 +272,7 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
     device = info.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed + info.rank)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    precision, amp_dtype, autocast = mixed_precision(cfg.precision, device)
 
     # ----------------------------------------------------------------------------------------------
     # 3. data and method: the method names its pipeline; every rank reads its own slice; the method
@@ -395,49 +403,84 @@ def epoch_batches(run: Run, epoch: int):
     yield from run.loader
 
 
-def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
-    """Stages 3-8 on an initialised process group, under the run folder's lock."""
+def resume(run: Run, resumed, stats, data: dict, log) -> tuple[int, int, int]:
+    """Stage 6: continue from `resumed` (ckpt.load_agreed's answer) or start fresh (init_from, then the
+    method's start hook). Returns (step, epoch, the shift from step to the schedule's index)."""
     import torch
 
+    from sslkit import ckpt
+    cfg, info, method, loader = run.cfg, run.info, run.method, run.loader
+    if not resumed:
+        if cfg.init_from:
+            ckpt.init_from(method, cfg.init_from, log if info.is_main else None)
+        method.on_train_start(loader)
+        return 0, 0, 0
+    where, g, r = resumed
+    check_resume_compatible(g, cfg, data["identity"], log)
+    method.load_state_dict(g["model"])
+    run.optimizer.load_state_dict(g["optimizer"])
+    run.scaler.load_state_dict(g["scaler"])
+    stats.load_state_dict(r["stats"], info.device)
+    shift = 0
+    if (g["world_size"], r["loader"]["batch_size"]) == (info.world_size, cfg.batch_size):
+        method.load_rank_state_dict(r["method"])
+        loader.load_state_dict(r["loader"])
+        torch.set_rng_state(r["rng"]["cpu"])
+        if info.device.type == "cuda" and r["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(r["rng"]["cuda"], info.device)
+    else:
+        shift = resume_elastic(run, where, g, r, g["step"], log)
+    log.info("resumed from %s: epoch %d, step %d", where, g["epoch"], g["step"])
+    return g["step"], g["epoch"], shift
+
+
+def checkpoint_state(run: Run, stats, data: dict, epoch: int) -> tuple[dict, dict]:
+    """What a checkpoint holds: (global state, this rank's state)."""
+    import torch
+    method, device = run.method, run.info.device
+    g = {"config": to_dict(run.cfg), "model": method.state_dict(), "optimizer": run.optimizer.state_dict(),
+         "scaler": run.scaler.state_dict(), "epoch": epoch, "trunk": method.trunk_spec, "data": data}
+    r = {"loader": run.loader.state_dict(), "method": method.rank_state_dict(), "stats": stats.state_dict(),
+         "rng": {"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    return g, r
+
+
+def epoch_record(run: Run, stats, epoch: int, step: int) -> dict:
+    """Stage 8's record of `epoch`. Collective: one all_sum of the ranks' means (then divided) and of
+    this epoch's corrupt samples."""
+    from sslkit import dist
+    info = run.info
+    means = stats.means()
+    keys = sorted(means)
+    *summed, corrupt = dist.all_sum([means[k] for k in keys] + [stats.data_s, stats.step_s,
+                                                                run.loader.corrupt_last_epoch], info)
+    summed = [v / info.world_size for v in summed]
+    return {"kind": "epoch", "epoch": epoch, "step": step, **dict(zip(keys, summed)),
+            "data_stall_pct": 100 * summed[-2] / max(summed[-1], 1e-9), "epoch_s": stats.elapsed(),
+            "corrupt_samples": int(corrupt)}
+
+
+def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
+    """Stages 3-8 on an initialised process group, under the run folder's lock."""
     from sslkit import ckpt, dist
     from sslkit.log import JsonLog, MetricLogger, StepLog, open_run_files
-    from sslkit.optim import accumulate
     from sslkit.shard.manifest import identity, load
 
     from sslkit.monitor import KnnMonitor
     monitor = KnnMonitor(cfg.monitor, cfg.epochs, info, log)
     monitor.check()  # its folders exist and are labelled, before the build
     run = build(cfg, info, log, stop.check, dali_threads)
-    method, loader, device = run.method, run.loader, info.device
+    method, loader = run.method, run.loader
     data = {"identity": identity(load(cfg.data)), "path": os.path.abspath(cfg.data)}
 
     # ----------------------------------------------------------------------------------------------
     # 6. resume: the newest checkpoint every rank can read, or a fresh start (method hook)
     # ----------------------------------------------------------------------------------------------
-    step, epoch, stats, schedule_shift = 0, 0, MetricLogger(), 0
+    stats = MetricLogger()
     resumed = ckpt.load_agreed(cfg.out, info, log)
     try:
-        if resumed:
-            where, g, r = resumed
-            check_resume_compatible(g, cfg, data["identity"], log)
-            method.load_state_dict(g["model"])
-            run.optimizer.load_state_dict(g["optimizer"])
-            run.scaler.load_state_dict(g["scaler"])
-            stats.load_state_dict(r["stats"], device)
-            step, epoch = g["step"], g["epoch"]
-            if (g["world_size"], r["loader"]["batch_size"]) == (info.world_size, cfg.batch_size):
-                method.load_rank_state_dict(r["method"])
-                loader.load_state_dict(r["loader"])
-                torch.set_rng_state(r["rng"]["cpu"])
-                if device.type == "cuda" and r["rng"].get("cuda") is not None:
-                    torch.cuda.set_rng_state(r["rng"]["cuda"], device)
-            else:
-                schedule_shift = resume_elastic(run, where, g, r, step, log)
-            log.info("resumed from %s: epoch %d, step %d", where, epoch, step)
-        else:
-            if cfg.init_from:
-                ckpt.init_from(method, cfg.init_from, log if info.is_main else None)
-            method.on_train_start(loader)
+        step, epoch, schedule_shift = resume(run, resumed, stats, data, log)
     except dist.Preempted as p:
         log.warning("preempted (%s) before training started; nothing to save: re-run the same command", p.signal_name)
         return 0
@@ -448,12 +491,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
 
     def save(keep: bool):
         nonlocal saved_step
-        g = {"config": to_dict(cfg), "model": method.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scaler": run.scaler.state_dict(), "epoch": epoch, "trunk": method.trunk_spec, "data": data}
-        r = {"loader": loader.state_dict(), "method": method.rank_state_dict(), "stats": stats.state_dict(),
-             "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        ckpt.save(cfg.out, step, g, r, info, keep=keep, keep_last=cfg.keep_ckpts)
+        ckpt.save(cfg.out, step, *checkpoint_state(run, stats, data, epoch), info, keep=keep, keep_last=cfg.keep_ckpts)
         saved_step = step
 
     # ----------------------------------------------------------------------------------------------
@@ -462,7 +500,7 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
     #    accum_steps micro-batches, so logs, stops and checkpoints fall between optimiser steps
     # ----------------------------------------------------------------------------------------------
     total_steps = cfg.epochs * run.steps_per_epoch
-    progress = StepLog(jlog, log, info.is_main, total_steps, step + schedule_shift, run.global_batch, device)
+    progress = StepLog(jlog, log, info.is_main, total_steps, step + schedule_shift, run.global_batch, info.device)
     run.model.train()
     try:
         while epoch < cfg.epochs:
@@ -470,40 +508,17 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
                 method.on_epoch_start(epoch)
                 stats.reset()
             mid_epoch = False
-            t_last = time.perf_counter()
-            for batches in accumulate(loader, cfg.accum_steps):
-                lr = float(run.schedule[min(step + schedule_shift, len(run.schedule) - 1)])
-                out = train_step(run, batches, lr)
-                step += 1
-                t_now = time.perf_counter()
-                stats.update(out, batches.wait_s, t_now - t_last)   # wait_s: waiting for the loader
-                t_last = t_now
-                progress.advance()
-                if step % cfg.log_every == 0 or loader.position == len(loader):
-                    loss, stopping = dist.all_sum([float(out["loss"].detach()), float(stop.signal_name is not None)], info)
-                    loss /= info.world_size
-                    if loss != loss or abs(loss) == float("inf"):
-                        raise SslkitError(f"loss is {loss} at step {step} (lr {lr:.4g}); lower --lr or check the data")
-                    progress.record(out, epoch, step, loss, lr, stats.window())
-                    if stopping:
-                        save(keep=False)
-                        log.warning("preempted (%s): checkpoint saved at epoch %d step %d; re-run the same command "
-                                    "to resume", stop.signal_name or "signal on another rank", epoch, step)
-                        return 0
+            step, stopping = train_epoch(run, stop, progress, stats, epoch, step, schedule_shift)
+            if stopping:
+                save(keep=False)
+                log.warning("preempted (%s): checkpoint saved at epoch %d step %d; re-run the same command "
+                            "to resume", stop.signal_name or "signal on another rank", epoch, step)
+                return 0
             # --------------------------------------------------------------------------------------
             # 8. epoch summary and checkpoint (periodic ones, every ckpt_every epochs, are never pruned)
             # --------------------------------------------------------------------------------------
-            # one collective: the ranks' means (summed, then divided) and this epoch's corrupt samples
-            means = stats.means()
-            keys = sorted(means)
-            summed = dist.all_sum([means[k] for k in keys] + [stats.data_s, stats.step_s, loader.corrupt_last_epoch],
-                                  info)
-            *summed, corrupt = summed
-            summed = [v / info.world_size for v in summed]
+            rec = epoch_record(run, stats, epoch, step)   # one collective
             epoch += 1
-            rec = {"kind": "epoch", "epoch": epoch - 1, "step": step, **dict(zip(keys, summed)),
-                   "data_stall_pct": 100 * summed[-2] / max(summed[-1], 1e-9), "epoch_s": stats.elapsed(),
-                   "corrupt_samples": int(corrupt)}
             jlog.write(rec)
             log.info("epoch %d done: loss %.4f, %.0f s, data stall %.1f%%", epoch - 1, rec["loss"], rec["epoch_s"],
                      rec["data_stall_pct"])
@@ -528,6 +543,39 @@ def fit(cfg: TrainConfig, info, log, stop, lock, dali_threads: int = 0) -> int:
                  "per-epoch records), config.json. Next: python -m sslkit.eval knn --ckpt %s --train DIR --val DIR",
                  epoch, step, cfg.out, ckpt.find_latest(cfg.out), cfg.out)
     return 0
+
+
+def train_epoch(run: Run, stop, progress, stats, epoch: int, step: int, schedule_shift: int) -> tuple[int, bool]:
+    """Stage 7 over the rest of `epoch`: one optimiser step per `accum_steps` of the loader's batches,
+    each at the schedule's lr (index step + schedule_shift); at every log step (the same steps on every
+    rank) one collective, `log_step`. Returns (step, whether the ranks agreed to stop)."""
+    from sslkit.optim import accumulate
+    t_last = time.perf_counter()
+    for batches in accumulate(run.loader, run.cfg.accum_steps):
+        lr = float(run.schedule[min(step + schedule_shift, len(run.schedule) - 1)])
+        out = train_step(run, batches, lr)
+        step += 1
+        t_now = time.perf_counter()
+        stats.update(out, batches.wait_s, t_now - t_last)   # wait_s: waiting for the loader
+        t_last = t_now
+        progress.advance()
+        if step % run.cfg.log_every == 0 or run.loader.position == len(run.loader):
+            if log_step(run, out, stop, progress, stats, epoch, step, lr):
+                return step, True
+    return step, False
+
+
+def log_step(run: Run, out: dict, stop, progress, stats, epoch: int, step: int, lr: float) -> bool:
+    """A log step (the same steps on every rank). Collective: one all_sum reads the mean loss and
+    whether any rank got a stop signal; a NaN or infinite loss stops every rank alike. Returns stop."""
+    from sslkit import dist
+    info = run.info
+    loss, stopping = dist.all_sum([float(out["loss"].detach()), float(stop.signal_name is not None)], info)
+    loss /= info.world_size
+    if loss != loss or abs(loss) == float("inf"):
+        raise SslkitError(f"loss is {loss} at step {step} (lr {lr:.4g}); lower --lr or check the data")
+    progress.record(out, epoch, step, loss, lr, stats.window())
+    return bool(stopping)
 
 
 if __name__ == "__main__":

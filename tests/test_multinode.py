@@ -35,7 +35,7 @@ import torch
 
 from sslkit.threads import machine_cores, plan_threads
 
-from conftest import REPO, build_small
+from conftest import REPO, build_small, descendants, environ
 
 PY = sys.executable
 CLUSTER_DOC = os.path.join(REPO, "docs", "CLUSTER.md")
@@ -65,33 +65,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
-def environ(pid: int) -> dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            items = f.read().decode(errors="replace").split("\0")
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 def lock_holder(out: str) -> dict:

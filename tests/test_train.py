@@ -22,7 +22,7 @@ from sslkit.dist import Preempted
 from sslkit.methods import RunContext, method_entry
 from sslkit.methods.deepclusterv2 import IGNORE, dcv2_loss
 
-from conftest import REPO, build_small
+from conftest import REPO, build_small, descendants, environ
 
 PY = sys.executable
 # 192 images: 12 steps per epoch at 2 ranks x 8 or 1 rank x 16.
@@ -406,10 +406,10 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(shards, tmp_path
                         "--set", "dist_timeout_s=8"], nproc=2)
     try:
         wait_for_step(out, 3, proc)
-        rank1 = next(pid for pid in _children(proc.pid) if "\nRANK=1\n" in _environ(pid))
+        rank1 = next(pid for pid in descendants(proc.pid) if environ(pid).get("RANK") == "1")
         os.kill(rank1, signal.SIGSTOP)
         t0 = time.time()
-        while time.time() < t0 + 60 and any("\nRANK=0\n" in _environ(p) for p in _children(proc.pid)):
+        while time.time() < t0 + 60 and any(environ(p).get("RANK") == "0" for p in descendants(proc.pid)):
             time.sleep(0.2)
         waited = time.time() - t0
         os.kill(rank1, signal.SIGKILL)  # torchrun's own SIGTERM would wait 30 s on a stopped process
@@ -420,33 +420,6 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(shards, tmp_path
     lines = [line for line in err.splitlines() if "another rank is hung" in line]
     assert len(lines) == 1 and "rank 0" in lines[0] and "timeout 8 s" in lines[0], err[-3000:]
     assert waited < 40, waited
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant process of pid (from /proc)."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
-def _environ(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return "\n" + f.read().replace(b"\0", b"\n").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # -- configuration ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ is checked against the sample asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -157,6 +158,20 @@ def open_journal(out: str, journal: str, prefix: str, max_count: int, max_size: 
     return shards
 
 
+@contextlib.contextmanager
+def _writing(shards: ShardJournal, bar: Progress):
+    """The writing of shards: on any failure the unfinished shard is aborted (complete ones stay, for
+    the resume) and the bar says so; the bar is closed either way."""
+    try:
+        yield
+    except BaseException:
+        shards.abort()
+        bar.close("stopped")
+        raise
+    finally:
+        bar.close()
+
+
 def check_out(out: str, fingerprint: str) -> dict | None:
     """The manifest of a finished run with this fingerprint (nothing to do), None for a fresh or
     unfinished output folder, an error for a folder that holds something else."""
@@ -232,7 +247,7 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
     known = set(classes)
     bar = Progress(n, "write", unit="img", initial=pos, enabled=progress, every=progress_every)
     block = max(1, min(max_count, 4096))
-    try:
+    with _writing(shards, bar):
         for b0 in range(pos, n, block):
             b1 = min(n, b0 + block)
             data = source.fetch(index[b0:b1], io_threads)
@@ -254,12 +269,6 @@ def write_student(out: str, data_dir: str, data_manifest: dict, selection, class
                 if max_shards is not None and shards.new_shards > before and shards.new_shards >= max_shards:
                     return None
         shards.close(end=n)
-    except BaseException:
-        shards.abort()
-        bar.close("stopped")
-        raise
-    finally:
-        bar.close()
     labelled = sum(r.get("with_source_label", 0) for r in shards.done)
     agree = sum(r.get("agree", 0) for r in shards.done)
     build = dict(build)
@@ -306,7 +315,7 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True, prog
                           max_size=1 << 62)
     bar = Progress(m["total"], "random labels", unit="img", initial=shards.next_index, enabled=progress,
                    every=progress_every)
-    try:
+    with _writing(shards, bar):
         for s, tar, idx in zip(m["shards"], tars, idxs):
             if s["first_index"] + s["count"] <= shards.next_index:
                 continue
@@ -328,12 +337,6 @@ def random_labels(src: str, out: str, seed: int = 0, progress: bool = True, prog
             shards.close(end=s["first_index"] + s["count"])
             if max_shards is not None and shards.new_shards >= max_shards:
                 return None
-    except BaseException:
-        shards.abort()
-        bar.close("stopped")
-        raise
-    finally:
-        bar.close()
     counts = np.bincount(new, minlength=len(names))
     build = {"fingerprint": fingerprint, "prefix": shards.prefix,
              "random_labels": {"source": os.path.abspath(src), "source_identity": mf.identity(m), "seed": seed},
