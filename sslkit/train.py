@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from sslkit.config import (ConfigError, TrainConfig, apply_overrides, dumps, load_config, parse_set, preset_config,
-                           to_dict)
+from sslkit.config import (ConfigError, TrainConfig, apply_overrides, dali_device, dumps, load_config, parse_set,
+                           preset_config, to_dict)
 from sslkit.errors import SslkitError
 
 # fields that may change between a run and its resumption
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig) -> int:
     lock, peer_gone = None, False
     try:
         lock = runlock.hold(cfg.out, info, log)  # one run per folder: before anything is read or written there
-        threads = use_threads(info.device.type.replace("cuda", "gpu"), cfg.loader_threads, cfg.torch_threads)
+        threads = use_threads(dali_device(info.device), cfg.loader_threads, cfg.torch_threads)
         if info.is_main:
             log.info("%s", threads.describe())
         return fit(cfg, info, log, stop, lock, threads.dali)
@@ -283,8 +283,8 @@ def build(cfg: TrainConfig, info, log, check_stop: Callable = lambda: None, dali
         log.info("building the %s pipeline over %s (%s)", cls.pipeline, cfg.data, "GPU" if on_gpu else "CPU")
     # DALI threads: the caller's plan, the setting, or this rank's share of the machine's cores
     # (torchrun says how many ranks share it; GPU pipelines need few, see sslkit.threads.GPU_THREADS)
-    threads = dali_threads or plan_threads("gpu" if on_gpu else "cpu", cfg.loader_threads).dali
-    loader = make_loader(cls.pipeline, cfg.data, batch_size=cfg.batch_size, device="gpu" if on_gpu else "cpu",
+    threads = dali_threads or plan_threads(dali_device(device), cfg.loader_threads).dali
+    loader = make_loader(cls.pipeline, cfg.data, batch_size=cfg.batch_size, device=dali_device(device),
                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                          num_threads=threads, shuffle_buffer=cfg.shuffle_buffer, prefetch=cfg.loader_prefetch,
                          hw_decoder_load=cfg.hw_decoder_load, use_mmap=cfg.use_mmap,

@@ -10,6 +10,7 @@ import sys
 
 # Only light modules before parsing (`--help` in well under a second): torch, DALI and the metric
 # modules are imported by `main` once the arguments are known.
+from ..config import dali_device
 from ..errors import SslkitError
 from ..progress import DEFAULT_EVERY
 from ..threads import use_threads
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         # torch beside DALI: each takes its part of this process' share of the cores (sslkit.threads)
-        plan = use_threads("gpu" if args.device == "cuda" else "cpu", args.threads, args.torch_threads)
+        plan = use_threads(dali_device(args.device), args.threads, args.torch_threads)
         logging.getLogger("sslkit.eval").info("%s", plan.describe())
         args.threads = plan.dali
         report = run(options(args, argv, plan))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipelines import LoaderError, make_loader
+from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
 from .defaults import DEFAULT_CACHE
@@ -135,7 +136,7 @@ def extract(encoder, data_dir: str, *, size: int, resize: int, device: str = "cp
             _atomic_json(meta, os.path.join(folder, "meta.json"))
     # a resumed cache keeps its batch size so that chunk boundaries stay whole batches
     bs, per_chunk = meta["batch_size"], meta["chunk_batches"]
-    loader = make_loader("eval_val", data_dir, batch_size=bs, device="gpu" if device == "cuda" else "cpu",
+    loader = make_loader("eval_val", data_dir, batch_size=bs, device=dali_device(device),
                          shuffle_buffer=1, size=size, resize=resize, num_threads=num_threads)
     done, skip = 0, 0
     if state is not None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..trunk import load_trunk, random_trunk
 from . import features as feats
@@ -88,7 +89,7 @@ def _weight_decay(o: EvalOptions, encoder) -> float:
 def _augmented_batches(o: EvalOptions, encoder):
     """(epoch -> batches, steps/epoch): the eval_train pipeline, the frozen trunk under no_grad."""
     from pipelines import make_loader
-    loader = make_loader("eval_train", o.train, batch_size=o.batch_size, device="gpu" if o.device == "cuda" else "cpu",
+    loader = make_loader("eval_train", o.train, batch_size=o.batch_size, device=dali_device(o.device),
                          seed=o.seed, size=o.size, resize=o.resize, scale=(o.train_scale, 1.0), num_threads=o.threads)
 
     def batches(_epoch):

@@ -9,6 +9,7 @@ import sys
 
 # Only light modules before parsing (`--help` in well under a second): torch, DALI and the job's
 # modules are imported once the arguments are known.
+from ..config import dali_device
 from ..config import parse_size
 from ..deps import require_dali
 from ..errors import SslkitError
@@ -131,8 +132,8 @@ def _threads(args, log):
     from ..threads import use_threads
     if args.loader_threads < 0 or args.torch_threads < 0:
         raise SslkitError("--loader-threads / --torch-threads: expected a count >= 0 (0: automatic)")
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    plan = use_threads("gpu" if on_gpu else "cpu", args.loader_threads, args.torch_threads)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    plan = use_threads(dali_device(device), args.loader_threads, args.torch_threads)
     log.info("%s", plan.describe())
     return plan
 

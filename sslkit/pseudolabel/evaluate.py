@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
 from .teacher import PseudolabelError, default_resize, load_teacher
@@ -59,7 +60,7 @@ def evaluate(ckpt: str, data: str, size: int | None = None, resize: int | None =
     resize = resize or default_resize(size)
     on_gpu = dev.type == "cuda"
     try:
-        loader = make_loader("eval_val", data, batch_size=batch_size, device="gpu" if on_gpu else "cpu",
+        loader = make_loader("eval_val", data, batch_size=batch_size, device=dali_device(dev),
                              shuffle_buffer=1, size=size, resize=resize, num_threads=loader_threads)
     except LoaderError as e:
         raise PseudolabelError(f"{data}: {e}") from None

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..threads import plan_threads
 from .select import top_p
@@ -176,9 +177,9 @@ def _open_loader(data_dir: str, o: PassOptions, rank: int, world_size: int, loca
     from pipelines import LoaderError, make_loader   # DALI only when there is work to do
 
     on_gpu = o.device == "cuda"
-    threads = plan_threads("gpu" if on_gpu else "cpu", o.loader_threads).dali
+    threads = plan_threads(dali_device(o.device), o.loader_threads).dali
     try:
-        return make_loader("eval_val", data_dir, batch_size=o.batch_size, device="gpu" if on_gpu else "cpu",
+        return make_loader("eval_val", data_dir, batch_size=o.batch_size, device=dali_device(o.device),
                            rank=rank, world_size=world_size, seed=0, shuffle_buffer=1, size=o.size,
                            resize=o.resize, num_threads=threads, **({"device_id": local_rank} if on_gpu else {}))
     except LoaderError as e:
