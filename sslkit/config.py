@@ -15,11 +15,7 @@ import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from .errors import SslkitError
-
-
-class ConfigError(SslkitError, ValueError):
-    """A configuration that cannot run (one-line reason)."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

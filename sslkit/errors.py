@@ -15,3 +15,7 @@ class SslkitError(Exception):
 
 class UnknownNameError(SslkitError, ValueError):
     """A name that is not registered (model, method, pipeline, ...); the message lists the choices."""
+
+
+class ConfigError(SslkitError, ValueError):
+    """A configuration that cannot run (one-line reason); `sslkit.config` hands it on."""

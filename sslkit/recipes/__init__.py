@@ -23,8 +23,7 @@ import pkgutil
 from dataclasses import dataclass
 
 from .. import registry
-from ..config import ConfigError
-from ..errors import UnknownNameError
+from ..errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
