@@ -35,8 +35,8 @@ import torch
 from sslkit import ckpt, runlock
 from sslkit.log import JsonLog
 
-from conftest import REPO, build_small
-from test_train import PY, TINY, _children, _environ, assert_same_records, records, run_train, start_train, wait_for_step
+from conftest import REPO, build_small, descendants, environ
+from test_train import PY, TINY, assert_same_records, records, run_train, start_train, wait_for_step
 
 ARGS = [*TINY, "--batch-size", "8"]   # 2 ranks x 8: 12 steps per epoch over 192 images
 OUR_FRAME = re.compile(r'File "[^"]*(train\.py|/sslkit/[^"]*)"')
@@ -112,7 +112,7 @@ class Lines(logging.Handler):
 
 
 def rank_pid(proc, rank: int) -> int:
-    return next(pid for pid in _children(proc.pid) if f"\nRANK={rank}\n" in _environ(pid))
+    return next(pid for pid in descendants(proc.pid) if environ(pid).get("RANK") == str(rank))
 
 
 # -- the run folder's lock ------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_a_second_run_is_refused_then_a_killed_rank_is_one_line_on_its_peer(shar
     try:
         wait_for_step(out, 27, a)
         holder = rank_pid(a, 0)
-        job = [a.pid, *_children(a.pid)]  # torchrun starts its workers in sessions of their own
+        job = [a.pid, *descendants(a.pid)]  # torchrun starts its workers in sessions of their own
         for pid in job:
             os.kill(pid, signal.SIGSTOP)
         try:
