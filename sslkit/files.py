@@ -1,10 +1,11 @@
-"""Files written whole or not at all, and the sha256 of a file: the one copy of each, for checkpoints,
-manifests, index files and every other file sslkit writes in place of an older one."""
+"""Files written whole or not at all, the sha256 of a file, and the records of an append-only JSON-lines
+file: the one copy of each, for checkpoints, manifests, index files, journals and logs."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from typing import IO, Iterator
@@ -60,3 +61,16 @@ def atomic_write(path: str, data: str | bytes, *, tmp: str | None = None, durabl
     """Write `data` (text or bytes) to `path` through `atomic_file`."""
     with atomic_file(path, "w" if isinstance(data, str) else "wb", tmp=tmp, durable=durable) as f:
         f.write(data)
+
+
+def json_lines(path: str) -> Iterator[dict]:
+    """The records of an append-only JSON-lines file (a journal, a log) up to the first line that does
+    not parse: the torn last line a kill mid-write leaves. Nothing when the file does not exist."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return

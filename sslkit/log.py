@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .files import atomic_write, json_lines
 from .runlock import RunFolderError, os_reason
 
 
@@ -233,21 +234,6 @@ def open_run_files(out: str, config_text: str, resume_step: int, lock, tensorboa
 
 
 def _truncate(path: str, step: int):
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if rec.get("step", 0) <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Keep the records up to `step` (a resumed run's; a torn last line from a kill goes too)."""
+    keep = [json.dumps(rec) + "\n" for rec in json_lines(path) if rec.get("step", 0) <= step]
+    atomic_write(path, "".join(keep), tmp=path + ".tmp")

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import SslkitError
-from ..files import atomic_file, atomic_write
+from ..files import atomic_file, atomic_write, json_lines
 from ..progress import Progress
 from ..runlock import RunLock
 from . import manifest as mf
@@ -304,16 +304,10 @@ def _replay(state: str, fp: str, index_dir: str) -> dict[int, dict]:
                                  "or delete this folder to start over")
     done: dict[int, dict] = {}
     journal = os.path.join(state, "shards.jsonl")
-    if os.path.exists(journal):
-        with open(journal) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break       # a torn last line from a kill
-                if not _intact(rec, state, index_dir):
-                    break
-                done[rec["k"]] = dict(rec, offsets=np.asarray(rec["offsets"], np.int64))
+    for rec in json_lines(journal):     # up to a torn last line from a kill
+        if not _intact(rec, state, index_dir):
+            break
+        done[rec["k"]] = dict(rec, offsets=np.asarray(rec["offsets"], np.int64))
     return done
 
 

@@ -17,6 +17,7 @@ import json
 import os
 from typing import Callable
 
+from ..files import json_lines
 from . import manifest as mf
 from .tarwriter import BLOCK, ShardWriter
 
@@ -32,17 +33,12 @@ def read_journal(path: str, out: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     good = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            tar = os.path.join(out, rec["path"])
-            if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
-                    and os.path.exists(os.path.join(out, rec["index"]))):
-                break
-            good.append(rec)
+    for rec in json_lines(path):
+        tar = os.path.join(out, rec["path"])
+        if not (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]
+                and os.path.exists(os.path.join(out, rec["index"]))):
+            break
+        good.append(rec)
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in good))
     return good
