@@ -392,28 +392,3 @@ def unwrap_state_dict(obj, path: str) -> dict:
     if all(isinstance(k, str) and k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
-
-
-def init_from(method, source: str, log=None):
-    """Start a fresh run from another run's weights: every tensor of its model whose name and shape
-    match `method`'s (the trunk at least; e.g. a student's trunk and classifier for fine-tuning). A file
-    that is not one of sslkit's checkpoints is a trunk's state dict in torchvision layout (bare or in
-    the usual wrappers, see `unwrap_state_dict`)."""
-    if os.path.isfile(source) and os.path.basename(source) != "global.pt":
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a one-line user error
-            raise CheckpointError(f"init_from={source}: cannot be read ({type(e).__name__})") from None
-        path, theirs = source, {"backbone." + k: v for k, v in unwrap_state_dict(obj, source).items()}
-    else:
-        path = global_file(source, log.warning if log is not None else lambda _note: None)
-        theirs = _read(path)["model"]
-    mine = method.state_dict()
-    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
-    if not any(k.startswith("backbone.") for k in taken):
-        raise CheckpointError(f"init_from={path}: no trunk weights of this architecture (backbone.*) in its model")
-    method.load_state_dict(taken, strict=False)
-    if log is not None:
-        left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
-        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), path,
-                 f" (kept fresh: {', '.join(left)})" if left else "")

@@ -408,11 +408,11 @@ def resume(run: Run, resumed, stats, data: dict, log) -> tuple[int, int, int]:
     method's start hook). Returns (step, epoch, the shift from step to the schedule's index)."""
     import torch
 
-    from sslkit import ckpt
+    from sslkit.trunk import init_from
     cfg, info, method, loader = run.cfg, run.info, run.method, run.loader
     if not resumed:
         if cfg.init_from:
-            ckpt.init_from(method, cfg.init_from, log if info.is_main else None)
+            init_from(method, cfg.init_from, log if info.is_main else None)
         method.on_train_start(loader)
         return 0, 0, 0
     where, g, r = resumed

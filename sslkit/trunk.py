@@ -1,4 +1,5 @@
-"""Load a trained trunk for evaluation or export: `load_trunk(path) -> (model, TrunkSpec)`.
+"""The one trunk loader: `load_trunk(path) -> (model, TrunkSpec)` for evaluation, export and the
+teacher; `build_trunk` for the methods' fresh trunks; `init_from` for a fine-tuning run's start.
 
 `path` can be
 - a run folder (`--out` of train.py): its newest complete checkpoint that verifies against its
@@ -267,3 +268,28 @@ def _torch_load(file: str):
         except Exception as e:  # noqa: BLE001
             first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     raise TrunkError(f"{file}: cannot be read as a state dict or checkpoint ({first[:200]})")
+
+
+def init_from(method: nn.Module, source: str, log=None):
+    """Start a fresh run from another run's weights: every tensor of its model whose name and shape
+    match `method`'s (the trunk at least; e.g. a student's trunk and classifier for fine-tuning).
+    `source` is a run or checkpoint folder, a `global.pt` (verified as `resolve_checkpoint` does), or a
+    trunk's state dict in torchvision layout (bare or in the usual wrappers, `ckpt.unwrap_state_dict`)."""
+    file = resolve_checkpoint(source) if os.path.isdir(source) or os.path.basename(source) == "global.pt" else source
+    obj = _torch_load(file)
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        theirs = obj["model"]
+    else:
+        try:
+            theirs = {BACKBONE_PREFIX + k: v for k, v in ckpt.unwrap_state_dict(obj, file).items()}
+        except ckpt.CheckpointError as e:
+            raise TrunkError(f"init_from={e}") from None
+    mine = method.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not any(k.startswith(BACKBONE_PREFIX) for k in taken):
+        raise TrunkError(f"init_from={file}: no trunk weights of this architecture (backbone.*) in its model")
+    method.load_state_dict(taken, strict=False)
+    if log is not None:
+        left = sorted({k.split(".")[0] for k in mine} - {k.split(".")[0] for k in taken})
+        log.info("initialised %d of %d tensors from %s%s", len(taken), len(mine), file,
+                 f" (kept fresh: {', '.join(left)})" if left else "")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sslkit import ckpt
-from sslkit.trunk import TrunkError, build_trunk, load_trunk
+from sslkit.trunk import TrunkError, build_trunk, init_from, load_trunk
 
 SHAPES = {
     "bare": lambda s: s,
@@ -44,7 +43,7 @@ def test_init_from_takes_a_foreign_trunk_file(trunk, tmp_path, shape):
             self.head = torch.nn.Linear(4, 2)
 
     method = Method()
-    ckpt.init_from(method, path)
+    init_from(method, path)
     assert all(torch.equal(method.backbone.state_dict()[k], v) for k, v in trunk.state_dict().items())
 
 
@@ -53,5 +52,5 @@ def test_a_file_without_tensors_is_one_line(tmp_path):
     torch.save({"state_dict": {"lr": 0.1}}, path)
     with pytest.raises(TrunkError, match="not a state dict of tensors"):
         load_trunk(path, arch="resnet_tiny")
-    with pytest.raises(ckpt.CheckpointError, match="not a state dict of tensors"):
-        ckpt.init_from(torch.nn.Linear(2, 2), path)
+    with pytest.raises(TrunkError, match="not a state dict of tensors"):
+        init_from(torch.nn.Linear(2, 2), path)

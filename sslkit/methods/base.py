@@ -27,9 +27,9 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .. import models
 from ..config import ConfigError
 from ..progress import DEFAULT_EVERY, Progress
+from ..trunk import build_trunk
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Method(nn.Module):
         """The trunk (no classifier), remembered with how to rebuild it: {"arch", "kwargs", "input"},
         input "rgb" (normalised RGB) or "L" (the L channel of Lab minus 50)."""
         self.trunk_spec = {"arch": arch, "kwargs": dict(kwargs), "input": input}
-        return models.create(arch, num_classes=0, **kwargs)
+        return build_trunk(arch, kwargs)
 
     def forward(self, batch: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
