@@ -220,9 +220,7 @@ def open_run_files(out: str, config_text: str, resume_step: int, lock, tensorboa
     (records after `resume_step` dropped). A file that cannot be written is a one-line RunFolderError."""
     path = os.path.join(out, "config.json")
     try:
-        with open(path + ".tmp", "w") as f:
-            f.write(config_text + "\n")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, config_text + "\n", tmp=path + ".tmp", durable=False)
         path = os.path.join(out, "log.jsonl")
         return JsonLog(path, os.path.join(out, "tb") if tensorboard else None, resume_step, lock)
     except OSError as e:

@@ -40,6 +40,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from .files import atomic_file
+
 METHODS = ("max_avg", "max_min")
 # Up to 10 tiles the whole pool (10! = 3.6M rows of 10 bytes) fits easily; 11! does not.
 MAX_ENUMERATED_TILES = 10
@@ -280,13 +282,8 @@ def save(path: str | os.PathLike, perms: np.ndarray, method: str | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, write in ((path, lambda f: np.save(f, arr)),
                           (_sidecar(path), lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))):
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(str(target), "wb", tmp=str(target) + ".tmp", durable=False) as f:
+            write(f)
     return path
 
 

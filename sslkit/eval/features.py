@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipelines import LoaderError, make_loader
+from ..files import atomic_file, atomic_write
 from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..shard import manifest as mf
@@ -79,16 +80,12 @@ def cache_key(encoder_identity: str, data_identity: str, size: int, resize: int)
 
 
 def _atomic_torch_save(obj, path: str):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb", tmp=path + ".tmp", durable=False) as f:
+        torch.save(obj, f)
 
 
 def _atomic_json(obj, path: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1), tmp=path + ".tmp", durable=False)
 
 
 def _chunk_path(folder: str, i: int) -> str:

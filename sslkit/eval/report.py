@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+from ..files import atomic_write
+
 
 def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
@@ -55,10 +57,5 @@ def _clean(obj):
 
 
 def write_json(path: str, report: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(report), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, json.dumps(_clean(report), indent=1) + "\n", tmp=path + ".tmp", durable=False)

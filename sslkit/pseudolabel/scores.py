@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..files import atomic_file
 from ..config import dali_device
 from ..progress import DEFAULT_EVERY, Progress
 from ..threads import plan_threads
@@ -92,12 +93,8 @@ def find_complete(scores_dir: str) -> str | None:
 
 
 def _atomic(path: str, write):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb", tmp=path + ".tmp") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _chunk_path(rdir: str, i: int) -> str:
