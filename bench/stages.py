@@ -116,7 +116,7 @@ def decode_stage(args, cfg):
 
     @pipeline_def
     def decode_only():
-        jpg, _, _, _ = read(source)
+        jpg, _, _ = read(source)
         return decode(jpg, args.device, hw)  # read() already swapped damaged samples for the placeholder
 
     pipe = decode_only(batch_size=cfg["batch_size"], num_threads=cfg["threads"],
