@@ -78,7 +78,7 @@ class TrainConfig:
     hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder, 0..1 (None: 1.0 on
                                           # Hopper and newer, 0.65 before)
     use_mmap: bool = True            # memory-map the shards; false for shards on a network file system
-    shuffle_buffer: int = 4096       # samples in the loader's shuffle buffer (shards are pre-shuffled too)
+    shuffle_buffer: int = 4096       # samples shuffled together in a rank's slice of each epoch (<= 1: stored order)
     dist_timeout_s: int = 600        # a collective waiting longer than this means a hung rank: fail loudly
     # bookkeeping
     log_every: int = 10              # steps between log records (the loss is read and the stop flag agreed then)
