@@ -396,8 +396,10 @@ def pretrain(run: Runner, argv: list[str], run_dir: str) -> None:
         sys.exit(f"error: pretraining failed (exit {rc}): {line}")
     with open(os.path.join(run_dir, "config.json")) as f:
         last = json.load(f)["epochs"] - 1
-    if forwarded or not any(r.get("kind") == "epoch" and r.get("epoch") == last for r in _log_records(run_dir)):
-        sys.exit(f"stopped: pretraining in {run_dir} ended before its last epoch "
+    finished = any(r.get("kind") == "epoch" and r.get("epoch") == last for r in _log_records(run_dir))
+    if forwarded or not finished:      # a signal stops the study even when it came after the last step
+        where = "after its last epoch" if finished else "before its last epoch"
+        sys.exit(f"stopped: pretraining in {run_dir} ended {where} "
                  f"({', '.join(forwarded) or 'train.py stopped early'}); re-run the same command to continue")
 
 
