@@ -510,7 +510,7 @@ def main(argv=None) -> int:
 
 
 def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start, load_start, argv) -> int:
-    from scaling_plot import plot_study   # matplotlib only once there is something to draw
+    from scaling_plot import plot_study, summary_table   # matplotlib only once there is something to draw
     complete = len(points) == len(configs)
     report = {"study": {k: v for k, v in vars(a).items() if k not in ("list_presets",)},
               "complete": complete, "points_total": len(configs), "points_done": len(points),
@@ -526,6 +526,8 @@ def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start,
               "argv": argv}
     if points:
         plot_study(report, a.plot)
+        report["table"] = summary_table(report)
+        print("\n" + report["table"])
     _write_json(a.json, report)
     print(f"\n{len(points)}/{len(configs)} points in {a.json}" + (f", plot {a.plot}" if points else ""))
     if stopped:

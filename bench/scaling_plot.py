@@ -4,7 +4,7 @@ One panel per metric and layer position (kNN and linear top-1 at each evaluated 
 SVM mAP at the SVM layers); one line per trunk, the mean over seeds with +-1 std error bars; the trunk's
 random init as a dotted line of its colour; raw pixels as a dashed grey line. Log x for data and |P|.
 
-    python bench/scaling_plot.py STUDY.json [OUT.png]       # redraw from a study's JSON
+    python bench/scaling_plot.py STUDY.json [OUT.png]       # redraw from a study's JSON, print its table
 """
 
 from __future__ import annotations
@@ -139,6 +139,54 @@ def plot_study(report: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def summary_table(report: dict) -> str:
+    """The study as a markdown table: one row per trunk and axis value (mean +- std over seeds, "n=" when
+    a cell has fewer seeds than the study), then each trunk's random init and raw pixels; one column per
+    panel of the figure."""
+    study, points = report["study"], report["points"]
+    if not points:
+        return "(no points yet)"
+    values, specs = study["values"], panels(points)
+    head = [f"{what.split()[0]} {_layer(points, kind, pos, shot)}" + (f" {shot}-shot" if shot else "")
+            for what, kind, pos, shot in specs]
+    cells: dict = {}          # (trunk, value or "random") -> [cell per panel]
+    for j, (_what, kind, pos, shot) in enumerate(specs):
+        for subject in ("ssl", "random"):
+            per_trunk = {}
+            for p in points:
+                v, _ = metric(p, kind, pos, shot, subject)
+                if v is None or v != v:
+                    continue
+                trunk = "all" if p["config"]["axis"] == "arch" else p["config"]["arch"]
+                row = p["config"]["value"] if subject == "ssl" else "random init"
+                if subject == "random" and trunk == "all":
+                    trunk, row = p["config"]["value"], "random init"
+                per_trunk.setdefault((trunk, row), {})[p["config"]["seed"]] = v   # random: once per seed
+            for key, by_seed in per_trunk.items():
+                cells.setdefault(key, [""] * len(specs))[j] = _mean_std(list(by_seed.values()), study["seeds"])
+    order = {v: i for i, v in enumerate(values)}
+    keys = sorted(cells, key=lambda k: (str(k[0]), k[1] == "random init", order.get(k[1], 0)))
+    axis = study.get("option") if study["axis"] == "option" else study["axis"]
+    lines = [f"| trunk | {axis} | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    lines += [f"| {t} | {_short(v) if v != 'random init' else v} | " + " | ".join(cells[(t, v)]) + " |"
+              for t, v in keys]
+    pix = [pixel_value(report, kind, shot) for _w, kind, _p, shot in specs]
+    lines.append("| raw pixels | - | " + " | ".join("" if v is None else f"{v:.4f}" for v in pix) + " |")
+    return "\n".join(lines)
+
+
+def _layer(points: list[dict], kind: str, pos: int, shot: str | None) -> str:
+    names = {metric(p, kind, pos, shot, "ssl")[1] for p in points} - {None}
+    return "/".join(sorted(names))
+
+
+def _mean_std(vs: list[float], seeds: int) -> str:
+    if not vs:
+        return ""
+    cell = f"{statistics.fmean(vs):.4f}" + (f"±{statistics.stdev(vs):.4f}" if len(vs) > 1 else "")
+    return cell + (f" (n={len(vs)})" if len(vs) < seeds else "")
+
+
 def _numbers(values: list) -> list[float] | None:
     """The axis values as numbers (x positions), or None when any is not a number (a categorical axis)."""
     if not values or any(isinstance(v, bool) for v in values):
@@ -164,4 +212,5 @@ if __name__ == "__main__":
         rep = json.load(f)
     out = sys.argv[2] if len(sys.argv) == 3 else os.path.splitext(sys.argv[1])[0] + ".png"
     plot_study(rep, out)
+    print(summary_table(rep))
     print(f"wrote {out}")

@@ -49,6 +49,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, capsys, monkeyp
     assert rep2["complete"] and [p["config"]["value"] for p in rep2["points"]] == [10, 100]
     # the first point was read back, not recomputed: same record file, same checkpoints, no command of it re-run
     p1, p2 = rep2["points"]
+    r1 = p1["results"]
     assert p1["cached"] and not p2["cached"] and "cached (finished earlier)" in out2
     assert os.stat(done).st_mtime_ns == stamp
     assert sorted(os.listdir(os.path.join(p1["pretrain"]["run"], "checkpoints"))) == ckpts
@@ -73,6 +74,11 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, capsys, monkeyp
     assert 0.0 < rep2["references"]["pixels"]["knn"]["pixels"]["pixels"]["top1"] <= 1.0
     # the two points differ where they should: their own run folders, |P| of the pretext head
     assert p1["folder"] != p2["folder"] and p1["key"] != p2["key"]
+    # the printed table: a row per |P| (its kNN cell is the point's own figure), the random trunk, pixels
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in rep2["table"].splitlines()}
+    assert rep2["table"] in out2
+    assert f"{r1['knn']['res5avg']['ssl']['top1']:.4f}" in rows[("resnet_tiny", "10")]
+    assert ("resnet_tiny", "100") in rows and ("resnet_tiny", "random init") in rows and ("raw pixels", "-") in rows
     # the figure: a real plot (a few panels of lines), not an empty canvas
     with Image.open(rep2["plot"]) as im:
         rgb = np.asarray(im.convert("RGB"))
