@@ -522,7 +522,9 @@ def finish(a, run: Runner, configs, points, pixels, eval_dirs, stopped, t_start,
               "plot": a.plot if points else None,
               "seconds": {**run.seconds, "total": time.perf_counter() - t_start}, "cpu_seconds": run.cpu_seconds,
               "load_average": {"start": load_start, "end": list(os.getloadavg())},
-              "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "cores": len(os.sched_getaffinity(0)),
+              "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "argv": argv}
     if points:
         plot_study(report, a.plot)
