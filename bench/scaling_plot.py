@@ -149,7 +149,7 @@ def summary_table(report: dict) -> str:
     values, specs = study["values"], panels(points)
     head = [f"{what.split()[0]} {_layer(points, kind, pos, shot)}" + (f" {shot}-shot" if shot else "")
             for what, kind, pos, shot in specs]
-    cells: dict = {}          # (trunk, value or "random") -> [cell per panel]
+    cells: dict = {}          # (trunk, axis value or "random init") -> [cell per panel]
     for j, (_what, kind, pos, shot) in enumerate(specs):
         for subject in ("ssl", "random"):
             per_trunk = {}
