@@ -58,6 +58,12 @@ def pixel_value(report: dict, kind: str, shot: str | None) -> float | None:
     return r["mAP" if kind == "svm" else "top1"]
 
 
+def line_of(point: dict) -> str:
+    """The figure line (and table trunk) a point belongs to: its trunk, or "all" on the arch axis, where
+    the trunk is the x value."""
+    return "all" if point["config"]["axis"] == "arch" else point["config"]["arch"]
+
+
 def series(points: list[dict], kind: str, pos: int, shot: str | None, subject: str, values: list):
     """{trunk: (x, mean, std)} over seeds, and the layer names seen."""
     by: dict = {}
@@ -68,7 +74,7 @@ def series(points: list[dict], kind: str, pos: int, shot: str | None, subject: s
             names.add(layer)
         if v is None or v != v:       # missing or NaN
             continue
-        trunk = "all" if p["config"]["axis"] == "arch" else p["config"]["arch"]
+        trunk = line_of(p)
         by.setdefault(trunk, {}).setdefault(values.index(p["config"]["value"]), []).append(v)
     out = {}
     for trunk, per_x in by.items():
@@ -157,7 +163,7 @@ def summary_table(report: dict) -> str:
                 v, _ = metric(p, kind, pos, shot, subject)
                 if v is None or v != v:
                     continue
-                trunk = "all" if p["config"]["axis"] == "arch" else p["config"]["arch"]
+                trunk = line_of(p)
                 row = p["config"]["value"] if subject == "ssl" else "random init"
                 if subject == "random" and trunk == "all":
                     trunk, row = p["config"]["value"], "random init"
